@@ -1,0 +1,123 @@
+"""EsmLoc model configuration: an ESM-2 backbone plus a subcellular-localisation head."""
+
+from transformers import EsmConfig, PreTrainedConfig
+
+
+POOLING_MODES = ("mean", "cls", "attention")
+CROP_STRATEGIES = ("middle", "n_terminal")
+
+# Local entries only: a model loaded from a hub repo and saved again would otherwise carry
+# `user/repo--module.Class` references that reach the network on every later load.
+AUTO_MAP = {
+    "AutoConfig": "configuration_esmloc.EsmLocConfig",
+    "AutoModel": "modeling_esmloc.EsmForLocalization",
+    "AutoModelForSequenceClassification": "modeling_esmloc.EsmForLocalization",
+}
+
+_ESM2_COMMON = {
+    "vocab_size": 33,
+    "pad_token_id": 1,
+    "mask_token_id": 32,
+    "position_embedding_type": "rotary",
+    "max_position_embeddings": 1026,
+    "token_dropout": True,
+    "emb_layer_norm_before": False,
+    "layer_norm_eps": 1e-5,
+    "hidden_dropout_prob": 0.0,
+    "attention_probs_dropout_prob": 0.0,
+}
+
+# The published ESM-2 architectures (Lin et al. 2023), for building a backbone with random weights
+# when no checkpoint can be downloaded; "tiny" is for tests and smoke runs.
+ESM2_ARCHITECTURES = {
+    name: {**_ESM2_COMMON, "num_hidden_layers": layers, "hidden_size": hidden, "num_attention_heads": heads,
+           "intermediate_size": 4 * hidden}
+    for name, (layers, hidden, heads) in {
+        "tiny": (2, 32, 4),
+        "esm2_t6_8M": (6, 320, 20),
+        "esm2_t12_35M": (12, 480, 20),
+        "esm2_t30_150M": (30, 640, 20),
+        "esm2_t33_650M": (33, 1280, 20),
+        "esm2_t36_3B": (36, 2560, 40),
+    }.items()
+}
+
+
+class EsmLocConfig(PreTrainedConfig):
+    r"""
+    Configuration of an [`EsmForLocalization`] model: an ESM-2 encoder whose per-residue states are pooled
+    into one vector per protein and classified into subcellular locations.
+
+    Args:
+        esm_config (`EsmConfig` or `dict`, *optional*):
+            The backbone's configuration. Defaults to the ESM-2 8M architecture (`esm2_t6_8M_UR50D`).
+        pooling (`str`, *optional*, defaults to `"mean"`):
+            How residue states become one protein vector: `"mean"` (average over residues), `"cls"` (the
+            `<cls>` token's state) or `"attention"` (a learned softmax weighting over residues, as in
+            DeepLoc 2.0 and Light Attention; the weights can be returned for interpretation).
+            Padding and the `<cls>`/`<eos>` tokens never enter the mean or the attention.
+        classifier_dropout (`float`, *optional*, defaults to 0.1):
+            Dropout applied to the pooled vector and to the head's hidden layer.
+        max_residues (`int`, *optional*, defaults to 1022):
+            The longest protein, in residues, the model sees; ESM-2 was trained on at most 1022 residues
+            (+ `<cls>` and `<eos>`). The tokenizer crops longer proteins and the model refuses longer inputs.
+        crop (`str`, *optional*, defaults to `"middle"`):
+            How a protein longer than `max_residues` is cropped: `"middle"` keeps the N- and C-terminal halves
+            and drops the middle (as DeepLoc does); `"n_terminal"` keeps the start, where mitochondrial
+            targeting peptides sit.
+        class_weights (`list[float]`, *optional*):
+            Loss weights, one per label: the cross-entropy `weight` for single-label problems, the BCE
+            `pos_weight` for `problem_type="multi_label_classification"`.
+        esm_name_or_path (`str`, *optional*):
+            The ESM-2 checkpoint the backbone weights came from (a hub id or a local path), for the record.
+
+    Labels use the standard `id2label` / `label2id` / `problem_type`; the default is the binary
+    `{0: "Other", 1: "Mitochondrion"}`.
+    """
+
+    model_type = "esmloc"
+    sub_configs_defaults = {"esm_config": EsmConfig}
+
+    esm_config: dict | PreTrainedConfig | None = None
+    pooling: str = "mean"
+    classifier_dropout: float = 0.1
+    max_residues: int = 1022
+    crop: str = "middle"
+    class_weights: list[float] | None = None
+    esm_name_or_path: str | None = None
+
+    def __post_init__(self, **kwargs):
+        if self.esm_config is None:
+            self.esm_config = dict(ESM2_ARCHITECTURES["esm2_t6_8M"])
+        if self.id2label is None and kwargs.get("num_labels", 2) == 2:
+            self.id2label = {0: "Other", 1: "Mitochondrion"}
+        if self.id2label is not None and self.label2id is None:
+            self.label2id = {label: int(i) for i, label in self.id2label.items()}
+        super().__post_init__(**kwargs)
+        if self.pooling not in POOLING_MODES:
+            raise ValueError(f"pooling must be one of {POOLING_MODES}, got {self.pooling!r}")
+        if self.crop not in CROP_STRATEGIES:
+            raise ValueError(f"crop must be one of {CROP_STRATEGIES}, got {self.crop!r}")
+        if self.max_residues < 1 or self.max_residues + 2 > self.esm_config.max_position_embeddings:
+            raise ValueError(
+                f"max_residues must be between 1 and {self.esm_config.max_position_embeddings - 2} "
+                f"(the backbone's max_position_embeddings minus <cls> and <eos>), got {self.max_residues}"
+            )
+        if self.class_weights is not None and len(self.class_weights) != self.num_labels:
+            raise ValueError(f"class_weights has {len(self.class_weights)} entries for {self.num_labels} labels")
+        self.auto_map = dict(AUTO_MAP)
+
+    def to_dict(self):
+        output = super().to_dict()
+        output["auto_map"] = dict(AUTO_MAP)
+        return output
+
+    @property
+    def hidden_size(self) -> int:
+        return self.esm_config.hidden_size
+
+
+EsmLocConfig.register_for_auto_class()
+
+
+__all__ = ["EsmLocConfig", "ESM2_ARCHITECTURES"]

@@ -1,0 +1,168 @@
+"""EsmForLocalization: an ESM-2 encoder with a pooling + classification head for subcellular localisation."""
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import EsmModel
+from transformers.modeling_outputs import SequenceClassifierOutput
+from transformers.models.esm.modeling_esm import EsmPreTrainedModel
+
+try:
+    from .configuration_esmloc import EsmLocConfig
+except ImportError:  # imported as a top-level module (an installed package or the repository root)
+    from configuration_esmloc import EsmLocConfig
+
+
+@dataclass
+class LocalizationOutput(SequenceClassifierOutput):
+    r"""
+    pooling_weights (`torch.FloatTensor` of shape `(batch_size, sequence_length)`, *optional*):
+        The attention-pooling weight of every token (zero for padding, `<cls>` and `<eos>`; each row sums to 1),
+        returned with `output_pooling_weights=True` when `config.pooling == "attention"`.
+    """
+
+    pooling_weights: torch.FloatTensor | None = None
+
+
+def residue_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """The positions of residues: attended tokens other than the first (`<cls>`) and the last (`<eos>`)."""
+    mask = attention_mask.bool()
+    positions = torch.arange(mask.shape[1], device=mask.device)
+    first = mask.int().argmax(dim=1, keepdim=True)
+    last = mask.shape[1] - 1 - mask.flip(1).int().argmax(dim=1, keepdim=True)
+    return mask & (positions > first) & (positions < last)
+
+
+class EsmLocPooler(nn.Module):
+    """Turns per-token states into one vector per protein; padding and special tokens never contribute."""
+
+    def __init__(self, config: EsmLocConfig):
+        super().__init__()
+        self.mode = config.pooling
+        self.attention = nn.Linear(config.hidden_size, 1) if self.mode == "attention" else None
+
+    def forward(self, hidden_states, attention_mask):
+        if self.mode == "cls":
+            first = attention_mask.int().argmax(dim=1)
+            return hidden_states[torch.arange(hidden_states.shape[0], device=hidden_states.device), first], None
+        residues = residue_mask(attention_mask).unsqueeze(-1)
+        if self.mode == "mean":
+            total = (hidden_states * residues).sum(dim=1)
+            return total / residues.sum(dim=1).clamp(min=1), None
+        scores = self.attention(hidden_states).masked_fill(~residues, torch.finfo(hidden_states.dtype).min)
+        weights = torch.softmax(scores.float(), dim=1).to(hidden_states.dtype) * residues
+        return (weights * hidden_states).sum(dim=1), weights.squeeze(-1)
+
+
+class EsmLocClassificationHead(nn.Module):
+    """Dropout, a hidden layer and the output projection, applied to the pooled protein vector."""
+
+    def __init__(self, config: EsmLocConfig):
+        super().__init__()
+        self.dropout = nn.Dropout(config.classifier_dropout)
+        self.hidden = nn.Linear(config.hidden_size, config.hidden_size)
+        self.activation = nn.GELU()
+        self.out_proj = nn.Linear(config.hidden_size, config.num_labels)
+
+    def forward(self, pooled):
+        hidden = self.activation(self.hidden(self.dropout(pooled)))
+        return self.out_proj(self.dropout(hidden))
+
+
+class EsmLocPreTrainedModel(EsmPreTrainedModel):
+    config_class = EsmLocConfig
+    config: EsmLocConfig
+    # Trainer would otherwise pass `num_items_in_batch` and scale the logged loss by the number of processes.
+    accepts_loss_kwargs = False
+    _keys_to_ignore_on_load_unexpected = None
+
+
+class EsmForLocalization(EsmLocPreTrainedModel):
+    """
+    ESM-2 with a localisation head: the encoder's last hidden states are pooled per protein (`config.pooling`)
+    and classified. Single-label problems (the default binary Mitochondrion / Other) use cross-entropy,
+    `problem_type="multi_label_classification"` (e.g. DeepLoc's 10 locations) uses BCE, both weighted by
+    `config.class_weights` when set.
+
+    Inputs must be tokenized as `EsmLocTokenizer` does (`<cls>` residues `<eos>`, at most `config.max_residues`
+    residues); longer inputs are refused rather than silently run outside what ESM-2 was trained on.
+    """
+
+    def __init__(self, config: EsmLocConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.esm = EsmModel(config.esm_config, add_pooling_layer=False)
+        # Unused by this task; frozen so that DDP does not wait for gradients that never come.
+        self.esm.contact_head.requires_grad_(False)
+        self.pooler = EsmLocPooler(config)
+        self.classifier = EsmLocClassificationHead(config)
+        self.post_init()
+
+    @classmethod
+    def from_esm(cls, esm_name_or_path, **config_kwargs):
+        """Builds the model around the weights of a stock ESM-2 checkpoint (`EsmModel` or `EsmForMaskedLM` layout,
+        a hub id or a local directory); the head starts from random weights. `config_kwargs` go to `EsmLocConfig`.
+        """
+        hub_kwargs = {key: config_kwargs.pop(key) for key in ("revision", "token", "cache_dir") if key in config_kwargs}
+        esm = EsmModel.from_pretrained(esm_name_or_path, add_pooling_layer=False, **hub_kwargs)
+        esm_config = esm.config.to_dict()
+        config = EsmLocConfig(esm_config=esm_config, esm_name_or_path=str(esm_name_or_path), **config_kwargs)
+        model = cls(config)
+        model.esm.load_state_dict(esm.state_dict())
+        return model
+
+    def get_input_embeddings(self):
+        return self.esm.embeddings.word_embeddings
+
+    def classify(self, hidden_states, attention_mask, labels=None, output_pooling_weights=False):
+        """The head alone: per-token states -> logits (and loss); shared by `forward` and cached-feature training."""
+        pooled, weights = self.pooler(hidden_states, attention_mask)
+        logits = self.classifier(pooled)
+        loss = self.loss(logits, labels) if labels is not None else None
+        return LocalizationOutput(
+            loss=loss, logits=logits, pooling_weights=weights if output_pooling_weights else None
+        )
+
+    def loss(self, logits, labels):
+        weights = None
+        if self.config.class_weights is not None:
+            weights = torch.tensor(self.config.class_weights, dtype=logits.dtype, device=logits.device)
+        if self.config.problem_type == "multi_label_classification":
+            return nn.functional.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype), pos_weight=weights)
+        if self.config.problem_type == "regression":
+            return nn.functional.mse_loss(logits.squeeze(-1), labels.to(logits.dtype))
+        return nn.functional.cross_entropy(logits.view(-1, self.num_labels), labels.view(-1), weight=weights)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        output_pooling_weights: bool = False,
+        **kwargs,
+    ) -> LocalizationOutput:
+        r"""
+        labels (`torch.LongTensor` of shape `(batch_size,)`, or `(batch_size, num_labels)` floats for multi-label):
+            Targets for the loss.
+        output_pooling_weights (`bool`, *optional*):
+            Return the attention-pooling weight of every token (attention pooling only).
+        """
+        if input_ids.shape[1] > self.config.max_residues + 2:
+            raise ValueError(
+                f"input of {input_ids.shape[1]} tokens is longer than max_residues={self.config.max_residues} "
+                "(+ <cls> and <eos>); tokenize proteins with EsmLocTokenizer, which crops them"
+            )
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        outputs = self.esm(input_ids, attention_mask=attention_mask, **kwargs)
+        output = self.classify(outputs.last_hidden_state, attention_mask, labels, output_pooling_weights)
+        output.hidden_states = outputs.hidden_states
+        output.attentions = outputs.attentions
+        return output
+
+
+EsmForLocalization.register_for_auto_class("AutoModel")
+
+
+__all__ = ["EsmForLocalization", "EsmLocPreTrainedModel", "LocalizationOutput"]
