@@ -1,0 +1,28 @@
+"""Saving a model directory that loads anywhere: weights, config, remote code and a matching tokenizer."""
+
+from pathlib import Path
+
+from tokenization_esmloc import EsmLocTokenizer
+
+
+def tokenizer_for(config) -> EsmLocTokenizer:
+    """The tokenizer that crops exactly as `config` says (the shipped ESM-2 vocabulary)."""
+    return EsmLocTokenizer(max_residues=config.max_residues, crop=config.crop)
+
+
+def save_model(model, output_dir, tokenizer: EsmLocTokenizer | None = None) -> Path:
+    """Saves `model` (safetensors, config with a local `auto_map`, the three `.py` files) and its tokenizer.
+
+    A tokenizer that would crop differently from the model's config is refused: the model would then see
+    inputs it was not trained on.
+    """
+    tokenizer = tokenizer if tokenizer is not None else tokenizer_for(model.config)
+    if (tokenizer.max_residues, tokenizer.crop) != (model.config.max_residues, model.config.crop):
+        raise ValueError(
+            f"tokenizer crops to {tokenizer.max_residues} residues ({tokenizer.crop}) but the model config says "
+            f"{model.config.max_residues} ({model.config.crop})"
+        )
+    output_dir = Path(output_dir)
+    model.save_pretrained(output_dir)
+    tokenizer.save_pretrained(output_dir)
+    return output_dir

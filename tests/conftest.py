@@ -1,0 +1,69 @@
+"""Shared test helpers: tiny random-weight ESM models and fresh offline processes."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from configuration_esmloc import ESM2_ARCHITECTURES, EsmLocConfig
+from modeling_esmloc import EsmForLocalization
+
+
+REPO = Path(__file__).resolve().parents[1]
+DEEPLOC_CSV = REPO.parent / "shared" / "data" / "deeploc2_swissprot.csv"
+
+PROTEINS = [
+    "MLRTSSLFTRRVQPSLFSRNILRLQSTAAIPKAGLEVSSGK",
+    "mktayiakqrqisfvkshfsrqleerlglieVQAPILSRVGDGTQDNLSGAEKAVQVKVKALPDAQFEVVHSLAKWKRQTLGQHDFSAGEGLYTHMKALRPDEDRLSPLHSVYVDQWDWERVMGDGERQFSTLKSTVEAIWAGIKATEAAVSEEFGLAPFLPDQIHFVHSQELLSRYPDLDAKGRERAIAKDLGAVFLVGIGGKLSDGHRHDVRAPDYDDWSTPSELGHAGLNGDILVWNPVLEDAFELSSMGIRVDADTLKHQLALTGDEDRLELEWHQALLRGEMPQTIGGGIGQSRLTMLLLQLPHFDDVHQD",
+    "MSE",
+    "MADEEKLPPGWEKRMSRSSGRVYYFNHITNASQWERPSG",
+]
+
+
+def tiny_config(**kwargs) -> EsmLocConfig:
+    """The tiny ESM-2-shaped architecture (2 layers, 32 hidden) with the head options given."""
+    return EsmLocConfig(esm_config=dict(ESM2_ARCHITECTURES["tiny"]), **kwargs)
+
+
+def tiny_model(seed: int = 0, **kwargs) -> EsmForLocalization:
+    """A randomly initialised tiny model whose head gives visibly different outputs for different inputs."""
+    torch.manual_seed(seed)
+    model = EsmForLocalization(tiny_config(**kwargs))
+    for parameter in list(model.pooler.parameters()) + list(model.classifier.parameters()):
+        torch.nn.init.normal_(parameter, std=0.5)  # the default 0.02 init gives near-identical logits
+    return model.eval()
+
+
+def run_offline(code: str, cwd: Path, tmp_path: Path, env: dict | None = None) -> dict:
+    """Runs `code` in a fresh Python process with no network access to the Hub, an empty HF_HOME and `cwd`
+    as working directory (so nothing is imported from the repository by accident); returns the JSON the code
+    prints on its last line."""
+    hf_home = tmp_path / "empty_hf_home"
+    hf_home.mkdir(exist_ok=True)
+    full_env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "HF_HOME": str(hf_home),
+        "PYTHONPATH": "",
+        "TOKENIZERS_PARALLELISM": "false",
+        **(env or {}),
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=600
+    )
+    if result.returncode != 0:
+        raise AssertionError(f"subprocess failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture
+def elsewhere(tmp_path) -> Path:
+    """A working directory outside the repository."""
+    path = tmp_path / "elsewhere"
+    path.mkdir()
+    return path
