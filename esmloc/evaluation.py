@@ -1,0 +1,416 @@
+"""Evaluation for esmloc: metrics, decision thresholds, the test report, predictions CSV, tables and plots.
+
+Every metric value comes from ONE local `evaluate` module, `esmloc/metrics/esmloc_metrics.py` (scikit-learn
+underneath), loaded offline by `load_metric`. The only arithmetic done here is the fast threshold sweep of
+`mcc_by_threshold`, which reproduces the module's MCC (the tests check it).
+
+Probabilities are the model's outputs after softmax (single-label: the probability of class 1, a 1-D array) or
+sigmoid (multi-label: one column per location, a 2-D array); `logits_to_probabilities` converts logits. A protein
+is predicted positive for a label when its probability is >= the threshold.
+
+The protocol follows DeepLoc: the threshold (one per location for multi-label) is the one that maximises MCC on
+the validation split; the test split is then reported at 0.5 and at that tuned threshold.
+"""
+
+import functools
+from pathlib import Path
+from typing import Callable, Sequence
+
+import evaluate
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+from scipy.special import expit, softmax
+from sklearn.metrics import ConfusionMatrixDisplay, precision_recall_curve, roc_curve
+from transformers import EvalPrediction
+
+
+METRIC_PATH = Path(__file__).resolve().parent / "metrics" / "esmloc_metrics.py"
+BINARY_LABEL_NAMES = ("Other", "Mitochondrion")
+
+# MCC values closer than this are ties: floating-point noise must not decide the threshold.
+_MCC_TIE_TOLERANCE = 1e-12
+
+
+@functools.lru_cache(maxsize=None)
+def load_metric(config_name: str = "binary") -> evaluate.EvaluationModule:
+    """The esmloc metric module, loaded offline from the file shipped in the package (cached per configuration).
+
+    `config_name` is "binary", "multilabel" or "multiclass". Predictions are kept in memory, so several
+    processes (DDP) never share evaluate's cache files.
+    """
+    return evaluate.load(str(METRIC_PATH), config_name=config_name, keep_in_memory=True)
+
+
+def compute(probabilities, labels, threshold=0.5, label_names: Sequence[str] | None = None) -> dict:
+    """The metric module's results at `threshold`: binary for 1-D `probabilities`, multi-label for 2-D ones.
+
+    Binary keys: accuracy, precision, recall, f1, mcc, roc_auc, pr_auc, threshold, tp, fp, tn, fn.
+    Multi-label keys: see `esmloc_metrics` (mcc_<label>, macro_mcc, micro_f1, macro_f1, subset_accuracy, jaccard,
+    micro_roc_auc, macro_roc_auc, threshold_<label>, and the binary set suffixed _Mitochondrion if present).
+    """
+    probabilities = np.asarray(probabilities, dtype=np.float64)
+    labels = np.asarray(labels).astype(np.int64)
+    if probabilities.ndim == 1:
+        return load_metric("binary").compute(predictions=probabilities, references=labels, threshold=threshold)
+    threshold = np.asarray(threshold, dtype=np.float64).tolist()
+    label_names = None if label_names is None else list(label_names)
+    return load_metric("multilabel").compute(
+        predictions=probabilities, references=labels, threshold=threshold, label_names=label_names
+    )
+
+
+def mcc_by_threshold(probabilities, labels) -> tuple[np.ndarray, np.ndarray]:
+    """MCC at every candidate threshold, in O(n log n): returns (thresholds ascending, mccs).
+
+    Candidates: the midpoints between consecutive distinct values of {0, 1} and the probabilities. Each one
+    separates a different set of proteins, and together they cover every achievable prediction (the sentinels 0
+    and 1 add "all positive" and "all negative" unless a probability is exactly 0 or 1); a midpoint keeps the
+    largest margin to the validation proteins on either side of it.
+
+    Confusion counts come from cumulative sums over the sorted probabilities and a binary search for each
+    threshold, so they follow exactly the module's rule (positive iff probability >= threshold); MCC uses
+    scikit-learn's convention (0 when a row or column of the confusion matrix is empty).
+    """
+    probabilities = np.asarray(probabilities, dtype=np.float64)
+    labels = np.asarray(labels).astype(np.int64)
+    if probabilities.ndim != 1 or probabilities.shape != labels.shape or probabilities.size == 0:
+        raise ValueError("probabilities and labels must be non-empty 1-D arrays of the same length")
+    order = np.argsort(probabilities, kind="stable")
+    sorted_probabilities = probabilities[order]
+    positives_before = np.concatenate([[0], np.cumsum(labels[order])])
+
+    values = np.unique(np.concatenate([[0.0, 1.0], probabilities]))
+    thresholds = (values[:-1] + values[1:]) / 2
+    n_negative_predictions = np.searchsorted(sorted_probabilities, thresholds, side="left")
+    fn = positives_before[n_negative_predictions].astype(np.float64)
+    tn = n_negative_predictions - fn
+    tp = labels.sum() - fn
+    fp = (labels.size - labels.sum()) - tn
+
+    denominator = np.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mccs = np.where(denominator > 0, (tp * tn - fp * fn) / denominator, 0.0)
+    return thresholds, mccs
+
+
+def best_threshold(probabilities, labels) -> float:
+    """The threshold that maximises MCC on these (validation) probabilities, DeepLoc's protocol.
+
+    Candidates as in `mcc_by_threshold`. Ties (MCC within 1e-12) go to the candidate closest to 0.5, then to
+    the smaller one, so the choice is deterministic and stays at the usual 0.5 when nothing beats it.
+    """
+    thresholds, mccs = mcc_by_threshold(probabilities, labels)
+    tied = thresholds[mccs >= mccs.max() - _MCC_TIE_TOLERANCE]
+    return float(tied[np.argmin(np.abs(tied - 0.5))])  # argmin keeps the first, i.e. smaller, of equal distances
+
+
+def best_thresholds(probabilities, labels) -> np.ndarray:
+    """One MCC-maximising threshold per label (column) of multi-label probabilities, shape (n_labels,)."""
+    probabilities = np.asarray(probabilities, dtype=np.float64)
+    labels = np.asarray(labels)
+    if probabilities.ndim != 2 or probabilities.shape != labels.shape:
+        raise ValueError("probabilities and labels must both be (n_proteins, n_labels)")
+    return np.array([best_threshold(probabilities[:, j], labels[:, j]) for j in range(probabilities.shape[1])])
+
+
+def tuned_threshold(probabilities, labels):
+    """`best_threshold` for 1-D probabilities, `best_thresholds` for 2-D ones."""
+    if np.ndim(probabilities) == 1:
+        return best_threshold(probabilities, labels)
+    return best_thresholds(probabilities, labels)
+
+
+def logits_to_probabilities(logits, problem_type: str | None = None) -> np.ndarray:
+    """Model logits (n, num_labels) -> probabilities.
+
+    Multi-label (`problem_type="multi_label_classification"`): sigmoid, shape (n, num_labels). Single-label with
+    two classes: softmax, then the probability of class 1, shape (n,). Single-label with more classes: softmax,
+    shape (n, num_labels).
+    """
+    logits = np.asarray(logits, dtype=np.float64)
+    if logits.ndim != 2 or logits.shape[1] < 2:
+        raise ValueError(f"expected logits of shape (n, num_labels >= 2), got {logits.shape}")
+    if problem_type == "multi_label_classification":
+        return expit(logits)
+    probabilities = softmax(logits, axis=1)
+    return probabilities[:, 1] if logits.shape[1] == 2 else probabilities
+
+
+def _suffixed(results: dict, suffix: str) -> dict:
+    return {f"{key}{suffix}": value for key, value in results.items()}
+
+
+def make_compute_metrics(
+    problem_type: str | None = None,
+    label_names: Sequence[str] | None = None,
+    tune_threshold: bool = False,
+) -> Callable[[EvalPrediction], dict]:
+    """A `compute_metrics` function for `transformers.Trainer`.
+
+    It turns the logits into probabilities (`logits_to_probabilities`) and returns the metric module's results
+    at 0.5; Trainer prefixes the keys (`eval_mcc`, ...), so `metric_for_best_model="mcc"` works. Single-label
+    with more than two classes gets the `multiclass` results (accuracy, macro_f1, mcc at the argmax).
+
+    With `tune_threshold=True`, binary and multi-label results also hold every key again, suffixed `_tuned`,
+    at the MCC-maximising threshold(s) of this very evaluation set (`mcc_tuned`, `threshold_tuned`, ...). That
+    is optimistic as an estimate, but it is what a model is worth once its threshold is tuned on validation, so
+    `metric_for_best_model="mcc_tuned"` (or "macro_mcc_tuned" for multi-label) selects models the way the final
+    report evaluates them.
+
+    `label_names`: the multi-label location names in column order (e.g. `config.id2label` values).
+    """
+
+    def compute_metrics(eval_prediction: EvalPrediction) -> dict:
+        logits = eval_prediction.predictions
+        if isinstance(logits, tuple):  # models returning hidden states or attentions too
+            logits = logits[0]
+        probabilities = logits_to_probabilities(logits, problem_type)
+        labels = np.asarray(eval_prediction.label_ids).astype(np.int64)  # BCE labels arrive as floats
+        if problem_type != "multi_label_classification" and probabilities.ndim == 2:
+            return load_metric("multiclass").compute(predictions=probabilities, references=labels)
+        results = compute(probabilities, labels, 0.5, label_names)
+        if tune_threshold:
+            threshold = tuned_threshold(probabilities, labels)
+            results.update(_suffixed(compute(probabilities, labels, threshold, label_names), "_tuned"))
+        return results
+
+    return compute_metrics
+
+
+def evaluation_report(
+    validation_probabilities,
+    validation_labels,
+    test_probabilities,
+    test_labels,
+    label_names: Sequence[str] | None = None,
+    metric_key_prefix: str = "test",
+) -> dict:
+    """The final report: threshold(s) tuned for MCC on validation, applied to test.
+
+    Keys (binary; multi-label has the module's multi-label keys in the same three groups):
+    - `{prefix}_<metric>`: test at 0.5, e.g. `test_mcc`, `test_roc_auc`, `test_threshold` (= 0.5);
+    - `{prefix}_<metric>_tuned`: test at the tuned threshold, e.g. `test_mcc_tuned`, `test_threshold_tuned`
+      (multi-label: `test_threshold_<label>_tuned`);
+    - `validation_<metric>_tuned`: validation at the tuned threshold, the MCC the threshold was chosen for.
+    The keys are final: `Trainer.save_metrics("test", report)` writes them unchanged into `test_results.json`
+    (save_metrics adds no prefix). ROC-AUC and PR-AUC do not depend on the threshold and repeat unchanged.
+    """
+    threshold = tuned_threshold(validation_probabilities, validation_labels)
+    report = compute(test_probabilities, test_labels, 0.5, label_names)
+    report.update(_suffixed(compute(test_probabilities, test_labels, threshold, label_names), "_tuned"))
+    report = {f"{metric_key_prefix}_{key}": value for key, value in report.items()}
+    validation = compute(validation_probabilities, validation_labels, threshold, label_names)
+    report.update({f"validation_{key}_tuned": value for key, value in validation.items()})
+    return report
+
+
+def _label_names(label_names: Sequence[str] | None, probabilities: np.ndarray) -> list[str]:
+    """Binary: [negative, positive] names; multi-label: one name per column."""
+    if label_names is not None:
+        return list(label_names)
+    if probabilities.ndim == 1:
+        return list(BINARY_LABEL_NAMES)
+    return [str(column) for column in range(probabilities.shape[1])]
+
+
+def _predictions_frame(accs, labels, probabilities, threshold, label_names) -> pd.DataFrame:
+    probabilities = np.asarray(probabilities, dtype=np.float64)
+    labels = np.asarray(labels).astype(np.int64)
+    names = _label_names(label_names, probabilities)
+    if probabilities.ndim == 1:
+        predicted = (probabilities >= threshold).astype(np.int64)
+        return pd.DataFrame(
+            {
+                "ACC": list(accs),
+                "true_label": [names[label] for label in labels],
+                f"probability_{names[1]}": probabilities,
+                "predicted_label": [names[label] for label in predicted],
+            }
+        )
+    predicted = probabilities >= np.asarray(threshold, dtype=np.float64)
+
+    def joined(rows):
+        return [";".join(name for name, on in zip(names, row) if on) for row in rows]
+
+    frame = pd.DataFrame({"ACC": list(accs), "true_labels": joined(labels)})
+    for column, name in enumerate(names):
+        frame[f"probability_{name}"] = probabilities[:, column]
+    frame["predicted_labels"] = joined(predicted)
+    return frame
+
+
+def write_predictions_csv(
+    path, accs, labels, probabilities, threshold=0.5, label_names: Sequence[str] | None = None
+) -> Path:
+    """Write one row per protein and return the path.
+
+    Binary columns: ACC, true_label, probability_<positive name> (e.g. probability_Mitochondrion),
+    predicted_label (label names; predicted = probability >= threshold). Multi-label columns: ACC, true_labels,
+    probability_<location> for each location, predicted_labels (locations joined with ";", empty for none).
+    `label_names`: binary [negative, positive] (default Other, Mitochondrion); multi-label one per column.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _predictions_frame(accs, labels, probabilities, threshold, label_names).to_csv(path, index=False)
+    return path
+
+
+def format_examples_table(
+    accs,
+    labels,
+    probabilities,
+    n: int = 10,
+    seed: int = 0,
+    threshold=0.5,
+    label_names: Sequence[str] | None = None,
+) -> str:
+    """A printable table of `n` proteins drawn at random (reproducibly, from `seed`): ACC, true label,
+    predicted probability and predicted label, in the order of the input. Multi-label tables list the true
+    locations and the predicted ones with their probabilities instead."""
+    frame = _predictions_frame(accs, labels, probabilities, threshold, label_names)
+    rows = np.sort(np.random.default_rng(seed).choice(len(frame), size=min(n, len(frame)), replace=False))
+    frame = frame.iloc[rows]
+    if np.ndim(probabilities) == 2:
+        names = _label_names(label_names, np.asarray(probabilities))
+
+        def with_probabilities(row):
+            chosen = [name for name in names if name in row["predicted_labels"].split(";")]
+            return "; ".join(f"{name} ({row[f'probability_{name}']:.3f})" for name in chosen) or "(none)"
+
+        frame = pd.DataFrame(
+            {
+                "ACC": frame["ACC"],
+                "true_labels": frame["true_labels"].replace("", "(none)"),
+                "predicted_labels (probability)": frame.apply(with_probabilities, axis=1),
+            }
+        )
+    return frame.to_string(index=False, float_format="{:.3f}".format)
+
+
+def _operating_point(results: dict) -> tuple[float, float]:
+    """(false positive rate, true positive rate) of the metric module's confusion counts."""
+    negatives = results["fp"] + results["tn"]
+    return (results["fp"] / negatives if negatives else float("nan")), results["recall"]
+
+
+def _new_axes(title: str, xlabel: str, ylabel: str, width: float = 6.4):
+    figure = Figure(figsize=(width, 5.6), layout="constrained")
+    axes = figure.subplots()
+    axes.set(title=title, xlabel=xlabel, ylabel=ylabel, xlim=(-0.01, 1.01), ylim=(-0.01, 1.01))
+    axes.grid(alpha=0.3)
+    return figure, axes
+
+
+def _undefined(axes, message: str) -> None:
+    axes.text(0.5, 0.5, message, ha="center", va="center", transform=axes.transAxes, wrap=True)
+
+
+def _plot_binary(output_dir: Path, labels, probabilities, threshold, names, split) -> list[Path]:
+    at_half = compute(probabilities, labels, 0.5)
+    at_tuned = compute(probabilities, labels, threshold)
+    points = [(at_half, "s", "threshold 0.5"), (at_tuned, "o", f"tuned threshold {threshold:.3f}")]
+    positive = names[1]
+
+    figure, axes = _new_axes(f"ROC curve: {positive} ({split})", "False positive rate", "True positive rate")
+    if at_half["roc_auc"] is None:
+        _undefined(axes, "ROC curve undefined: the labels hold a single class")
+    else:
+        fpr, tpr, _ = roc_curve(labels, probabilities)
+        axes.plot(fpr, tpr, label=f"{positive} (AUC = {at_half['roc_auc']:.3f})")
+        axes.plot([0, 1], [0, 1], linestyle="--", color="grey", label="chance (AUC = 0.5)")
+        for results, marker, name in points:
+            axes.plot(*_operating_point(results), marker, markersize=9, label=f"{name}: MCC {results['mcc']:.3f}")
+        axes.legend(loc="lower right")
+    figure.savefig(output_dir / "roc_curve.png", dpi=150)
+
+    figure, axes = _new_axes(f"Precision-recall curve: {positive} ({split})", "Recall", "Precision")
+    if at_half["pr_auc"] is None:
+        _undefined(axes, "Precision-recall curve undefined: no positive label")
+    else:
+        precision, recall, _ = precision_recall_curve(labels, probabilities)
+        axes.plot(recall, precision, drawstyle="steps-post", label=f"{positive} (AP = {at_half['pr_auc']:.3f})")
+        prevalence = float(np.mean(labels))
+        axes.axhline(prevalence, linestyle="--", color="grey", label=f"chance (AP = {prevalence:.3f})")
+        for results, marker, name in points:
+            axes.plot(results["recall"], results["precision"], marker, markersize=9, label=f"{name}: F1 {results['f1']:.3f}")
+        axes.legend(loc="upper right")
+    figure.savefig(output_dir / "pr_curve.png", dpi=150)
+
+    figure = Figure(figsize=(10, 4.6), layout="constrained")
+    for axes, (results, _, name) in zip(figure.subplots(1, 2), points):
+        matrix = np.array([[results["tn"], results["fp"]], [results["fn"], results["tp"]]])
+        ConfusionMatrixDisplay(matrix, display_labels=names).plot(ax=axes, cmap="Blues", colorbar=False, values_format="d")
+        axes.set_title(f"{name}\nMCC {results['mcc']:.3f}, accuracy {results['accuracy']:.3f}")
+    figure.suptitle(f"Confusion matrices ({split}, {len(labels)} proteins)")
+    figure.savefig(output_dir / "confusion_matrix.png", dpi=150)
+    return [output_dir / name for name in ("roc_curve.png", "pr_curve.png", "confusion_matrix.png")]
+
+
+def _plot_multilabel(output_dir: Path, labels, probabilities, thresholds, names, split) -> list[Path]:
+    per_label = [
+        (compute(probabilities[:, j], labels[:, j], 0.5), compute(probabilities[:, j], labels[:, j], thresholds[j]))
+        for j in range(len(names))
+    ]
+    colours = [f"C{j % 10}" for j in range(len(names))]
+    dots = "dots: tuned thresholds"
+    # ten curves fill the axes: the legend goes to the right of them
+    legend = dict(loc="upper left", bbox_to_anchor=(1.02, 1), fontsize="small")
+
+    figure, axes = _new_axes(f"ROC curves per location ({split}; {dots})", "False positive rate", "True positive rate", 9.6)
+    for j, (name, (at_half, at_tuned)) in enumerate(zip(names, per_label)):
+        if at_half["roc_auc"] is None:
+            axes.plot([], [], color=colours[j], label=f"{name} (undefined: one class)")
+            continue
+        fpr, tpr, _ = roc_curve(labels[:, j], probabilities[:, j])
+        axes.plot(fpr, tpr, color=colours[j], label=f"{name} (AUC = {at_half['roc_auc']:.3f})")
+        axes.plot(*_operating_point(at_tuned), "o", color=colours[j])
+    axes.plot([0, 1], [0, 1], linestyle="--", color="grey")
+    axes.legend(**legend)
+    figure.savefig(output_dir / "roc_curve.png", dpi=150)
+
+    figure, axes = _new_axes(f"Precision-recall curves per location ({split}; {dots})", "Recall", "Precision", 9.6)
+    for j, (name, (at_half, at_tuned)) in enumerate(zip(names, per_label)):
+        if at_half["pr_auc"] is None:
+            axes.plot([], [], color=colours[j], label=f"{name} (undefined: no positive)")
+            continue
+        precision, recall, _ = precision_recall_curve(labels[:, j], probabilities[:, j])
+        axes.plot(recall, precision, drawstyle="steps-post", color=colours[j], label=f"{name} (AP = {at_half['pr_auc']:.3f})")
+        axes.plot(at_tuned["recall"], at_tuned["precision"], "o", color=colours[j])
+    axes.legend(**legend)
+    figure.savefig(output_dir / "pr_curve.png", dpi=150)
+
+    figure = Figure(figsize=(max(6.4, 0.8 * len(names) + 2), 5.2), layout="constrained")
+    axes = figure.subplots()
+    positions = np.arange(len(names))
+    axes.bar(positions - 0.2, [half["mcc"] for half, _ in per_label], width=0.4, label="threshold 0.5")
+    axes.bar(positions + 0.2, [tuned["mcc"] for _, tuned in per_label], width=0.4, label="tuned thresholds")
+    axes.set_xticks(positions, names, rotation=35, ha="right")
+    axes.set(ylabel="MCC", title=f"MCC per location ({split})")
+    axes.axhline(0, color="black", linewidth=0.8)
+    axes.grid(axis="y", alpha=0.3)
+    axes.legend()
+    figure.savefig(output_dir / "mcc_per_location.png", dpi=150)
+    return [output_dir / name for name in ("roc_curve.png", "pr_curve.png", "mcc_per_location.png")]
+
+
+def plot_curves(
+    output_dir, labels, probabilities, threshold, label_names: Sequence[str] | None = None, split: str = "test"
+) -> list[Path]:
+    """Write the evaluation plots into `output_dir` and return their paths.
+
+    Binary: `roc_curve.png` and `pr_curve.png` (AUC / average precision in the legend, the operating points at
+    0.5 and at the tuned `threshold` marked) and `confusion_matrix.png` (at 0.5 and at `threshold`, side by side).
+    Multi-label (`threshold` one per location): `roc_curve.png` and `pr_curve.png` with one curve per location
+    and its tuned operating point, and `mcc_per_location.png` (MCC at 0.5 and at the tuned thresholds).
+    Undefined curves (a single class present) are stated in the figure instead of drawn.
+    """
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    probabilities = np.asarray(probabilities, dtype=np.float64)
+    labels = np.asarray(labels).astype(np.int64)
+    names = _label_names(label_names, probabilities)
+    if probabilities.ndim == 1:
+        return _plot_binary(output_dir, labels, probabilities, float(threshold), names, split)
+    thresholds = np.broadcast_to(np.asarray(threshold, dtype=np.float64), (len(names),))
+    return _plot_multilabel(output_dir, labels, probabilities, thresholds, names, split)
