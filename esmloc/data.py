@@ -1,0 +1,690 @@
+"""The esmloc dataset: reading, validating and splitting protein localisation data.
+
+Everything that turns a user's file into training data lives here, so that `train.py`, the predict CLI and the
+loading script `dataset_script/esmloc.py` share one implementation:
+
+- `validate_sequence`: the one sequence check (upper case, whitespace removed, a trailing `*` stop codon stripped,
+  residues limited to the ESM-2 alphabet), used by the builder and by the readers.
+- `read_sequences` / `read_fasta`: streaming readers for prediction input (FASTA or CSV), one record at a time.
+- `EsmLocDataset`: the `datasets` builder (configs `mitochondrion` and `deeploc`) that validates a whole file,
+  merges exact duplicates and splits it so that identical sequences never straddle two splits.
+- `load_dataset`: that builder instantiated directly, which works on datasets 3.x and on datasets >= 4 (which no
+  longer runs loading scripts), from a pip install as well as from a checkout.
+- `format_summary` / `dataset_summary`: split sizes, positives per split and what was normalised or merged.
+"""
+
+import csv
+import dataclasses
+import functools
+import gzip
+import hashlib
+import json
+import os
+import re
+from collections import Counter
+from collections.abc import Iterator
+from glob import glob
+from pathlib import Path
+from typing import NamedTuple
+
+import datasets
+from datasets.data_files import DataFilesDict
+
+from tokenization_esmloc import ESM2_VOCAB
+
+
+logger = datasets.logging.get_logger(__name__)
+
+# The residue letters of the ESM-2 vocabulary. `.` and `-` are alignment gaps, not residues.
+ALPHABET = "".join(token for token in ESM2_VOCAB if len(token) == 1 and token.isalpha())
+# The 10 DeepLoc 2.0 locations, in the column order of its CSV files.
+LOCATIONS = (
+    "Cytoplasm",
+    "Nucleus",
+    "Extracellular",
+    "Cell membrane",
+    "Mitochondrion",
+    "Plastid",
+    "Endoplasmic reticulum",
+    "Lysosome/Vacuole",
+    "Golgi apparatus",
+    "Peroxisome",
+)
+LABEL_NAMES = ("Other", "Mitochondrion")
+SPLIT_METHODS = ("stratified", "partition", "given")
+FASTA_SUFFIXES = (".fasta", ".fa", ".faa", ".fas", ".fsa")
+
+_DEEPLOC_URL = "https://services.healthtech.dtu.dk/services/DeepLoc-2.0/data/Swissprot_Train_Validation_dataset.csv"
+_CITATION = """\
+@article{thumuluri2022deeploc,
+  title={DeepLoc 2.0: multi-label subcellular localization prediction using protein language models},
+  author={Thumuluri, Vineet and Almagro Armenteros, Jos{\\'e} Juan and Johansen, Alexander Rosenberg and
+          Nielsen, Henrik and Winther, Ole},
+  journal={Nucleic Acids Research},
+  volume={50},
+  number={W1},
+  pages={W228--W234},
+  year={2022},
+  doi={10.1093/nar/gkac278}
+}
+"""
+_DESCRIPTION = """\
+Protein subcellular localisation from sequence. Config `mitochondrion`: is the protein in the mitochondrion
+(binary, from CSV files with the columns ACC, Mitochondrion, Sequence). Config `deeploc`: the 10 DeepLoc 2.0
+locations as a multi-label target, with Kingdom, Partition and Membrane. Without data files the source is the
+DeepLoc 2.0 SwissProt set (28,303 eukaryotic proteins, 5 homology partitions).
+"""
+_HOMEPAGE = "https://services.healthtech.dtu.dk/services/DeepLoc-2.0/"
+_LICENSE = "The DeepLoc 2.0 data are derived from UniProtKB/Swiss-Prot (CC BY 4.0); see the DeepLoc 2.0 site."
+# The build report rides in DatasetInfo.description, the one free-text field datasets stores with the cache.
+_REPORT_MARKER = "esmloc build report: "
+# Folded into the cache key: a new version of this module must never be served a split made by an old one.
+_CODE_FINGERPRINT = hashlib.sha256(Path(__file__).read_bytes() + ALPHABET.encode()).hexdigest()[:16]
+
+_VALID_SEQUENCE = re.compile(f"[{ALPHABET}]+")
+_INVALID_RESIDUE = re.compile(f"[^{ALPHABET}]")
+_WHITESPACE = re.compile(r"\s+")
+_UNIPROT_HEADER = re.compile(r"(?:sp|tr)\|([^|\s]+)\|")
+_LABEL_SPELLINGS = {"0": 0, "1": 1, "0.0": 0, "1.0": 1, "false": 0, "true": 1}
+_MAX_REPORTED_PROBLEMS = 10
+_SPLITS = ("train", "validation", "test")
+
+
+class DataValidationError(ValueError):
+    """Bad input data. `problems` lists the first few problems found (file, line, ACC, what), `count` all of them."""
+
+    def __init__(self, problems: list[str], count: int | None = None):
+        self.problems = problems
+        self.count = len(problems) if count is None else count
+        shown = f" (the first {len(problems)} below)" if self.count > len(problems) else ""
+        super().__init__(f"{self.count} problem(s) in the data{shown}:\n  " + "\n  ".join(problems))
+
+
+class _BadValue(ValueError):
+    """One bad cell of one row; collected with the file, line and ACC into a DataValidationError."""
+
+
+class SequenceError(_BadValue):
+    """A protein sequence that cannot be used; `position` is the 1-based residue of the first bad character."""
+
+    def __init__(self, message: str, position: int | None = None):
+        super().__init__(message)
+        self.position = position
+
+
+def validate_sequence(raw: str) -> tuple[str, tuple[str, ...]]:
+    """Normalises and checks one protein sequence.
+
+    Removes whitespace, upper-cases, strips one trailing `*` (a stop codon) and checks that every residue is in
+    `ALPHABET`. Returns the sequence and the names of the normalisations applied (empty for a clean sequence).
+    Raises `SequenceError` for an empty sequence or a character outside the alphabet, with its 1-based position
+    counted in the sequence without whitespace.
+    """
+    if _VALID_SEQUENCE.fullmatch(raw):  # the common case: nothing to do
+        return raw, ()
+    changes = []
+    sequence = _WHITESPACE.sub("", raw)
+    if sequence != raw:
+        changes.append("whitespace removed")
+    if sequence != sequence.upper():
+        sequence = sequence.upper()
+        changes.append("lower case upper-cased")
+    if sequence.endswith("*"):
+        sequence = sequence[:-1]
+        changes.append("stop codon '*' stripped")
+    if not sequence:
+        raise SequenceError("empty sequence")
+    bad = _INVALID_RESIDUE.search(sequence)
+    if bad:
+        raise SequenceError(
+            f"character {bad.group()!r} at position {bad.start() + 1} is not a residue of the ESM-2 alphabet "
+            f"({ALPHABET})",
+            position=bad.start() + 1,
+        )
+    return sequence, tuple(changes)
+
+
+class ProteinRecord(NamedTuple):
+    """One protein read from a file: accession, normalised sequence and the file line where the record starts."""
+
+    acc: str
+    sequence: str
+    line: int
+
+
+def _open_text(path):
+    # utf-8-sig: spreadsheet programs start CSV exports with a byte-order mark, which must not end up in "ACC".
+    if str(path).endswith(".gz"):
+        return gzip.open(path, "rt", encoding="utf-8-sig", newline="")
+    return open(path, encoding="utf-8-sig", newline="")
+
+
+def _is_fasta(path) -> bool:
+    return str(path).removesuffix(".gz").lower().endswith(FASTA_SUFFIXES)
+
+
+def _where(path, line, acc) -> str:
+    return f"{path}, line {line}, ACC {acc!r}" if acc else f"{path}, line {line}"
+
+
+def _fasta_entries(path) -> Iterator[tuple[int, str, str]]:
+    """Yields (header line, ACC, raw sequence) per FASTA record, holding one record in memory at a time."""
+    line_number, acc, header_line, chunks = 0, None, 0, []
+    with _open_text(path) as handle:
+        for line_number, line in enumerate(handle, start=1):
+            if line.startswith(">"):
+                if acc is not None:
+                    yield header_line, acc, "".join(chunks)
+                header = line[1:].strip()
+                uniprot = _UNIPROT_HEADER.match(header)
+                acc = uniprot.group(1) if uniprot else (header.split() or [""])[0]
+                if not acc:
+                    raise DataValidationError([f"{_where(path, line_number, None)}: empty FASTA header"])
+                header_line, chunks = line_number, []
+            elif line.strip():
+                if acc is None:
+                    raise DataValidationError(
+                        [f"{_where(path, line_number, None)}: sequence before the first '>' header; is this FASTA?"]
+                    )
+                chunks.append(line.strip())
+    if acc is not None:
+        yield header_line, acc, "".join(chunks)
+
+
+def _csv_rows(path, required: tuple[str, ...]) -> Iterator[tuple[int, dict[str, str]]]:
+    """Yields (file line, {column: cell}) for the `required` columns; the header is line 1."""
+    with _open_text(path) as handle:
+        reader = csv.reader(handle, delimiter="\t" if str(path).removesuffix(".gz").endswith(".tsv") else ",")
+        header = [name.strip() for name in next(reader, [])]
+        missing = [name for name in required if name not in header]
+        if missing:
+            raise DataValidationError(
+                [f"{_where(path, 1, None)}: missing column(s) {missing}; found {header}, need {list(required)}"]
+            )
+        index = {name: header.index(name) for name in required}
+        line = reader.line_num
+        for row in reader:
+            start, line = line + 1, reader.line_num  # a quoted cell may span lines: report where the row starts
+            if not any(cell.strip() for cell in row):
+                continue
+            yield start, {name: (row[i] if i < len(row) else "") for name, i in index.items()}
+
+
+def read_fasta(path) -> Iterator[ProteinRecord]:
+    """Streams the proteins of a FASTA file (optionally .gz).
+
+    The ACC is the accession of a UniProt header (`>sp|P12345|NAME_HUMAN ...` gives `P12345`), else the first word
+    of the header. Raises `DataValidationError` naming the file, line and ACC at the first bad record.
+    """
+    for line, acc, raw in _fasta_entries(path):
+        try:
+            sequence, _ = validate_sequence(raw)
+        except SequenceError as error:
+            raise DataValidationError([f"{_where(path, line, acc)}: {error}"]) from None
+        yield ProteinRecord(acc, sequence, line)
+
+
+def read_sequences(path) -> Iterator[ProteinRecord]:
+    """Streams the proteins of a FASTA file or of a CSV/TSV file with at least the columns ACC and Sequence.
+
+    The format follows the file name: `.fasta`, `.fa`, `.faa`, `.fas`, `.fsa` (optionally `.gz`) are FASTA,
+    anything else is CSV (TSV for `.tsv`). One record is held in memory at a time. Raises `DataValidationError`
+    naming the file, line and ACC at the first bad record.
+    """
+    if _is_fasta(path):
+        yield from read_fasta(path)
+        return
+    for line, row in _csv_rows(path, ("ACC", "Sequence")):
+        acc = row["ACC"].strip()
+        try:
+            if not acc:
+                raise SequenceError("empty ACC")
+            sequence, _ = validate_sequence(row["Sequence"])
+        except SequenceError as error:
+            raise DataValidationError([f"{_where(path, line, acc)}: {error}"]) from None
+        yield ProteinRecord(acc, sequence, line)
+
+
+@dataclasses.dataclass
+class EsmLocDatasetConfig(datasets.BuilderConfig):
+    """BuilderConfig for the esmloc dataset.
+
+    Args:
+        split_method: `"stratified"` (seeded train/validation/test split stratified on the Mitochondrion label),
+            `"partition"` (by the DeepLoc `Partition` column: `validation_partitions` and `test_partitions` are held
+            out, the rest is train) or `"given"` (each `data_files` split is kept as it is). `None` picks `"given"`
+            when `data_files` names several splits or holds only FASTA, else `"stratified"`.
+        seed: seed of the stratified split.
+        validation_size: fraction of the proteins in the validation split (stratified).
+        test_size: fraction of the proteins in the test split (stratified).
+        validation_partitions: partitions that form the validation split (partition).
+        test_partitions: partitions that form the test split (partition).
+    """
+
+    split_method: str | None = None
+    seed: int = 42
+    validation_size: float = 0.1
+    test_size: float = 0.2
+    validation_partitions: list[int] = dataclasses.field(default_factory=lambda: [3])
+    test_partitions: list[int] = dataclasses.field(default_factory=lambda: [4])
+
+    def create_config_id(self, config_kwargs: dict, custom_features=None) -> str:
+        # datasets keys its cache on the config kwargs and on each data file's path and mtime. Add the files'
+        # content (an edit within the mtime resolution, or a copy with an old mtime, must not reuse a stale split)
+        # and this module's code (a fixed splitter must not be served the old split).
+        fingerprint = hashlib.blake2b(_CODE_FINGERPRINT.encode(), digest_size=16)
+        for split, files in sorted((self.data_files or {}).items()):
+            for path in files:
+                fingerprint.update(f"{split}:{path}".encode())
+                if os.path.isfile(path):
+                    with open(path, "rb") as handle:
+                        for block in iter(lambda: handle.read(1 << 20), b""):
+                            fingerprint.update(block)
+        config_kwargs = {**config_kwargs, "fingerprint": fingerprint.hexdigest()}
+        return super().create_config_id(config_kwargs, custom_features=custom_features)
+
+
+def _labelled_columns(config_name: str, need_partition: bool) -> tuple[str, ...]:
+    if config_name == "deeploc":
+        return ("ACC", "Kingdom", "Partition", "Membrane", *LOCATIONS, "Sequence")
+    return ("ACC", "Mitochondrion", "Sequence", *(["Partition"] if need_partition else []))
+
+
+def _parse_label(value: str, normalised: Counter) -> int:
+    label = _LABEL_SPELLINGS.get(value.strip().lower())
+    if label is None:
+        raise _BadValue(f"label {value!r} is not one of 0, 1, 0.0, 1.0, True, False")
+    if value not in ("0", "1"):
+        normalised["label spelled 0.0/1.0/True/False"] += 1
+    return label
+
+
+def _parse_unlabelled(row: dict[str, str], normalised: Counter) -> dict:
+    """A FASTA record: no label (-1, as datasets does for unlabelled test sets)."""
+    sequence, changes = validate_sequence(row["Sequence"])
+    normalised.update(changes)
+    return {"Sequence": sequence, "label": -1}
+
+
+def _parse_row(config_name: str, row: dict[str, str], normalised: Counter) -> dict:
+    """Turns one CSV row into an example (plus `Partition` when present); raises _BadValue on bad values."""
+    sequence, changes = validate_sequence(row["Sequence"])
+    normalised.update(changes)
+    example = {"Sequence": sequence}
+    if "Partition" in row:
+        try:
+            example["Partition"] = int(row["Partition"])
+        except ValueError:
+            raise _BadValue(f"Partition {row['Partition']!r} is not an integer") from None
+    if config_name == "deeploc":
+        if not row["Kingdom"].strip():
+            raise _BadValue("empty Kingdom")
+        example["Kingdom"] = row["Kingdom"].strip()
+        example["Membrane"] = _parse_label(row["Membrane"], normalised)
+        flags = [_parse_label(row[location], normalised) for location in LOCATIONS]
+        example["label"] = [index for index, flag in enumerate(flags) if flag]
+    else:
+        example["label"] = _parse_label(row["Mitochondrion"], normalised)
+    return example
+
+
+def _is_positive(example: dict) -> bool:
+    label = example["label"]
+    return LOCATIONS.index("Mitochondrion") in label if isinstance(label, list) else label == 1
+
+
+def _rank(seed: int, sequence: str) -> bytes:
+    # A hash, not a shuffled list: the order is the same on every platform and Python/NumPy version, does not
+    # depend on the row order of the file, and adding proteins does not reshuffle the others.
+    return hashlib.blake2b(f"{seed}:{sequence}".encode(), digest_size=8).digest()
+
+
+class EsmLocDataset(datasets.GeneratorBasedBuilder):
+    """Protein localisation data (ACC, Sequence, label), validated and split without sequence leaks."""
+
+    VERSION = datasets.Version("1.0.0")
+    BUILDER_CONFIG_CLASS = EsmLocDatasetConfig
+    BUILDER_CONFIGS = [
+        EsmLocDatasetConfig(
+            name="mitochondrion",
+            version=VERSION,
+            description="Binary: is the protein in the mitochondrion? CSV columns ACC, Mitochondrion, Sequence.",
+        ),
+        EsmLocDatasetConfig(
+            name="deeploc",
+            version=VERSION,
+            description="Multi-label: the 10 DeepLoc 2.0 locations, with Kingdom, Partition and Membrane.",
+        ),
+    ]
+    DEFAULT_CONFIG_NAME = "mitochondrion"
+
+    def __init__(self, *args, data_files=None, **kwargs):
+        # datasets 3.x resolves relative data_files against the loading script's folder; users mean their working
+        # directory, as with load_dataset("csv", data_files=...). Paths that exist from there are made absolute.
+        # The cache folder is named after the dataset, not after this module.
+        kwargs["dataset_name"] = kwargs.get("dataset_name") or "esmloc"
+        super().__init__(*args, data_files=_from_working_dir(data_files), **kwargs)
+        self._check_config()
+
+    def _check_config(self):
+        config = self.config
+        if config.split_method not in (None, *SPLIT_METHODS):
+            raise ValueError(f"split_method must be one of {SPLIT_METHODS} or None, got {config.split_method!r}")
+        if not (0 < config.validation_size < 1 and 0 < config.test_size < 1 - config.validation_size):
+            raise ValueError(
+                "validation_size and test_size must be > 0 with a sum < 1, got "
+                f"{config.validation_size} and {config.test_size}"
+            )
+        for field in ("validation_partitions", "test_partitions"):  # a single partition may be given as an int
+            if isinstance(getattr(config, field), int):
+                setattr(config, field, [getattr(config, field)])
+        held_out = set(config.validation_partitions) & set(config.test_partitions)
+        if not config.validation_partitions or not config.test_partitions or held_out:
+            raise ValueError(
+                "validation_partitions and test_partitions must be non-empty and disjoint, got "
+                f"{config.validation_partitions} and {config.test_partitions}"
+            )
+        if config.split_method in ("stratified", "partition") and config.data_files and len(config.data_files) > 1:
+            raise ValueError(
+                f"split_method={config.split_method!r} splits one pool of proteins, but data_files names the splits "
+                f"{list(config.data_files)}: pass a file or a list of files, or use split_method='given'"
+            )
+
+    def _info(self):
+        if self.config.name == "deeploc":
+            features = datasets.Features(
+                {
+                    "ACC": datasets.Value("string"),
+                    "Kingdom": datasets.Value("string"),
+                    "Partition": datasets.Value("int32"),
+                    "Membrane": datasets.Value("int32"),
+                    "Sequence": datasets.Value("string"),
+                    "label": datasets.Sequence(datasets.ClassLabel(names=list(LOCATIONS))),
+                }
+            )
+        else:
+            features = datasets.Features(
+                {
+                    "ACC": datasets.Value("string"),
+                    "Sequence": datasets.Value("string"),
+                    "label": datasets.ClassLabel(names=list(LABEL_NAMES)),
+                }
+            )
+        return datasets.DatasetInfo(
+            description=_DESCRIPTION,
+            features=features,
+            homepage=_HOMEPAGE,
+            license=_LICENSE,
+            citation=_CITATION,
+        )
+
+    def _split_generators(self, dl_manager):
+        config = self.config
+        if config.data_files:
+            sources = {split: list(files) for split, files in config.data_files.items()}
+        else:
+            sources = {"train": [_DEEPLOC_URL]}
+        local = dl_manager.download(sources)
+        files = {split: list(zip(sources[split], local[split], strict=True)) for split in sources}
+        fasta = [_is_fasta(name) for pairs in files.values() for name, _ in pairs]
+        method = config.split_method or ("given" if len(files) > 1 or all(fasta) else "stratified")
+        if method != "given" and any(fasta):
+            raise ValueError(f"split_method={method!r} needs labels: FASTA files have none; use split_method='given'")
+
+        normalised, problems = Counter(), []
+        pools, merged = {}, 0
+        seen = {}  # ACC -> (split, where, example): duplicates are merged or reported across all files
+        for split, pairs in files.items():
+            pools[split] = []
+            for name, path in pairs:
+                for line, acc, parsed in self._read_file(name, path, method, normalised, problems):
+                    where = _where(name, line, acc)
+                    if acc in seen:
+                        first_split, first_where, first = seen[acc]
+                        if first != parsed:
+                            fields = sorted(key for key in parsed if parsed[key] != first.get(key))
+                            problems.append(f"{where}: same ACC as {first_where} with different {', '.join(fields)}")
+                        elif first_split != split:
+                            problems.append(f"{where}: the same protein is also in {first_split!r} ({first_where})")
+                        else:
+                            merged += 1
+                        continue
+                    seen[acc] = (split, where, parsed)
+                    pools[split].append({"ACC": acc, **parsed})
+        if problems:
+            raise DataValidationError(problems[:_MAX_REPORTED_PROBLEMS], count=len(problems))
+
+        if method == "given":
+            splits = pools
+            _check_no_shared_sequences(splits)
+        else:
+            (pool,) = pools.values()
+            if method == "partition":
+                splits = _partition_split(pool, config.validation_partitions, config.test_partitions)
+                _check_no_shared_sequences(splits)
+            else:
+                splits = _stratified_split(pool, config.seed, config.validation_size, config.test_size)
+
+        report = _build_report(config, method, [name for pairs in files.values() for name, _ in pairs], splits)
+        report.update(exact_duplicates_merged=merged, normalised=dict(sorted(normalised.items())))
+        self.info.description = f"{_DESCRIPTION}\n{_REPORT_MARKER}{json.dumps(report)}\n"
+        logger.info(_format_report(report))
+        return [
+            # A tuple, not a list: datasets would treat a list in gen_kwargs as one shard per element.
+            datasets.SplitGenerator(name=split, gen_kwargs={"examples": tuple(examples)})
+            for split, examples in splits.items()
+        ]
+
+    def _read_file(self, name, path, method, normalised, problems) -> Iterator[tuple[int, str, dict]]:
+        """Yields (line, ACC, example) for the valid rows of one file and appends a message per bad row."""
+        if _is_fasta(name):
+            if self.config.name == "deeploc":
+                raise ValueError(f"{name}: the deeploc config needs CSV input with its columns; FASTA has none")
+            rows = ((line, acc, {"Sequence": raw}) for line, acc, raw in _fasta_entries(path))
+            parse = _parse_unlabelled
+        else:
+            columns = _labelled_columns(self.config.name, need_partition=method == "partition")
+            rows = ((line, row["ACC"], row) for line, row in _csv_rows(path, columns))
+            parse = functools.partial(_parse_row, self.config.name)
+        for line, acc, row in rows:
+            try:
+                if acc != acc.strip():
+                    normalised["ACC whitespace stripped"] += 1
+                    acc = acc.strip()
+                if not acc:
+                    raise _BadValue("empty ACC")
+                yield line, acc, parse(row, normalised)
+            except _BadValue as error:
+                problems.append(f"{_where(name, line, acc)}: {error}")
+
+    def _generate_examples(self, examples):
+        columns = self.info.features.keys()
+        for example in examples:
+            yield example["ACC"], {column: example[column] for column in columns}
+
+
+def _from_working_dir(data_files):
+    if isinstance(data_files, str):
+        relative = "://" not in data_files and not os.path.isabs(data_files)
+        found = relative and (os.path.exists(data_files) or glob(data_files))
+        return os.path.abspath(data_files) if found else data_files
+    if isinstance(data_files, (list, tuple)):
+        return [_from_working_dir(pattern) for pattern in data_files]
+    if isinstance(data_files, dict) and not isinstance(data_files, DataFilesDict):
+        return {split: _from_working_dir(patterns) for split, patterns in data_files.items()}
+    return data_files
+
+
+def _sequence_groups(examples: list[dict]) -> dict[str, list[dict]]:
+    groups = {}
+    for example in examples:
+        groups.setdefault(example["Sequence"], []).append(example)
+    return groups
+
+
+def _stratified_split(pool: list[dict], seed: int, validation_size: float, test_size: float) -> dict[str, list]:
+    """Seeded 1 - v - t / v / t split of the proteins, stratified on Mitochondrion, identical sequences kept together.
+
+    Within each stratum (a group is positive if any of its proteins is), groups are ranked by a seeded hash of
+    their sequence and dealt to test, then validation, until each holds its share of the stratum's proteins.
+    """
+    strata = {True: [], False: []}
+    for sequence, group in _sequence_groups(pool).items():
+        strata[any(_is_positive(example) for example in group)].append((_rank(seed, sequence), group))
+    assigned = {}
+    for groups in strata.values():
+        size = sum(len(group) for _, group in groups)
+        quota = {"test": round(size * test_size), "validation": round(size * validation_size)}
+        for _, group in sorted(groups, key=lambda ranked: ranked[0]):
+            split = next((name for name, left in quota.items() if left > 0), "train")
+            if split != "train":
+                quota[split] -= len(group)
+            for example in group:
+                assigned[example["ACC"]] = split
+    splits = {name: [example for example in pool if assigned[example["ACC"]] == name] for name in _SPLITS}
+    empty = [name for name, examples in splits.items() if not examples]
+    if empty:
+        raise ValueError(
+            f"{len(pool)} proteins are too few for a {1 - validation_size - test_size:.0%}/{validation_size:.0%}/"
+            f"{test_size:.0%} split: {', '.join(empty)} would be empty"
+        )
+    return splits
+
+
+def _partition_split(pool: list[dict], validation_partitions, test_partitions) -> dict[str, list]:
+    present = {example["Partition"] for example in pool}
+    absent = sorted((set(validation_partitions) | set(test_partitions)) - present)
+    if absent:
+        raise ValueError(f"partition(s) {absent} are not in the data, which has partitions {sorted(present)}")
+    if present <= set(validation_partitions) | set(test_partitions):
+        raise ValueError(f"no partition is left for train: the data has partitions {sorted(present)}")
+
+    def split_of(partition):
+        if partition in validation_partitions:
+            return "validation"
+        return "test" if partition in test_partitions else "train"
+
+    return {name: [example for example in pool if split_of(example["Partition"]) == name] for name in _SPLITS}
+
+
+def _check_no_shared_sequences(splits: dict[str, list]):
+    """Raises when one sequence is in two splits: the model would be tested on proteins it was trained on."""
+    home, problems = {}, []
+    for split, examples in splits.items():
+        for example in examples:
+            first = home.setdefault(example["Sequence"], (split, example["ACC"]))
+            if first[0] != split:
+                problems.append(
+                    f"ACC {example['ACC']!r} in {split!r} has the same sequence as ACC {first[1]!r} in {first[0]!r}"
+                )
+    if problems:
+        raise DataValidationError(problems[:_MAX_REPORTED_PROBLEMS], count=len(problems))
+
+
+def _build_report(config, method, files, splits) -> dict:
+    pool = [example for examples in splits.values() for example in examples]
+    groups = [group for group in _sequence_groups(pool).values() if len(group) > 1]
+    mixed = sum(len({json.dumps(example["label"]) for example in group}) > 1 for group in groups)
+    report = {"config": config.name, "split_method": method, "files": files}
+    if method == "stratified":
+        report.update(seed=config.seed, validation_size=config.validation_size, test_size=config.test_size)
+    elif method == "partition":
+        report.update(validation_partitions=config.validation_partitions, test_partitions=config.test_partitions)
+    report["identical_sequences"] = {
+        "groups": len(groups),
+        "proteins": sum(len(group) for group in groups),
+        "groups_with_different_labels": mixed,
+    }
+    report["splits"] = {
+        split: {"proteins": len(examples), "Mitochondrion": sum(_is_positive(example) for example in examples)}
+        for split, examples in splits.items()
+    }
+    return report
+
+
+def load_dataset(
+    data_files=None, config_name: str = "mitochondrion", *, cache_dir=None, download_mode=None, **config_kwargs
+) -> datasets.DatasetDict:
+    """Loads, validates and splits the esmloc dataset; the same result on datasets 3.x and >= 4.
+
+    Equivalent to `datasets.load_dataset("dataset_script/esmloc.py", config_name, data_files=..., **config_kwargs,
+    trust_remote_code=True)` on datasets 3.x, without the loading script (datasets >= 4 runs none).
+
+    Args:
+        data_files: a CSV/TSV/FASTA path, a list of them (one pool, split by `split_method`) or a dict
+            `{"train": ..., "validation": ..., "test": ...}` (kept as given). `None` downloads DeepLoc 2.0.
+        config_name: `"mitochondrion"` (binary label) or `"deeploc"` (10 locations, multi-label).
+        cache_dir, download_mode: as in `datasets.load_dataset`.
+        config_kwargs: `EsmLocDatasetConfig` fields: `split_method`, `seed`, `validation_size`, `test_size`,
+            `validation_partitions`, `test_partitions`.
+    """
+    builder = EsmLocDataset(
+        config_name=config_name, data_files=data_files, cache_dir=cache_dir, **config_kwargs
+    )
+    builder.download_and_prepare(download_mode=download_mode)
+    return builder.as_dataset()
+
+
+def dataset_summary(dataset: datasets.DatasetDict) -> dict:
+    """The build report of an esmloc DatasetDict, with split sizes and Mitochondrion positives counted as it is now.
+
+    Keys: `config`, `split_method`, `files`, the split parameters, `identical_sequences`, `exact_duplicates_merged`,
+    `normalised` (count per normalisation) and `splits` (`{split: {"proteins": n, "Mitochondrion": positives}}`).
+    """
+    first = next(iter(dataset.values()))
+    report = {}
+    for line in (first.info.description or "").splitlines():
+        if line.startswith(_REPORT_MARKER):
+            report = json.loads(line[len(_REPORT_MARKER) :])
+    mitochondrion = LOCATIONS.index("Mitochondrion")
+    report["splits"] = {}
+    for split, data in dataset.items():
+        labels = list(data["label"])
+        if isinstance(data.features["label"], datasets.ClassLabel):
+            positives = sum(label == 1 for label in labels)
+        else:
+            positives = sum(mitochondrion in label for label in labels)
+        report["splits"][split] = {"proteins": len(labels), "Mitochondrion": positives}
+    return report
+
+
+def _format_report(report: dict) -> str:
+    lines = [f"esmloc dataset ({report.get('config')}, split_method={report.get('split_method')})"]
+    for split, counts in report["splits"].items():
+        share = f" ({counts['Mitochondrion'] / counts['proteins']:.1%})" if counts["proteins"] else ""
+        proteins, positives = counts["proteins"], counts["Mitochondrion"]
+        lines.append(f"  {split:<10} {proteins:>7} proteins, {positives:>6} Mitochondrion{share}")
+    if "exact_duplicates_merged" in report:
+        lines.append(f"  exact duplicate rows merged: {report['exact_duplicates_merged']}")
+    for name, count in report.get("normalised", {}).items():
+        lines.append(f"  normalised, {name}: {count}")
+    if "identical_sequences" in report:
+        same = report["identical_sequences"]
+        lines.append(
+            f"  identical sequences: {same['groups']} groups of {same['proteins']} proteins "
+            f"({same['groups_with_different_labels']} with different labels), each group in one split"
+        )
+    return "\n".join(lines)
+
+
+def format_summary(dataset: datasets.DatasetDict) -> str:
+    """`dataset_summary` as printable text: one line per split, then what was merged and normalised."""
+    return _format_report(dataset_summary(dataset))
+
+
+__all__ = [
+    "ALPHABET",
+    "LABEL_NAMES",
+    "LOCATIONS",
+    "DataValidationError",
+    "EsmLocDataset",
+    "EsmLocDatasetConfig",
+    "ProteinRecord",
+    "SequenceError",
+    "dataset_summary",
+    "format_summary",
+    "load_dataset",
+    "read_fasta",
+    "read_sequences",
+    "validate_sequence",
+]
