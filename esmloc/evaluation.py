@@ -1,8 +1,9 @@
 """Evaluation for esmloc: metrics, decision thresholds, the test report, predictions CSV, tables and plots.
 
 Every metric value comes from ONE local `evaluate` module, `esmloc/metrics/esmloc_metrics.py` (scikit-learn
-underneath), loaded offline by `load_metric`. The only arithmetic done here is the fast threshold sweep of
-`mcc_by_threshold`, which reproduces the module's MCC (the tests check it).
+underneath), loaded offline by `load_metric`. The only metric arithmetic done here is the fast threshold sweep
+of `mcc_by_threshold`, which reproduces the module's MCC (the tests check it); the plots only turn the module's
+confusion counts into curve coordinates.
 
 Probabilities are the model's outputs after softmax (single-label: the probability of class 1, a 1-D array) or
 sigmoid (multi-label: one column per location, a 2-D array); `logits_to_probabilities` converts logits. A protein
@@ -42,7 +43,7 @@ def load_metric(config_name: str = "binary") -> evaluate.EvaluationModule:
     return evaluate.load(str(METRIC_PATH), config_name=config_name, keep_in_memory=True)
 
 
-def compute(probabilities, labels, threshold=0.5, label_names: Sequence[str] | None = None) -> dict:
+def classification_metrics(probabilities, labels, threshold=0.5, label_names: Sequence[str] | None = None) -> dict:
     """The metric module's results at `threshold`: binary for 1-D `probabilities`, multi-label for 2-D ones.
 
     Binary keys: accuracy, precision, recall, f1, mcc, roc_auc, pr_auc, threshold, tp, fp, tn, fn.
@@ -121,17 +122,16 @@ def tuned_threshold(probabilities, labels):
     return best_thresholds(probabilities, labels)
 
 
-def logits_to_probabilities(logits, problem_type: str | None = None) -> np.ndarray:
+def logits_to_probabilities(logits, multi_label: bool = False) -> np.ndarray:
     """Model logits (n, num_labels) -> probabilities.
 
-    Multi-label (`problem_type="multi_label_classification"`): sigmoid, shape (n, num_labels). Single-label with
-    two classes: softmax, then the probability of class 1, shape (n,). Single-label with more classes: softmax,
-    shape (n, num_labels).
+    Multi-label: sigmoid, shape (n, num_labels). Single-label with two classes: softmax, then the probability of
+    class 1, shape (n,). Single-label with more classes: softmax, shape (n, num_labels).
     """
     logits = np.asarray(logits, dtype=np.float64)
     if logits.ndim != 2 or logits.shape[1] < 2:
         raise ValueError(f"expected logits of shape (n, num_labels >= 2), got {logits.shape}")
-    if problem_type == "multi_label_classification":
+    if multi_label:
         return expit(logits)
     probabilities = softmax(logits, axis=1)
     return probabilities[:, 1] if logits.shape[1] == 2 else probabilities
@@ -141,12 +141,12 @@ def _suffixed(results: dict, suffix: str) -> dict:
     return {f"{key}{suffix}": value for key, value in results.items()}
 
 
-def make_compute_metrics(
-    problem_type: str | None = None,
+def compute_metrics(
+    multi_label: bool = False,
     label_names: Sequence[str] | None = None,
     tune_threshold: bool = False,
 ) -> Callable[[EvalPrediction], dict]:
-    """A `compute_metrics` function for `transformers.Trainer`.
+    """Build the `compute_metrics` function for `transformers.Trainer`.
 
     It turns the logits into probabilities (`logits_to_probabilities`) and returns the metric module's results
     at 0.5; Trainer prefixes the keys (`eval_mcc`, ...), so `metric_for_best_model="mcc"` works. Single-label
@@ -158,24 +158,25 @@ def make_compute_metrics(
     `metric_for_best_model="mcc_tuned"` (or "macro_mcc_tuned" for multi-label) selects models the way the final
     report evaluates them.
 
+    `multi_label`: the model was trained with `problem_type="multi_label_classification"` (sigmoid outputs).
     `label_names`: the multi-label location names in column order (e.g. `config.id2label` values).
     """
 
-    def compute_metrics(eval_prediction: EvalPrediction) -> dict:
+    def trainer_compute_metrics(eval_prediction: EvalPrediction) -> dict:
         logits = eval_prediction.predictions
         if isinstance(logits, tuple):  # models returning hidden states or attentions too
             logits = logits[0]
-        probabilities = logits_to_probabilities(logits, problem_type)
+        probabilities = logits_to_probabilities(logits, multi_label)
         labels = np.asarray(eval_prediction.label_ids).astype(np.int64)  # BCE labels arrive as floats
-        if problem_type != "multi_label_classification" and probabilities.ndim == 2:
+        if not multi_label and probabilities.ndim == 2:
             return load_metric("multiclass").compute(predictions=probabilities, references=labels)
-        results = compute(probabilities, labels, 0.5, label_names)
+        results = classification_metrics(probabilities, labels, 0.5, label_names)
         if tune_threshold:
             threshold = tuned_threshold(probabilities, labels)
-            results.update(_suffixed(compute(probabilities, labels, threshold, label_names), "_tuned"))
+            results.update(_suffixed(classification_metrics(probabilities, labels, threshold, label_names), "_tuned"))
         return results
 
-    return compute_metrics
+    return trainer_compute_metrics
 
 
 def evaluation_report(
@@ -197,10 +198,10 @@ def evaluation_report(
     (save_metrics adds no prefix). ROC-AUC and PR-AUC do not depend on the threshold and repeat unchanged.
     """
     threshold = tuned_threshold(validation_probabilities, validation_labels)
-    report = compute(test_probabilities, test_labels, 0.5, label_names)
-    report.update(_suffixed(compute(test_probabilities, test_labels, threshold, label_names), "_tuned"))
+    report = classification_metrics(test_probabilities, test_labels, 0.5, label_names)
+    report.update(_suffixed(classification_metrics(test_probabilities, test_labels, threshold, label_names), "_tuned"))
     report = {f"{metric_key_prefix}_{key}": value for key, value in report.items()}
-    validation = compute(validation_probabilities, validation_labels, threshold, label_names)
+    validation = classification_metrics(validation_probabilities, validation_labels, threshold, label_names)
     report.update({f"validation_{key}_tuned": value for key, value in validation.items()})
     return report
 
@@ -260,10 +261,11 @@ def format_examples_table(
     accs,
     labels,
     probabilities,
-    n: int = 10,
-    seed: int = 0,
+    *,
     threshold=0.5,
     label_names: Sequence[str] | None = None,
+    n: int = 10,
+    seed: int = 0,
 ) -> str:
     """A printable table of `n` proteins drawn at random (reproducibly, from `seed`): ACC, true label,
     predicted probability and predicted label, in the order of the input. Multi-label tables list the true
@@ -307,8 +309,8 @@ def _undefined(axes, message: str) -> None:
 
 
 def _plot_binary(output_dir: Path, labels, probabilities, threshold, names, split) -> list[Path]:
-    at_half = compute(probabilities, labels, 0.5)
-    at_tuned = compute(probabilities, labels, threshold)
+    at_half = classification_metrics(probabilities, labels, 0.5)
+    at_tuned = classification_metrics(probabilities, labels, threshold)
     points = [(at_half, "s", "threshold 0.5"), (at_tuned, "o", f"tuned threshold {threshold:.3f}")]
     positive = names[1]
 
@@ -333,14 +335,16 @@ def _plot_binary(output_dir: Path, labels, probabilities, threshold, names, spli
         prevalence = float(np.mean(labels))
         axes.axhline(prevalence, linestyle="--", color="grey", label=f"chance (AP = {prevalence:.3f})")
         for results, marker, name in points:
-            axes.plot(results["recall"], results["precision"], marker, markersize=9, label=f"{name}: F1 {results['f1']:.3f}")
+            label = f"{name}: F1 {results['f1']:.3f}"
+            axes.plot(results["recall"], results["precision"], marker, markersize=9, label=label)
         axes.legend(loc="upper right")
     figure.savefig(output_dir / "pr_curve.png", dpi=150)
 
     figure = Figure(figsize=(10, 4.6), layout="constrained")
     for axes, (results, _, name) in zip(figure.subplots(1, 2), points):
         matrix = np.array([[results["tn"], results["fp"]], [results["fn"], results["tp"]]])
-        ConfusionMatrixDisplay(matrix, display_labels=names).plot(ax=axes, cmap="Blues", colorbar=False, values_format="d")
+        display = ConfusionMatrixDisplay(matrix, display_labels=names)
+        display.plot(ax=axes, cmap="Blues", colorbar=False, values_format="d")
         axes.set_title(f"{name}\nMCC {results['mcc']:.3f}, accuracy {results['accuracy']:.3f}")
     figure.suptitle(f"Confusion matrices ({split}, {len(labels)} proteins)")
     figure.savefig(output_dir / "confusion_matrix.png", dpi=150)
@@ -349,7 +353,10 @@ def _plot_binary(output_dir: Path, labels, probabilities, threshold, names, spli
 
 def _plot_multilabel(output_dir: Path, labels, probabilities, thresholds, names, split) -> list[Path]:
     per_label = [
-        (compute(probabilities[:, j], labels[:, j], 0.5), compute(probabilities[:, j], labels[:, j], thresholds[j]))
+        (
+            classification_metrics(probabilities[:, j], labels[:, j], 0.5),
+            classification_metrics(probabilities[:, j], labels[:, j], thresholds[j]),
+        )
         for j in range(len(names))
     ]
     colours = [f"C{j % 10}" for j in range(len(names))]
@@ -357,7 +364,9 @@ def _plot_multilabel(output_dir: Path, labels, probabilities, thresholds, names,
     # ten curves fill the axes: the legend goes to the right of them
     legend = dict(loc="upper left", bbox_to_anchor=(1.02, 1), fontsize="small")
 
-    figure, axes = _new_axes(f"ROC curves per location ({split}; {dots})", "False positive rate", "True positive rate", 9.6)
+    figure, axes = _new_axes(
+        f"ROC curves per location ({split}; {dots})", "False positive rate", "True positive rate", width=9.6
+    )
     for j, (name, (at_half, at_tuned)) in enumerate(zip(names, per_label)):
         if at_half["roc_auc"] is None:
             axes.plot([], [], color=colours[j], label=f"{name} (undefined: one class)")
@@ -369,13 +378,16 @@ def _plot_multilabel(output_dir: Path, labels, probabilities, thresholds, names,
     axes.legend(**legend)
     figure.savefig(output_dir / "roc_curve.png", dpi=150)
 
-    figure, axes = _new_axes(f"Precision-recall curves per location ({split}; {dots})", "Recall", "Precision", 9.6)
+    figure, axes = _new_axes(
+        f"Precision-recall curves per location ({split}; {dots})", "Recall", "Precision", width=9.6
+    )
     for j, (name, (at_half, at_tuned)) in enumerate(zip(names, per_label)):
         if at_half["pr_auc"] is None:
             axes.plot([], [], color=colours[j], label=f"{name} (undefined: no positive)")
             continue
         precision, recall, _ = precision_recall_curve(labels[:, j], probabilities[:, j])
-        axes.plot(recall, precision, drawstyle="steps-post", color=colours[j], label=f"{name} (AP = {at_half['pr_auc']:.3f})")
+        label = f"{name} (AP = {at_half['pr_auc']:.3f})"
+        axes.plot(recall, precision, drawstyle="steps-post", color=colours[j], label=label)
         axes.plot(at_tuned["recall"], at_tuned["precision"], "o", color=colours[j])
     axes.legend(**legend)
     figure.savefig(output_dir / "pr_curve.png", dpi=150)
