@@ -187,7 +187,9 @@ def evaluation_report(
     label_names: Sequence[str] | None = None,
     metric_key_prefix: str = "test",
 ) -> dict:
-    """The final report: threshold(s) tuned for MCC on validation, applied to test.
+    """The final report: threshold(s) tuned for MCC on validation, applied to test. Binary (1-D probabilities)
+    or multi-label (2-D probabilities and multi-hot labels); multi-class single-label problems have no threshold
+    to tune and are not supported here.
 
     Keys (binary; multi-label has the module's multi-label keys in the same three groups):
     - `{prefix}_<metric>`: test at 0.5, e.g. `test_mcc`, `test_roc_auc`, `test_threshold` (= 0.5);
