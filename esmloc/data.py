@@ -504,11 +504,13 @@ class EsmLocDataset(datasets.GeneratorBasedBuilder):
 
 
 def _from_working_dir(data_files):
+    if isinstance(data_files, os.PathLike):
+        data_files = os.fspath(data_files)
     if isinstance(data_files, str):
         relative = "://" not in data_files and not os.path.isabs(data_files)
         found = relative and (os.path.exists(data_files) or glob(data_files))
         return os.path.abspath(data_files) if found else data_files
-    if isinstance(data_files, (list, tuple)):
+    if isinstance(data_files, list | tuple):
         return [_from_working_dir(pattern) for pattern in data_files]
     if isinstance(data_files, dict) and not isinstance(data_files, DataFilesDict):
         return {split: _from_working_dir(patterns) for split, patterns in data_files.items()}
