@@ -64,10 +64,10 @@ def classification_metrics(probabilities, labels, threshold=0.5, label_names: Se
 def mcc_by_threshold(probabilities, labels) -> tuple[np.ndarray, np.ndarray]:
     """MCC at every candidate threshold, in O(n log n): returns (thresholds ascending, mccs).
 
-    Candidates: the midpoints between consecutive distinct values of {0, 1} and the probabilities. Each one
-    separates a different set of proteins, and together they cover every achievable prediction (the sentinels 0
-    and 1 add "all positive" and "all negative" unless a probability is exactly 0 or 1); a midpoint keeps the
-    largest margin to the validation proteins on either side of it.
+    Candidates: the midpoints between consecutive distinct values of {0, 1} and the probabilities. Together they
+    reach every achievable split of the sorted proteins (the sentinels 0 and 1 add "all positive" and "all
+    negative" unless a probability is exactly 0 or 1), and a midpoint keeps the largest margin to the validation
+    proteins on either side of it.
 
     Confusion counts come from cumulative sums over the sorted probabilities and a binary search for each
     threshold, so they follow exactly the module's rule (positive iff probability >= threshold); MCC uses
@@ -98,8 +98,8 @@ def mcc_by_threshold(probabilities, labels) -> tuple[np.ndarray, np.ndarray]:
 def best_threshold(probabilities, labels) -> float:
     """The threshold that maximises MCC on these (validation) probabilities, DeepLoc's protocol.
 
-    Candidates as in `mcc_by_threshold`. Ties (MCC within 1e-12) go to the candidate closest to 0.5, then to
-    the smaller one, so the choice is deterministic and stays at the usual 0.5 when nothing beats it.
+    Candidates as in `mcc_by_threshold`. Ties (MCC within 1e-12) go to the candidate closest to the usual 0.5,
+    then to the smaller one, so the choice is deterministic and moves away from 0.5 only for a better MCC.
     """
     thresholds, mccs = mcc_by_threshold(probabilities, labels)
     tied = thresholds[mccs >= mccs.max() - _MCC_TIE_TOLERANCE]
@@ -201,7 +201,8 @@ def evaluation_report(
     """
     threshold = tuned_threshold(validation_probabilities, validation_labels)
     report = classification_metrics(test_probabilities, test_labels, 0.5, label_names)
-    report.update(_suffixed(classification_metrics(test_probabilities, test_labels, threshold, label_names), "_tuned"))
+    tuned = classification_metrics(test_probabilities, test_labels, threshold, label_names)
+    report.update(_suffixed(tuned, "_tuned"))
     report = {f"{metric_key_prefix}_{key}": value for key, value in report.items()}
     validation = classification_metrics(validation_probabilities, validation_labels, threshold, label_names)
     report.update({f"validation_{key}_tuned": value for key, value in validation.items()})
