@@ -1,0 +1,7 @@
+"""Fine-tune ESM-2 for subcellular localisation: `python train.py --help` (see esmloc/train.py)."""
+
+from esmloc.train import main
+
+
+if __name__ == "__main__":
+    main()
