@@ -75,7 +75,10 @@ locations as a multi-label target, with Kingdom, Partition and Membrane. Without
 DeepLoc 2.0 SwissProt set (28,303 eukaryotic proteins, 5 homology partitions).
 """
 _HOMEPAGE = "https://services.healthtech.dtu.dk/services/DeepLoc-2.0/"
-_LICENSE = "The DeepLoc 2.0 data are derived from UniProtKB/Swiss-Prot (CC BY 4.0); see the DeepLoc 2.0 site."
+_LICENSE = (
+    "DeepLoc 2.0 data: derived from UniProtKB/Swiss-Prot (CC BY 4.0), distributed by DTU Health Tech under their "
+    "own terms (see the DeepLoc 2.0 site). Synthetic demo data and code: Apache-2.0 (esmloc)."
+)
 # The build report rides in DatasetInfo.description, the one free-text field datasets stores with the cache.
 _REPORT_MARKER = "esmloc build report: "
 # Folded into the cache key: a new version of this module must never be served a split made by an old one.
@@ -658,8 +661,11 @@ def _format_report(report: dict) -> str:
         lines.append(f"  {split:<10} {proteins:>7} proteins, {positives:>6} Mitochondrion{share}")
     if "exact_duplicates_merged" in report:
         lines.append(f"  exact duplicate rows merged: {report['exact_duplicates_merged']}")
-    for name, count in report.get("normalised", {}).items():
-        lines.append(f"  normalised, {name}: {count}")
+    if "normalised" in report:
+        for name, count in report["normalised"].items():
+            lines.append(f"  normalised, {name}: {count}")
+        if not report["normalised"]:
+            lines.append("  normalised: nothing")
     if "identical_sequences" in report:
         same = report["identical_sequences"]
         lines.append(

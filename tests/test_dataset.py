@@ -69,8 +69,8 @@ def validation_error(tmp_path, rows, header=HEADER, **kwargs) -> DataValidationE
     return caught.value
 
 
-GOOD = [(f"G{i:03d}", i % 5 == 0, "MKTAYIAKQRQISFVKSHFSRQ" + "ACDEFGHIKLMNPQRSTVWY"[i % 20] * (i + 1)) for i in range(30)]
-GOOD = [(acc, int(label), sequence) for acc, label, sequence in GOOD]
+# 30 valid rows (ACC, label, sequence), every fifth one positive, all sequences different.
+GOOD = [(f"G{i:03d}", int(i % 5 == 0), "MKTAYIAKQRQISF" + "ACDEFGHIKLMNPQRSTVWY"[i % 20] * (i + 1)) for i in range(30)]
 
 
 # --- the datasets version this run is on ------------------------------------------------------------------------
@@ -146,7 +146,11 @@ def test_read_fasta_streams_records_and_stops_at_a_bad_one_with_file_line_and_ac
 
 @pytest.mark.parametrize(
     "text, message",
-    [(">sp|P1|A\n\n>sp|P2|B\nMKT\n", "line 1, ACC 'P1': empty sequence"), ("MKT\n>P1\nMKT\n", "line 1: sequence before")],
+    [
+        (">sp|P1|A\n\n>sp|P2|B\nMKT\n", "line 1, ACC 'P1': empty sequence"),
+        ("MKT\n>P1\nMKT\n", "line 1: sequence before"),
+        (">\nMKT\n", "line 1: empty FASTA header"),
+    ],
 )
 def test_read_fasta_rejects_malformed_files(tmp_path, text, message):
     path = tmp_path / "bad.fasta"
@@ -208,7 +212,7 @@ def test_label_spellings_are_accepted_and_counted(tmp_path):
     spellings = ["0", "1", "0.0", "1.0", "True", "False", "TRUE", "false"]
     rows = [(acc, spellings[i % 8], sequence) for i, (acc, _, sequence) in enumerate(GOOD)]
     dataset = load(tmp_path, write_csv(tmp_path / "spellings.csv", rows))
-    labels = {acc: label for data in dataset.values() for acc, label in zip(data["ACC"], data["label"])}
+    labels = {item["ACC"]: item["label"] for data in dataset.values() for item in data}
     assert labels == {acc: int(spellings[i % 8].lower() in ("1", "1.0", "true")) for i, (acc, _, _) in enumerate(GOOD)}
     assert dataset_summary(dataset)["normalised"] == {"label spelled 0.0/1.0/True/False": 22}
 
@@ -223,7 +227,7 @@ def test_empty_sequences_and_bad_characters_are_rejected_with_position(tmp_path)
 def test_normalisations_are_applied_and_counted(tmp_path):
     rows = [*GOOD, ("N1", 0, "mkt ayiak"), ("N2", 1, "MKTAYIAK*"), (" N3", 0, "MKTAYIAKQ")]
     dataset = load(tmp_path, write_csv(tmp_path / "normalise.csv", rows))
-    sequences = {acc: seq for data in dataset.values() for acc, seq in zip(data["ACC"], data["Sequence"])}
+    sequences = {item["ACC"]: item["Sequence"] for data in dataset.values() for item in data}
     assert (sequences["N1"], sequences["N2"], sequences["N3"]) == ("MKTAYIAK", "MKTAYIAK", "MKTAYIAKQ")
     assert dataset_summary(dataset)["normalised"] == {
         "ACC whitespace stripped": 1,
@@ -303,15 +307,20 @@ def test_deeploc_config_validates_its_columns(tmp_path):
 def test_stratified_split_is_70_10_20_and_stratified_on_mitochondrion(tmp_path):
     dataset = load(tmp_path, demo_csv(tmp_path / "demo.csv", 1000))
     splits = dataset_summary(dataset)["splits"]
-    assert {name: split["proteins"] for name, split in splits.items()} == {"train": 700, "validation": 100, "test": 200}
-    assert {name: split["Mitochondrion"] for name, split in splits.items()} == {"train": 105, "validation": 15, "test": 30}
+    assert {name: (split["proteins"], split["Mitochondrion"]) for name, split in splits.items()} == {
+        "train": (700, 105),
+        "validation": (100, 15),
+        "test": (200, 30),
+    }
     custom = load(tmp_path, tmp_path / "demo.csv", validation_size=0.25, test_size=0.15)
     assert {name: data.num_rows for name, data in custom.items()} == {"train": 600, "validation": 250, "test": 150}
 
 
 def test_identical_sequences_never_straddle_splits(tmp_path):
     rows = [(row["ACC"], row["Mitochondrion"], row["Sequence"]) for row in demo_rows(300)]
-    copies = [(f"{acc}_copy{k}", 1 - label if k == 2 else label, seq) for acc, label, seq in rows[:40] for k in (1, 2)]
+    # 40 proteins get two copies under new ACCs, the second copy with the other label.
+    copies = [(f"{acc}_copy1", label, seq) for acc, label, seq in rows[:40]]
+    copies += [(f"{acc}_copy2", 1 - label, seq) for acc, label, seq in rows[:40]]
     dataset = load(tmp_path, write_csv(tmp_path / "copies.csv", rows + copies))
     where = split_of_each(dataset)
     for acc, _, _ in rows[:40]:
@@ -337,12 +346,13 @@ def test_seeded_split_is_reproducible_order_independent_and_seed_dependent(tmp_p
 
 def test_demo_split_is_identical_on_every_datasets_version(tmp_path):
     dataset = load(tmp_path, demo_csv(tmp_path / "demo.csv"))
-    triples = sorted((split, acc, label) for split, data in dataset.items() for acc, label in zip(data["ACC"], data["label"]))
+    triples = sorted((split, item["ACC"], item["label"]) for split, data in dataset.items() for item in data)
     assert hashlib.sha256(repr(triples).encode()).hexdigest() == DEMO_SPLIT_DIGEST
 
 
 def partition_csv(tmp_path, rows=None) -> Path:
-    rows = rows or [(row["ACC"], row["Mitochondrion"], row["Sequence"], i % 5) for i, row in enumerate(demo_rows(200))]
+    if rows is None:
+        rows = [(row["ACC"], row["Mitochondrion"], row["Sequence"], i % 5) for i, row in enumerate(demo_rows(200))]
     return write_csv(tmp_path / "partitions.csv", rows, (*HEADER, "Partition"))
 
 
@@ -353,7 +363,8 @@ def test_partition_split_holds_out_the_configured_partitions(tmp_path):
     assert {(partition[acc], split) for acc, split in where.items()} == {
         (0, "train"), (1, "train"), (2, "train"), (3, "validation"), (4, "test")
     }
-    where = split_of_each(load(tmp_path, path, split_method="partition", validation_partitions=0, test_partitions=[1, 2]))
+    dataset = load(tmp_path, path, split_method="partition", validation_partitions=0, test_partitions=[1, 2])
+    where = split_of_each(dataset)
     assert {(partition[acc], split) for acc, split in where.items()} == {
         (0, "validation"), (1, "test"), (2, "test"), (3, "train"), (4, "train")
     }
@@ -361,7 +372,7 @@ def test_partition_split_holds_out_the_configured_partitions(tmp_path):
 
 def test_partition_split_rejects_identical_sequences_in_different_splits(tmp_path):
     rows = [("P1", 0, "MKTAYIAK", 0), ("P2", 0, "MKTAYIAK", 3), ("P3", 1, "MLRTSS", 4), ("P4", 0, "MLKK", 1)]
-    with pytest.raises(DataValidationError, match="ACC 'P2' in 'validation' has the same sequence as ACC 'P1' in 'train'"):
+    with pytest.raises(DataValidationError, match="ACC 'P2' in 'validation' has the same sequence as ACC 'P1' in"):
         load(tmp_path, partition_csv(tmp_path, rows), split_method="partition")
 
 
@@ -375,10 +386,11 @@ def test_partition_split_needs_the_partition_column_and_the_partitions(tmp_path)
 
 
 def test_given_splits_are_kept_and_checked_for_leaks(tmp_path):
-    files = {name: write_csv(tmp_path / f"{name}.csv", GOOD[i::3]) for i, name in enumerate(["train", "validation", "test"])}
+    names = ["train", "validation", "test"]
+    files = {name: write_csv(tmp_path / f"{name}.csv", GOOD[i::3]) for i, name in enumerate(names)}
     dataset = load(tmp_path, {name: str(path) for name, path in files.items()})
     assert {name: sorted(data["ACC"]) for name, data in dataset.items()} == {
-        name: sorted(acc for acc, _, _ in GOOD[i::3]) for i, name in enumerate(["train", "validation", "test"])
+        name: sorted(acc for acc, _, _ in GOOD[i::3]) for i, name in enumerate(names)
     }
     assert dataset_summary(dataset)["split_method"] == "given"
     write_csv(files["test"], [*GOOD[2::3], ("T1", 0, GOOD[0][2]), GOOD[1]])
@@ -402,7 +414,11 @@ def test_fasta_input_gives_unlabelled_examples_for_prediction(tmp_path):
     path.write_text(">sp|P12345|ABC_HUMAN\nMKTAYIAK\n>sp|P67890|DEF_HUMAN\nmlrtss*\n")
     dataset = load(tmp_path, {"test": str(path)})
     assert list(dataset) == ["test"]
-    assert dataset["test"].to_dict() == {"ACC": ["P12345", "P67890"], "Sequence": ["MKTAYIAK", "MLRTSS"], "label": [-1, -1]}
+    assert dataset["test"].to_dict() == {
+        "ACC": ["P12345", "P67890"],
+        "Sequence": ["MKTAYIAK", "MLRTSS"],
+        "label": [-1, -1],
+    }
     with pytest.raises(ValueError, match="FASTA files have none"):
         load(tmp_path, str(path), split_method="stratified")
 
