@@ -241,9 +241,9 @@ def read_sequences(path) -> Iterator[ProteinRecord]:
         acc = row["ACC"].strip()
         try:
             if not acc:
-                raise SequenceError("empty ACC")
+                raise _BadValue("empty ACC")
             sequence, _ = validate_sequence(row["Sequence"])
-        except SequenceError as error:
+        except _BadValue as error:
             raise DataValidationError([f"{_where(path, line, acc)}: {error}"]) from None
         yield ProteinRecord(acc, sequence, line)
 
@@ -427,7 +427,15 @@ class EsmLocDataset(datasets.GeneratorBasedBuilder):
             sources = {split: list(files) for split, files in config.data_files.items()}
         else:
             sources = {"train": [_DEEPLOC_URL]}
-        local = dl_manager.download(sources)
+        try:
+            local = dl_manager.download(sources)
+        except OSError as error:  # FileNotFoundError / ConnectionError: offline, or the server moved the file
+            if config.data_files:
+                raise
+            raise ConnectionError(
+                f"could not download DeepLoc 2.0 from {_DEEPLOC_URL} ({error!r}); download it from {_HOMEPAGE} and "
+                "pass it as data_files"
+            ) from error
         files = {split: list(zip(sources[split], local[split], strict=True)) for split in sources}
         fasta = [_is_fasta(name) for pairs in files.values() for name, _ in pairs]
         method = config.split_method or ("given" if len(files) > 1 or all(fasta) else "stratified")

@@ -179,6 +179,9 @@ def test_read_sequences_reads_csv_with_acc_and_sequence_and_names_bad_rows(tmp_p
     write_csv(path, [("Q1", "MKT"), ("Q2", "MK@T")], ("ACC", "Sequence"))
     with pytest.raises(DataValidationError, match=r"input.csv, line 3, ACC 'Q2': character '@' at position 3"):
         list(read_sequences(path))
+    write_csv(path, [(" ", "MKT")], ("ACC", "Sequence"))
+    with pytest.raises(DataValidationError, match=r"input.csv, line 2: empty ACC"):
+        list(read_sequences(path))
     write_csv(path, [("Q1", "MKT")], ("ACC", "Seq"))
     with pytest.raises(DataValidationError, match=r"line 1: missing column\(s\) \['Sequence'\]"):
         list(read_sequences(path))
@@ -421,6 +424,14 @@ def test_fasta_input_gives_unlabelled_examples_for_prediction(tmp_path):
     }
     with pytest.raises(ValueError, match="FASTA files have none"):
         load(tmp_path, str(path), split_method="stratified")
+
+
+def test_without_data_files_the_source_is_the_deeploc_download(tmp_path, monkeypatch):
+    # Offline mode, so that the test never downloads: the error shows where the builder went.
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
+    with pytest.raises(ConnectionError, match="DeepLoc-2.0/data/Swissprot_Train_Validation_dataset.csv"):
+        load(tmp_path, None)
 
 
 # --- caching ----------------------------------------------------------------------------------------------------
