@@ -1,0 +1,252 @@
+"""train.py end to end: every fine-tuning mode, distributed runs, resuming, and the hub-unreachable message."""
+
+import csv
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from esmloc.demo import write_demo_csv
+from esmloc.train import balanced_class_weights
+
+from conftest import REPO, run_offline
+
+
+TRAIN = [sys.executable, str(REPO / "train.py")]
+QUICK = ["--from_scratch", "tiny", "--num_train_epochs", "2", "--per_device_train_batch_size", "16",
+         "--max_residues", "200", "--num_examples_to_show", "3"]
+
+
+def train_env(**extra) -> dict:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+           "PYTHONUNBUFFERED": "1", **extra}
+    env.pop("WORLD_SIZE", None)
+    return env
+
+
+def run_train(args, cwd, env=None, timeout=600) -> subprocess.CompletedProcess:
+    result = subprocess.run(TRAIN + args, cwd=cwd, env=env or train_env(), capture_output=True, text=True,
+                            timeout=timeout)
+    if result.returncode != 0:
+        raise AssertionError(f"train.py failed ({result.returncode}):\n{result.stdout[-5000:]}\n{result.stderr[-5000:]}")
+    return result
+
+
+def loopback_only_namespace() -> list[str]:
+    """A command prefix that runs a command in a network namespace of its own, holding only the loopback
+    interface. PyTorch's rendezvous store (torchrun's agent, accelerate's rank 0) listens on all interfaces
+    whatever --master_addr says; in such a namespace the only interface is 127.0.0.1."""
+    for prefix in (["unshare", "--net"], ["unshare", "--map-root-user", "--net"]):
+        probe = subprocess.run(prefix + ["ip", "link", "set", "lo", "up"], capture_output=True)
+        if probe.returncode == 0:
+            return prefix + ["sh", "-c", 'ip link set lo up && exec "$@"', "sh"]
+    pytest.skip("cannot create a loopback-only network namespace (unshare/ip): refusing to start a PyTorch "
+                "rendezvous store that listens on all interfaces")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def proteins_csv(tmp_path_factory):
+    return write_demo_csv(tmp_path_factory.mktemp("data") / "proteins.csv", n_rows=160, seed=3)
+
+
+@pytest.fixture(scope="module")
+def runs(proteins_csv, tmp_path_factory):
+    """One real train.py run per fine-tuning mode, shared by the tests below."""
+    outputs = {}
+    for mode in ("frozen", "lora", "full"):
+        output_dir = tmp_path_factory.mktemp(f"run_{mode}")
+        result = run_train(["--train_file", str(proteins_csv), "--output_dir", str(output_dir), "--finetune", mode,
+                            "--pooling", "attention" if mode == "full" else "mean", *QUICK],
+                           cwd=tmp_path_factory.mktemp("cwd"))
+        outputs[mode] = (output_dir, result.stdout + result.stderr)
+    return outputs
+
+
+def read_predictions(path):
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+LOAD_AND_PREDICT = """
+import csv, json, torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+path = {path!r}
+model = AutoModelForSequenceClassification.from_pretrained(path, trust_remote_code=True).eval()
+tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
+sequences = {sequences!r}
+probabilities = []
+with torch.no_grad():
+    for sequence in sequences:
+        logits = model(**tokenizer([sequence], return_tensors="pt")).logits
+        probabilities.append(torch.softmax(logits, dim=-1)[0, 1].item())
+print(json.dumps({{"probabilities": probabilities, "module": type(model).__module__}}))
+"""
+
+
+@pytest.mark.parametrize("mode", ["frozen", "lora", "full"])
+def test_run_leaves_a_loadable_evaluated_model(mode, runs, proteins_csv, tmp_path, elsewhere):
+    output_dir, log = runs[mode]
+    for name in ("config.json", "model.safetensors", "modeling_esmloc.py", "configuration_esmloc.py",
+                 "tokenization_esmloc.py", "tokenizer_config.json", "vocab.txt", "test_results.json",
+                 "test_predictions.csv", "roc_curve.png", "pr_curve.png", "confusion_matrix.png", "run_info.json"):
+        assert (output_dir / name).is_file(), name
+    results = json.loads((output_dir / "test_results.json").read_text())
+    for key in ("test_accuracy", "test_f1", "test_mcc", "test_roc_auc", "test_pr_auc", "test_mcc_tuned",
+                "test_threshold_tuned", "validation_mcc_tuned"):
+        assert key in results, key
+    assert "trainable parameters of" in log
+    assert "true_label" in log and "probability_Mitochondrion" in log  # the table of random test proteins
+
+    # The predictions CSV covers the test split and matches the saved model, loaded in a fresh offline process.
+    rows = read_predictions(output_dir / "test_predictions.csv")
+    assert list(rows[0]) == ["ACC", "true_label", "probability_Mitochondrion", "predicted_label"]
+    sequences_by_acc = {row["ACC"]: row["Sequence"] for row in read_predictions(proteins_csv)}
+    assert len(rows) == results["test_tp"] + results["test_fp"] + results["test_tn"] + results["test_fn"]
+    sequences = [sequences_by_acc[row["ACC"]] for row in rows]
+    loaded = run_offline(LOAD_AND_PREDICT.format(path=str(output_dir), sequences=sequences), elsewhere, tmp_path)
+    assert loaded["module"].startswith("transformers_modules")
+    expected = [float(row["probability_Mitochondrion"]) for row in rows]
+    assert loaded["probabilities"] == pytest.approx(expected, abs=1e-5)
+    threshold = results["test_threshold_tuned"]
+    for row in rows:
+        predicted = "Mitochondrion" if float(row["probability_Mitochondrion"]) >= threshold else "Other"
+        assert row["predicted_label"] == predicted
+
+
+def test_finetune_modes_train_what_they_say(runs):
+    counts = {}
+    for mode, (output_dir, _) in runs.items():
+        model_info = json.loads((output_dir / "run_info.json").read_text())["model"]
+        counts[mode] = (model_info["trainable_parameters"], model_info["total_parameters"])
+    # frozen: the head only (hidden 32: 32*32+32 + 32*2+2); full: everything but the unused contact head.
+    assert counts["frozen"][0] == 32 * 32 + 32 + 32 * 2 + 2
+    assert counts["frozen"][0] < counts["lora"][0] < counts["full"][0] < counts["full"][1]
+    lora_dir = runs["lora"][0]
+    adapter_config = json.loads((lora_dir / "adapter" / "adapter_config.json").read_text())
+    assert set(adapter_config["target_modules"]) == {"query", "key", "value", "dense"}
+    assert set(adapter_config["modules_to_save"]) == {"pooler", "classifier"}
+    assert (lora_dir / "adapter" / "adapter_model.safetensors").is_file()
+    merged = json.loads((lora_dir / "config.json").read_text())
+    assert merged["architectures"] == ["EsmForLocalization"]  # merged, not a PEFT wrapper
+
+
+def test_class_weights_balance_the_training_split():
+    import numpy as np
+
+    # 8 negatives, 2 positives: n / (k * n_c) = 10 / 16 and 10 / 4.
+    assert balanced_class_weights(np.array([0] * 8 + [1] * 2), 2, multi_label=False) == [0.625, 2.5]
+    # multi-label pos_weight = negatives / positives per label.
+    multi_hot = np.array([[1, 0], [0, 0], [0, 1], [0, 1]], dtype=np.float32)
+    assert balanced_class_weights(multi_hot, 2, multi_label=True) == [3.0, 1.0]
+
+
+def test_arguments_from_a_json_or_yaml_file(proteins_csv, tmp_path):
+    arguments = {"from_scratch": "tiny", "train_file": str(proteins_csv), "output_dir": str(tmp_path / "out"),
+                 "num_train_epochs": 1, "max_residues": 100, "seed": 7, "finetune": "frozen",
+                 "num_examples_to_show": 0}
+    config = tmp_path / "args.yaml"
+    config.write_text("\n".join(f"{key}: {json.dumps(value)}" for key, value in arguments.items()))
+    run_train([str(config)], cwd=tmp_path)
+    run_info = json.loads((tmp_path / "out" / "run_info.json").read_text())
+    assert run_info["training"]["seed"] == 7 and run_info["model"]["max_residues"] == 100
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["max_residues"] == 100
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
+def test_two_process_ddp_produces_one_model(launcher, proteins_csv, tmp_path, elsewhere):
+    port = "29500"  # the namespace is empty: any port is free there
+    if launcher == "torchrun":
+        command = loopback_only_namespace() + [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+                   "--master_addr", "127.0.0.1", "--master_port", port]
+    else:
+        command = loopback_only_namespace() + [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                   "--main_process_ip", "127.0.0.1", "--main_process_port", port]
+    output_dir = tmp_path / "out"
+    env = train_env(GLOO_SOCKET_IFNAME="lo", MASTER_ADDR="127.0.0.1")
+    result = subprocess.run(
+        command + [str(REPO / "train.py"), "--train_file", str(proteins_csv), "--output_dir", str(output_dir),
+                   "--finetune", "full", "--use_cpu", *QUICK],
+        cwd=elsewhere, env=env, capture_output=True, text=True, timeout=900,
+    )
+    assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-5000:]
+    run_info = json.loads((output_dir / "run_info.json").read_text())
+    assert run_info["training"]["world_size"] == 2
+    assert (output_dir / "model.safetensors").is_file()
+    assert (result.stdout + result.stderr).count("Model, metrics, predictions and plots saved") == 1
+    state = json.loads((output_dir / "trainer_state.json").read_text())
+    # 112 training proteins, 16 per process and step, 2 processes: 4 steps an epoch, 8 in all (one process: 14).
+    assert state["global_step"] == 8
+
+
+def test_killed_run_resumes_from_its_last_checkpoint(proteins_csv, tmp_path):
+    output_dir = tmp_path / "out"
+    args = ["--train_file", str(proteins_csv), "--output_dir", str(output_dir), "--finetune", "full",
+            "--from_scratch", "tiny", "--max_residues", "200", "--per_device_train_batch_size", "4",
+            "--max_steps", "120", "--save_strategy", "steps", "--save_steps", "10", "--eval_strategy", "steps",
+            "--eval_steps", "10", "--logging_strategy", "steps", "--logging_steps", "10",
+            "--save_total_limit", "3", "--num_examples_to_show", "0"]
+    log = open(tmp_path / "first.log", "w")
+    process = subprocess.Popen(TRAIN + args, cwd=tmp_path, env=train_env(), stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 300
+        while not (output_dir / "checkpoint-20" / "trainer_state.json").is_file():
+            assert process.poll() is None, (tmp_path / "first.log").read_text()[-5000:]
+            assert time.time() < deadline, "no checkpoint within 5 minutes"
+            time.sleep(0.2)
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert not (output_dir / "test_results.json").exists()  # it really was interrupted
+    interrupted_at = max(int(p.name.split("-")[1]) for p in output_dir.glob("checkpoint-*")
+                         if (p / "trainer_state.json").is_file())
+    assert interrupted_at < 120
+
+    result = run_train(args, cwd=tmp_path)
+    assert f"Resuming from {output_dir / f'checkpoint-{interrupted_at}'}" in result.stdout + result.stderr
+    state = json.loads((output_dir / "trainer_state.json").read_text())
+    assert state["global_step"] == 120
+    logged_steps = [entry["step"] for entry in state["log_history"] if "loss" in entry]
+    assert logged_steps == list(range(10, 121, 10))  # the steps before the kill are kept, none repeated
+    assert (output_dir / "test_results.json").is_file()
+
+
+@pytest.mark.parametrize("offline", [False, True])
+def test_unreachable_hub_says_what_to_do(offline, proteins_csv, tmp_path):
+    env = train_env(HF_ENDPOINT=f"http://127.0.0.1:{free_port()}", HF_HOME=str(tmp_path / "hf_home"))
+    if not offline:
+        env.pop("HF_HUB_OFFLINE")
+    result = subprocess.run(
+        TRAIN + ["--model_name_or_path", "facebook/esm2_t6_8M_UR50D", "--train_file", str(proteins_csv),
+                 "--output_dir", str(tmp_path / "out")],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode != 0
+    message = result.stderr
+    assert "facebook/esm2_t6_8M_UR50D" in message
+    for advice in ("HF_ENDPOINT", "git clone", "--model_name_or_path /path/to/esm2_t6_8M_UR50D", "--from_scratch"):
+        assert advice in message, message[-3000:]
+    assert "Traceback" not in message
+
+
+def test_missing_local_checkpoint_is_named(proteins_csv, tmp_path):
+    result = subprocess.run(
+        TRAIN + ["--model_name_or_path", str(tmp_path / "no_such_model"), "--train_file", str(proteins_csv),
+                 "--output_dir", str(tmp_path / "out")],
+        cwd=tmp_path, env=train_env(), capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode != 0
+    assert f"{tmp_path / 'no_such_model'}: no such directory" in result.stderr
