@@ -376,7 +376,8 @@ def main(argv=None):
                                                     multi_label)
         report = evaluation.evaluation_report(validation_probabilities, validation_targets, test_probabilities,
                                               test_targets, label_names=label_names)
-        trainer.log_metrics("test", report)
+        # Undefined metrics (e.g. ROC-AUC of a location without positives in the split) are saved as null.
+        trainer.log_metrics("test", {key: value for key, value in report.items() if value is not None})
         trainer.save_metrics("test", report)
         threshold = evaluation.tuned_threshold(validation_probabilities, validation_targets)
         test_accs = dataset["test"]["ACC"]
