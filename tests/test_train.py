@@ -250,3 +250,64 @@ def test_missing_local_checkpoint_is_named(proteins_csv, tmp_path):
     )
     assert result.returncode != 0
     assert f"{tmp_path / 'no_such_model'}: no such directory" in result.stderr
+
+
+@pytest.fixture(scope="module")
+def deeploc_csv(tmp_path_factory):
+    """A small file in the DeepLoc 2.0 layout: the demo proteins, Mitochondrion from the demo label, the other
+    nine locations drawn at random (multi-label), five homology partitions."""
+    import random
+
+    from esmloc.data import LOCATIONS
+    from esmloc.demo import demo_rows
+
+    rng = random.Random(0)
+    path = tmp_path_factory.mktemp("deeploc") / "deeploc.csv"
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["ACC", "Kingdom", "Partition", "Membrane", *LOCATIONS, "Sequence"])
+        for index, row in enumerate(demo_rows(n_rows=200, seed=5)):
+            locations = [int(row["Mitochondrion"]) if name == "Mitochondrion" else int(rng.random() < 0.2)
+                         for name in LOCATIONS]
+            writer.writerow([row["ACC"], "Metazoa", index % 5, rng.randint(0, 1), *locations, row["Sequence"]])
+    return path
+
+
+MULTI_LABEL_PREDICT = """
+import json, torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+model = AutoModelForSequenceClassification.from_pretrained({path!r}, trust_remote_code=True).eval()
+tokenizer = AutoTokenizer.from_pretrained({path!r}, trust_remote_code=True)
+with torch.no_grad():
+    logits = model(**tokenizer({sequences!r}, return_tensors="pt", padding=True)).logits
+print(json.dumps(torch.sigmoid(logits).tolist()))
+"""
+
+
+def test_multi_label_deeploc_run(deeploc_csv, tmp_path, elsewhere):
+    from esmloc.data import LOCATIONS
+
+    output_dir = tmp_path / "out"
+    run_train(["--dataset_config", "deeploc", "--train_file", str(deeploc_csv), "--split_method", "partition",
+               "--validation_partitions", "3", "--test_partitions", "4", "--output_dir", str(output_dir),
+               "--finetune", "full", *QUICK], cwd=tmp_path)
+    config = json.loads((output_dir / "config.json").read_text())
+    assert config["problem_type"] == "multi_label_classification"
+    assert [config["id2label"][str(i)] for i in range(10)] == list(LOCATIONS)
+    assert len(config["class_weights"]) == 10  # BCE pos_weight per location, from the training split
+
+    results = json.loads((output_dir / "test_results.json").read_text())
+    for key in ("test_micro_f1", "test_macro_f1", "test_subset_accuracy", "test_jaccard", "test_macro_mcc_tuned",
+                "test_mcc_Mitochondrion_tuned", "test_threshold_Cell_membrane_tuned", "validation_macro_mcc_tuned"):
+        assert key in results, key
+    assert (output_dir / "mcc_per_location.png").is_file()
+    run_info = json.loads((output_dir / "run_info.json").read_text())
+    assert run_info["data"]["split_sizes"] == {"train": 120, "validation": 40, "test": 40}  # partitions 0-2 / 3 / 4
+
+    rows = read_predictions(output_dir / "test_predictions.csv")
+    assert len(rows) == 40 and [f"probability_{name}" for name in LOCATIONS] == list(rows[0])[2:12]
+    sequences_by_acc = {row["ACC"]: row["Sequence"] for row in read_predictions(deeploc_csv)}
+    sequences = [sequences_by_acc[row["ACC"]] for row in rows[:8]]
+    loaded = run_offline(MULTI_LABEL_PREDICT.format(path=str(output_dir), sequences=sequences), elsewhere, tmp_path)
+    for row, probabilities in zip(rows, loaded):
+        assert [float(row[f"probability_{name}"]) for name in LOCATIONS] == pytest.approx(probabilities, abs=1e-5)
