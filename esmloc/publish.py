@@ -381,7 +381,7 @@ def _training_rows(run: _Run) -> list[tuple[str, str]]:
     if _number(run.train.get("train_loss")):
         rows.append(("Final training loss", _fmt(run.train["train_loss"])))
     if _number(run.train.get("train_runtime")):
-        rows.append(("Training time", f"{_fmt(run.train['train_runtime'], '.1f')} s"))
+        rows.append(("Training loop runtime (train_runtime)", f"{_fmt(run.train['train_runtime'], '.1f')} s"))
     best = run.training.get("metric_for_best_model")
     if best and _number(run.state.get("best_metric")):
         step = run.state.get("best_global_step")
