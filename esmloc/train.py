@@ -143,9 +143,14 @@ class EsmLocTrainingArguments(TrainingArguments):
         # Two or more CPU processes (torchrun / accelerate launch on a machine without GPUs) need gloo.
         if self.ddp_backend is None and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
             self.ddp_backend = "gloo"
+        # Both defaults depend on what is trained, known only in main(): TrainingArguments would otherwise fill in
+        # metric_for_best_model="loss" (load_best_model_at_end) and insist on a float learning rate.
+        choose_metric_later = self.metric_for_best_model is None
         learning_rate, self.learning_rate = self.learning_rate, self.learning_rate or 0.0
         super().__post_init__()
         self.learning_rate = learning_rate
+        if choose_metric_later:
+            self.metric_for_best_model = None
 
 
 def parse_arguments(argv=None) -> tuple[ModelArguments, DataArguments, EsmLocTrainingArguments]:
