@@ -46,7 +46,14 @@ class EsmLocPooler(nn.Module):
         if self.mode == "cls":
             first = attention_mask.int().argmax(dim=1)
             return hidden_states[torch.arange(hidden_states.shape[0], device=hidden_states.device), first], None
-        residues = residue_mask(attention_mask).unsqueeze(-1)
+        return self.pool_residues(hidden_states, residue_mask(attention_mask))
+
+    def pool_residues(self, hidden_states, residues):
+        """Mean or attention pooling of the positions where `residues` (bool, batch x length) is true; the states may
+        hold only the residues (cached per-residue features) or whole token sequences."""
+        if self.mode == "cls":
+            raise ValueError("<cls> pooling needs the <cls> state, not residue states")
+        residues = residues.bool().unsqueeze(-1)
         if self.mode == "mean":
             total = (hidden_states * residues).sum(dim=1)
             return total / residues.sum(dim=1).clamp(min=1), None
@@ -118,11 +125,14 @@ class EsmForLocalization(EsmLocPreTrainedModel):
     def classify(self, hidden_states, attention_mask, labels=None, output_pooling_weights=False):
         """The head alone: per-token states -> logits (and loss); shared by `forward` and cached-feature training."""
         pooled, weights = self.pooler(hidden_states, attention_mask)
+        return self.classify_pooled(pooled, labels, pooling_weights=weights if output_pooling_weights else None)
+
+    def classify_pooled(self, pooled, labels=None, pooling_weights=None):
+        """The classifier on pooled protein vectors (batch x hidden) -> logits (and loss): what `classify` does after
+        pooling, for features pooled once and cached."""
         logits = self.classifier(pooled)
         loss = self.loss(logits, labels) if labels is not None else None
-        return LocalizationOutput(
-            loss=loss, logits=logits, pooling_weights=weights if output_pooling_weights else None
-        )
+        return LocalizationOutput(loss=loss, logits=logits, pooling_weights=pooling_weights)
 
     def loss(self, logits, labels):
         weights = None

@@ -96,6 +96,46 @@ class EsmLocTokenizer(EsmTokenizer):
             )
         return text, kwargs
 
+    def _residue_fast_path(self):
+        """(pattern, token -> id) for the fast path, or None when added tokens could split a plain residue string
+        differently from one character per token. Rebuilt when the added tokens change."""
+        key = tuple(self._added_tokens_encoder.items())
+        cached = getattr(self, "_fast_path_cache", None)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        characters = [token for token in self.all_tokens if len(token) == 1 and not token.isspace()]
+        known = set(self.all_tokens) | set(self._added_tokens_encoder) | set(self.unique_no_split_tokens)
+        fast = None
+        # A longer token made only of residue characters could match inside a plain residue string.
+        if characters and not any(len(token) > 1 and set(token) <= set(characters) for token in known):
+            lookup = {token: self._convert_token_to_id_with_added_voc(token) for token in known}
+            fast = (re.compile("[" + re.escape("".join(characters)) + "]+"), lookup)
+        self._fast_path_cache = (key, fast)
+        return fast
+
+    def tokenize(self, text, **kwargs):
+        # Fast path for the common case, a plain residue string: after normalising and cropping, every character is
+        # a one-character vocabulary token, so the trie split of the generic path yields exactly the characters.
+        # Any option switched on (e.g. split_special_tokens=True) takes the generic path.
+        if isinstance(text, str) and not any(kwargs.values()) and not self.split_special_tokens:
+            fast = self._residue_fast_path()
+            if fast is not None:
+                residues, _ = self.prepare_for_tokenization(text)
+                if fast[0].fullmatch(residues):
+                    return list(residues)
+        return super().tokenize(text, **kwargs)
+
+    def convert_tokens_to_ids(self, tokens):
+        if not isinstance(tokens, str):
+            fast = self._residue_fast_path()
+            if fast is not None:
+                lookup = fast[1]
+                try:
+                    return [lookup[token] for token in tokens]
+                except KeyError:
+                    pass
+        return super().convert_tokens_to_ids(tokens)
+
 
 EsmLocTokenizer.register_for_auto_class("AutoTokenizer")
 

@@ -7,6 +7,11 @@
 
 Arguments are `ModelArguments`, `DataArguments` and `EsmLocTrainingArguments` (transformers' `TrainingArguments`
 with defaults suited to this task); `--help` lists them all.
+
+With `--finetune frozen` (the default) the backbone never changes, so every split is embedded once by the inference
+engine, the features are cached on disk (`--feature_cache_dir`, default $HF_HOME/esmloc/features; see
+esmloc/cache.py) and the Trainer trains the head on them; `--no_feature_cache` runs the whole model in every epoch
+instead. Both save the same `EsmForLocalization`.
 """
 
 import json
@@ -32,7 +37,7 @@ from transformers import (
 from transformers.trainer_utils import get_last_checkpoint
 
 from configuration_esmloc import CROP_STRATEGIES, ESM2_ARCHITECTURES, POOLING_MODES, EsmLocConfig
-from esmloc import data, engine, evaluation
+from esmloc import cache, data, engine, evaluation
 from esmloc.export import save_model, tokenizer_for
 from modeling_esmloc import EsmForLocalization
 
@@ -78,6 +83,22 @@ class ModelArguments:
     lora_dropout: float = field(default=0.05)
     lora_target_modules: list[str] = field(default_factory=lambda: ["query", "key", "value", "dense"])
     attn_implementation: str = field(default="sdpa", metadata={"help": "sdpa (fast) or eager."})
+    feature_cache: bool = field(
+        default=True,
+        metadata={"help": "With --finetune frozen: embed every split once with the inference engine, cache the "
+                  "features on disk and train the head on them (the saved model is the same EsmForLocalization). "
+                  "--no_feature_cache runs the whole model in every epoch instead (the ordinary Trainer path)."},
+    )
+    feature_cache_dir: str | None = field(
+        default=None,
+        metadata={"help": "Where cached features are kept (default $HF_HOME/esmloc/features), one directory per "
+                  "backbone fingerprint, pooling kind, crop setting and precision."},
+    )
+    max_tokens_per_batch: int | None = field(
+        default=None,
+        metadata={"help": "Token budget (proteins x longest) of the inference engine's batches, for embedding and "
+                  "the final predictions; default 4096 on CPU, 65536 on CUDA."},
+    )
 
     def __post_init__(self):
         if (self.model_name_or_path is None) == (self.from_scratch is None):
@@ -290,6 +311,39 @@ def tokenize_splits(dataset, tokenizer, num_labels: int, multi_label: bool, trai
     return tokenized
 
 
+def feature_cache_dir(model_args: ModelArguments) -> Path:
+    return Path(model_args.feature_cache_dir).expanduser() if model_args.feature_cache_dir else cache.default_cache_dir()
+
+
+def cached_feature_trainer(model, tokenizer, dataset, model_args, training_args, num_labels: int, multi_label: bool,
+                           **trainer_kwargs) -> Trainer:
+    """The cached-feature path of --finetune frozen: every split is embedded once by the engine (or read from the
+    feature cache), and a Trainer trains the model's head (`EsmLocHead`, sharing the model's pooler and classifier)
+    on the features with the same arguments, sampler, loss and metrics as the ordinary path. The main process
+    embeds first; the other processes of a distributed run then find everything in the cache."""
+    model.to(training_args.device)
+    inference = engine.Engine(model, tokenizer, max_tokens_per_batch=model_args.max_tokens_per_batch,
+                              device=training_args.device, progress=training_args.should_log)
+    kind = cache.feature_kind(model.config.pooling)
+    fingerprint = cache.backbone_fingerprint(model.esm)
+    splits = {}
+    with training_args.main_process_first(desc="embedding"):
+        for name in ("train", "validation"):
+            sequences = dataset[name]["Sequence"]
+            features = cache.cached_features(inference, sequences, kind, feature_cache_dir(model_args),
+                                             desc=f"Embedding {name}", fingerprint=fingerprint)
+            lengths = [len(ids) for ids in inference.encode(sequences)]
+            splits[name] = cache.FeatureDataset(features, targets(dataset[name], num_labels, multi_label), lengths)
+    return cache.FeatureTrainer(
+        model=cache.EsmLocHead(model),
+        args=training_args,
+        train_dataset=splits["train"],
+        eval_dataset=splits["validation"],
+        data_collator=cache.collate_features,
+        **trainer_kwargs,
+    )
+
+
 def positive_probabilities(probabilities: np.ndarray, multi_label: bool) -> np.ndarray:
     """The evaluation layer's convention: P(positive) as a vector for binary tasks, one column per label
     otherwise."""
@@ -343,20 +397,26 @@ def main(argv=None):
         print(f"finetune={model_args.finetune}: {trainable:,} trainable parameters of {total:,} "
               f"({100 * trainable / total:.2f}%)")
 
-    tokenized = tokenize_splits(dataset, tokenizer, num_labels, multi_label, training_args)
     callbacks = []
     if training_args.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=training_args.early_stopping_patience))
-    trainer = Trainer(
-        model=trainable_model,
-        args=training_args,
-        train_dataset=tokenized["train"],
-        eval_dataset=tokenized["validation"],
-        processing_class=tokenizer,
-        data_collator=DataCollatorWithPadding(tokenizer),
-        compute_metrics=evaluation.compute_metrics(multi_label, label_names, tune_threshold=True),
-        callbacks=callbacks,
-    )
+    compute_metrics = evaluation.compute_metrics(multi_label, label_names, tune_threshold=True)
+    use_feature_cache = model_args.finetune == "frozen" and model_args.feature_cache
+    if use_feature_cache:
+        trainer = cached_feature_trainer(model, tokenizer, dataset, model_args, training_args, num_labels,
+                                         multi_label, compute_metrics=compute_metrics, callbacks=callbacks)
+    else:
+        tokenized = tokenize_splits(dataset, tokenizer, num_labels, multi_label, training_args)
+        trainer = Trainer(
+            model=trainable_model,
+            args=training_args,
+            train_dataset=tokenized["train"],
+            eval_dataset=tokenized["validation"],
+            processing_class=tokenizer,
+            data_collator=DataCollatorWithPadding(tokenizer),
+            compute_metrics=compute_metrics,
+            callbacks=callbacks,
+        )
 
     train_result = trainer.train(resume_from_checkpoint=last_checkpoint)
     trainer.save_metrics("train", train_result.metrics)
@@ -365,14 +425,19 @@ def main(argv=None):
     # The final model: what the best checkpoint holds, merged with its adapters for LoRA. Only the main process
     # saves and evaluates it; its predictions come from exactly the weights that were saved.
     final_model = trainer.model
+    if use_feature_cache:
+        # The Trainer trained (and, with load_best_model_at_end, restored) the head modules the model shares.
+        final_model = model.to(training_args.device)
     if model_args.finetune == "lora":
         if trainer.is_world_process_zero():
             final_model.save_pretrained(output_dir / "adapter")
         final_model = final_model.merge_and_unload()
     if trainer.is_world_process_zero():
         save_model(final_model, output_dir, tokenizer)
+        # With the feature cache, pooled features of the (unchanged) backbone come from the cache: the same numbers.
         predict = partial(engine.predict_probabilities, final_model, tokenizer, device=training_args.device,
-                          max_tokens_per_batch=training_args.per_device_eval_batch_size * (model_args.max_residues + 2))
+                          max_tokens_per_batch=model_args.max_tokens_per_batch,
+                          feature_cache=feature_cache_dir(model_args) if use_feature_cache else None)
         validation_targets = targets(dataset["validation"], num_labels, multi_label)
         test_targets = targets(dataset["test"], num_labels, multi_label)
         validation_probabilities = positive_probabilities(

@@ -1,0 +1,140 @@
+"""Shared pieces of the benchmarks: the data, the model, the machine's matmul peak, FLOP counts, memory, tables."""
+
+import csv
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run from a checkout without installing
+
+DEEPLOC_CSV = REPO.parent / "shared" / "data" / "deeploc2_swissprot.csv"
+
+
+def load_proteins(path: Path, n: int, smoke: bool) -> tuple[list[dict], str]:
+    """The first `n` rows (ACC, Mitochondrion, Sequence) of the DeepLoc CSV. Without it: smoke runs use synthetic
+    proteins from esmloc.demo; real runs exit with a message (status 0, so that a fresh checkout does not fail)."""
+    if path.is_file():
+        rows = []
+        with open(path, newline="") as handle:
+            for row in csv.DictReader(handle):
+                rows.append({"ACC": row["ACC"], "Mitochondrion": row["Mitochondrion"], "Sequence": row["Sequence"]})
+                if len(rows) == n:
+                    break
+        return rows, f"the first {len(rows)} proteins of {path}"
+    if not smoke:
+        print(f"SKIPPED: {path} not found. The benchmark needs the DeepLoc 2.0 CSV (see ../shared/data/README.md); "
+              "--data points elsewhere, --smoke runs on synthetic proteins.")
+        sys.exit(0)
+    from esmloc.demo import demo_rows
+
+    rows = [{key: str(value) for key, value in row.items()} for row in demo_rows(n_rows=n, seed=0)]
+    return rows, f"{len(rows)} synthetic proteins (esmloc.demo; {path} not found)"
+
+
+def _median_seconds(function, repeats: int) -> float:
+    function()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def matmul_peaks_gflops(size: int = 4096, repeats: int = 5) -> dict[str, float]:
+    """The machine's fp32 matmul throughput right now, (size x size) @ (size x size), median of `repeats` after a
+    warm-up, 2 * size^3 FLOPs each, through both of torch's CPU GEMM libraries: `torch.matmul` (MKL, which runs its
+    AVX2 code on AMD processors) and oneDNN (`torch.ops.mkldnn._linear_pointwise`, AVX-512 where the CPU has it).
+    "peak" is the faster of the two: the compute bound must not be one that a library choice can beat."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    flops = 2 * size**3
+    with torch.inference_mode():
+        peaks = {"torch.matmul": flops / _median_seconds(lambda: torch.matmul(a, b), repeats) / 1e9}
+        try:
+            linear = torch.ops.mkldnn._linear_pointwise
+            peaks["oneDNN"] = flops / _median_seconds(lambda: linear(a, b, None, "none", [], ""), repeats) / 1e9
+        except (AttributeError, RuntimeError, NotImplementedError):
+            pass
+    peaks["peak"] = max(peaks.values())
+    return peaks
+
+
+FLOP_FORMULA = (
+    "FLOPs per protein of L tokens (<cls> + residues + <eos>, no padding), per layer, 2 per multiply-add: "
+    "QKV + output projections 8*L*d^2, feed-forward 4*L*d*d_ff, attention scores and weighted values 4*L^2*d; "
+    "times the number of layers. Embeddings, layer norms, softmax, GELU and the head are not counted."
+)
+
+
+def esm_flops(token_lengths, esm_config) -> float:
+    d, d_ff, layers = esm_config.hidden_size, esm_config.intermediate_size, esm_config.num_hidden_layers
+    return float(sum(layers * (8 * L * d * d + 4 * L * d * d_ff + 4 * L * L * d) for L in token_lengths))
+
+
+def reset_peak_rss() -> bool:
+    """Resets this process's peak resident set size (Linux: /proc/self/clear_refs); False if not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_mb() -> float | None:
+    """This process's peak resident set size since start or the last reset (VmHWM), in MiB."""
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def machine_description() -> str:
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    import transformers
+
+    return (f"{cpu}, {os.cpu_count()} CPUs, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+            f"transformers {transformers.__version__}, Python {platform.python_version()}")
+
+
+def load_average() -> str:
+    try:
+        return " ".join(f"{value:.2f}" for value in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
+def command_line() -> str:
+    return "python " + " ".join(shlex.quote(arg) for arg in [os.path.relpath(sys.argv[0], REPO), *sys.argv[1:]])
+
+
+def table(headers: list[str], rows: list[list]) -> str:
+    """A Markdown table."""
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(" --- " for _ in headers) + "|"]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def median(values):
+    values = [value for value in values if value is not None]
+    return statistics.median(values) if values else None

@@ -1,0 +1,25 @@
+"""The benchmark scripts still run (smoke mode: tiny model, a few proteins; not timed, no figures checked)."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+
+
+@pytest.mark.parametrize("script", ["embedding_throughput.py", "frozen_training.py"])
+def test_bench_script_runs_in_smoke_mode(script, tmp_path):
+    extra = ["--work_dir", str(tmp_path / "work")] if script == "frozen_training.py" else []
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home")}
+    result = subprocess.run([sys.executable, str(REPO / "bench" / script), "--smoke", *extra], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "command: python bench/" in result.stdout
+    table = [line for line in result.stdout.splitlines() if line.startswith("| ")]
+    assert len(table) >= 3  # header + at least two measured rows
+    if script == "embedding_throughput.py":
+        assert "% of compute bound" in table[0] and "x baseline" in table[0]
+    else:
+        assert "speed-up" in table[0] and "max abs difference" in result.stdout

@@ -1,0 +1,208 @@
+"""The inference engine: packed forward pass, token-budget batches, input order, padding invariance, pooling, and the
+tokenizer's fast path."""
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from configuration_esmloc import ESM2_ARCHITECTURES, EsmLocConfig
+from esmloc.engine import Engine, PackedEsm, length_batches, onednn_linear_available, predict_probabilities
+from esmloc.export import tokenizer_for
+from modeling_esmloc import EsmForLocalization
+from tokenization_esmloc import EsmLocTokenizer
+
+from conftest import PROTEINS, tiny_model
+
+
+# Short and long proteins, one cropped (1100 residues > max_residues), a <mask> token (token-dropout rescaling),
+# and equal-length proteins (one attention call for several proteins).
+SEQUENCES = PROTEINS + ["MK<mask>TAYIAKQR", "MKTAYIAKQRQISFVKSHFSRQ", "MKTAYIAKQRQISFVKSHFSRA", "A" * 1100,
+                        "mlkqvaGHT" * 12, "W"]
+
+
+def reference_hidden(model, tokenizer, sequence):
+    """What a user gets running the model on one protein alone (no padding at all)."""
+    with torch.inference_mode():
+        return model.esm(**tokenizer([sequence], return_tensors="pt")).last_hidden_state[0]
+
+
+def reference_probabilities(model, tokenizer, sequences):
+    """The model run on each distinct protein alone."""
+    with torch.inference_mode():
+        distinct = {s: model(**tokenizer([s], return_tensors="pt")).logits.softmax(-1)[0].numpy()
+                    for s in dict.fromkeys(sequences)}
+    return np.stack([distinct[s] for s in sequences])
+
+
+@pytest.mark.parametrize("attention, onednn", [("grouped", True), ("grouped", False), ("padded", True)])
+def test_packed_forward_equals_esm_forward_one_by_one(attention, onednn):
+    if onednn and not onednn_linear_available():
+        pytest.skip("oneDNN linear is not available in this torch build")
+    model = tiny_model(max_residues=300)
+    tokenizer = tokenizer_for(model.config)
+    engine = Engine(model, tokenizer, max_tokens_per_batch=700, progress=False, attention=attention, onednn=onednn)
+    assert engine.packed is not None and engine.packed.onednn == onednn
+    encoded = engine.encode(SEQUENCES)
+    seen = []
+    for indices, lengths, hidden in engine.hidden_state_batches(encoded):
+        assert len(indices) > 0 and hidden.shape == (sum(lengths), model.config.hidden_size)
+        start = 0
+        for index, length in zip(indices, lengths):
+            expected = reference_hidden(model, tokenizer, SEQUENCES[index])
+            torch.testing.assert_close(hidden[start:start + length], expected, atol=1e-5, rtol=1e-5)
+            start += length
+            seen.append(index)
+    assert sorted(seen) == list(range(len(SEQUENCES)))
+
+
+def test_empty_input_gives_empty_results():
+    model = tiny_model()
+    engine = Engine(model, tokenizer_for(model.config), progress=False)
+    assert engine.predict_probabilities([]).shape == (0, 2)
+    assert engine.embed([], "mean").shape == (0, model.config.hidden_size)
+    assert engine.embed([], "residues") == []
+
+
+def test_results_come_back_in_input_order():
+    model = tiny_model()
+    tokenizer = tokenizer_for(model.config)
+    sequences = SEQUENCES * 3
+    order = list(range(len(sequences)))
+    random.Random(0).shuffle(order)
+    engine = Engine(model, tokenizer, max_tokens_per_batch=1000, progress=False)
+    probabilities = engine.predict_probabilities(sequences)
+    shuffled = engine.predict_probabilities([sequences[i] for i in order])
+    # Batches hold other proteins in another order: equal up to float rounding of differently sized matmuls.
+    np.testing.assert_allclose(shuffled, probabilities[order], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(probabilities, reference_probabilities(model, tokenizer, sequences), atol=1e-5)
+    features = engine.embed(sequences, "mean")
+    np.testing.assert_allclose(engine.embed([sequences[i] for i in order], "mean"), features[order], rtol=0,
+                               atol=1e-5)
+
+
+@pytest.mark.parametrize("pooling", ["mean", "cls", "attention"])
+def test_results_do_not_depend_on_the_batch_a_protein_lands_in(pooling):
+    """Padding invariance: one protein per batch, a few per batch and everything in one batch agree with running
+    the model on each protein alone."""
+    model = tiny_model(pooling=pooling)
+    tokenizer = tokenizer_for(model.config)
+    expected = reference_probabilities(model, tokenizer, SEQUENCES)
+    for budget in (1, 600, 10**6):
+        for packed in (True, False):
+            engine = Engine(model, tokenizer, max_tokens_per_batch=budget, progress=False, packed=packed)
+            np.testing.assert_allclose(engine.predict_probabilities(SEQUENCES), expected, atol=1e-5,
+                                       err_msg=f"budget {budget}, packed {packed}")
+
+
+def test_pooled_features_are_what_the_model_pools():
+    model = tiny_model()
+    tokenizer = tokenizer_for(model.config)
+    engine = Engine(model, tokenizer, max_tokens_per_batch=800, progress=False)
+    mean, cls, residues = (engine.embed(SEQUENCES, kind) for kind in ("mean", "cls", "residues"))
+    assert mean.dtype == np.float32 and mean.shape == (len(SEQUENCES), model.config.hidden_size)
+    for index, sequence in enumerate(SEQUENCES):
+        batch = tokenizer([sequence], return_tensors="pt")
+        hidden = reference_hidden(model, tokenizer, sequence)
+        with torch.inference_mode():
+            pooled, _ = model.pooler(hidden[None], batch["attention_mask"])  # the model's own mean pooling
+        np.testing.assert_allclose(mean[index], pooled[0].numpy(), atol=1e-5)
+        np.testing.assert_allclose(cls[index], hidden[0].numpy(), atol=1e-5)
+        np.testing.assert_allclose(residues[index], hidden[1:-1].numpy(), atol=1e-5)
+    # The head on pooled features gives the model's probabilities.
+    np.testing.assert_allclose(engine.probabilities_from_features(mean, "mean"),
+                               reference_probabilities(model, tokenizer, SEQUENCES), atol=1e-5)
+
+
+def test_unrecognised_backbone_runs_through_the_model_itself():
+    from peft import LoraConfig, get_peft_model
+
+    model = tiny_model()
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["query", "value"], init_lora_weights=False))
+    peft_model.eval()
+    tokenizer = tokenizer_for(model.config)
+    engine = Engine(peft_model, tokenizer, progress=False)
+    assert engine.packed is None
+    assert "LoRA" in PackedEsm.unsupported_reason(model.esm)
+    with torch.inference_mode():
+        expected = np.concatenate([peft_model(**tokenizer([s], return_tensors="pt")).logits.softmax(-1).numpy()
+                                   for s in SEQUENCES])
+    np.testing.assert_allclose(engine.predict_probabilities(SEQUENCES), expected, atol=1e-5)
+
+
+def test_engine_follows_weight_changes():
+    model = tiny_model()
+    tokenizer = tokenizer_for(model.config)
+    engine = Engine(model, tokenizer, progress=False)
+    before = engine.embed(SEQUENCES[:3], "mean")
+    with torch.no_grad():
+        model.esm.encoder.layer[0].attention.self.key.weight.mul_(1.5)  # in place: the fused QKV must be rebuilt
+    after = engine.embed(SEQUENCES[:3], "mean")
+    assert np.abs(after - before).max() > 1e-3
+    expected = np.stack([reference_hidden(model, tokenizer, s)[1:-1].mean(0).numpy() for s in SEQUENCES[:3]])
+    np.testing.assert_allclose(after, expected, atol=1e-5)
+
+
+def test_module_level_predict_restores_training_mode():
+    model = tiny_model().train()
+    probabilities = predict_probabilities(model, tokenizer_for(model.config), SEQUENCES[:4], progress=False)
+    assert model.training and probabilities.shape == (4, 2)
+    np.testing.assert_allclose(probabilities.sum(1), 1.0, atol=1e-6)
+
+
+def test_length_batches_respect_the_token_budget():
+    rng = random.Random(1)
+    lengths = [rng.randint(3, 600) for _ in range(500)]
+    for budget in (1, 600, 2048, 10**6):
+        batches = length_batches(lengths, budget)
+        assert sorted(np.concatenate(batches).tolist()) == list(range(len(lengths)))
+        for batch in batches:
+            padded = len(batch) * max(lengths[i] for i in batch)
+            assert padded <= budget or len(batch) == 1
+        flat = [lengths[i] for batch in batches for i in batch]
+        assert flat == sorted(flat, reverse=True)  # longest first, so little padding
+
+
+# --- tokenizer fast path ---------------------------------------------------------------------------------------
+
+
+def generic_ids(tokenizer, sequences):
+    """The ids of the generic (trie) path of the slow tokenizer, with the fast path switched off."""
+    tokenizer._residue_fast_path = lambda: None
+    try:
+        return tokenizer(sequences)["input_ids"]
+    finally:
+        del tokenizer._residue_fast_path
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"max_residues": 50, "crop": "n_terminal"}, {"max_residues": 51}])
+def test_tokenizer_fast_path_gives_the_generic_ids(kwargs):
+    tokenizer = EsmLocTokenizer(**kwargs)
+    assert tokenizer._residue_fast_path() is not None
+    sequences = SEQUENCES + ["", " mk ta\ny ", "MKJJ", "MK*", "MK..--XBUZO", "<cls>MK<eos>", "mk<unk>aa",
+                             "".join(random.Random(2).choice("LAGVSERTIDPKQNFYMHWCXBUZO") for _ in range(3000))]
+    assert tokenizer(sequences)["input_ids"] == generic_ids(tokenizer, sequences)
+
+
+def test_tokenizer_fast_path_steps_aside_for_added_residue_tokens():
+    tokenizer = EsmLocTokenizer()
+    tokenizer.add_tokens(["MK"])  # now "MK" is one token: one character per token would be wrong
+    assert tokenizer._residue_fast_path() is None
+    ids = tokenizer("AMKA")["input_ids"]
+    assert len(ids) == 5 and ids == generic_ids(tokenizer, ["AMKA"])[0]
+
+
+def test_packed_forward_on_the_esm2_8m_architecture():
+    """The real layer sizes (320 hidden, 20 heads of 16): what the benchmarks and users run."""
+    torch.manual_seed(0)
+    model = EsmForLocalization(EsmLocConfig(esm_config=dict(ESM2_ARCHITECTURES["esm2_t6_8M"]))).eval()
+    tokenizer = tokenizer_for(model.config)
+    sequences = [PROTEINS[1], PROTEINS[0], PROTEINS[3], PROTEINS[3][::-1]]
+    engine = Engine(model, tokenizer, progress=False)
+    for indices, lengths, hidden in engine.hidden_state_batches(engine.encode(sequences)):
+        start = 0
+        for index, length in zip(indices, lengths):
+            expected = reference_hidden(model, tokenizer, sequences[index])
+            torch.testing.assert_close(hidden[start:start + length], expected, atol=2e-5, rtol=1e-5)
+            start += length
