@@ -1,0 +1,517 @@
+"""Real-data accuracy benchmark: DeepLoc 2.0 SwissProt, homology-partition split, one table row per setup.
+
+    python bench/accuracy.py                      # the full run (< 60 min on 2 CPU cores): Mitochondrion, test
+                                                  # partition 4, validation 3, training 0-2
+    python bench/accuracy.py --all_folds          # all five folds (test t, validation t-1 mod 5): ~5x the time
+    python bench/accuracy.py --multi_label        # adds DeepLoc's 10-location multi-label table
+    python bench/accuracy.py --smoke              # a few hundred proteins, tiny models, 1 epoch: seconds
+    python bench/accuracy.py --pretrained facebook/esm2_t6_8M_UR50D   # also run the pretrained rows (needs the
+                                                  # weights: hub access, a mirror via HF_ENDPOINT, or a local clone)
+
+Setups (rows):
+
+- baseline: logistic regression (scikit-learn, class_weight="balanced", standardised features, C chosen on
+  validation) on the amino-acid and dipeptide composition of the N-terminal 50 residues (where mitochondrial
+  targeting peptides sit) plus the whole protein's amino-acid composition; a second row adds physico-chemical
+  features of the N-terminus (net charge, Arg/Lys/Asp/Glu content, Kyte-Doolittle hydrophobicity, the largest
+  hydrophobic moment of an 18-residue alpha-helix window).
+- esmloc, random ESM-2 backbone trained from scratch here (`train.py --from_scratch`; no pretrained weights can be
+  downloaded on the machine this was written on), frozen (the head on fixed random features: a sanity floor, not a
+  method) and full fine-tuning (everything trained from scratch on the training partitions: what esmloc can do here).
+  LoRA is not run on random weights: low-rank updates of a random backbone only restrict full training; LoRA is
+  meant to adapt pretrained weights.
+- esmloc from the pretrained `facebook/esm2_t6_8M_UR50D`, frozen and LoRA: the same command lines with
+  `--model_name_or_path`; printed, not run, unless `--pretrained` is given.
+
+Every esmloc setup is a real `python train.py ...` subprocess (its command is printed); its metrics are read from
+the `test_results.json` it writes. The baseline's threshold is tuned for MCC on validation and its metrics come
+from `esmloc.evaluation`, the same code train.py uses. Wall time is measured per setup (for train.py: the whole
+process, including start-up, dataset loading, tokenisation, training, prediction and plots).
+
+Proteins are cropped to their N-terminal `--max_residues` (default 256) for the esmloc setups, to fit the CPU
+budget; the baseline sees the N-terminal 50 residues and the whole protein's composition.
+
+Results go to `--output_dir` (default bench/results/accuracy/, git-ignored): accuracy.md (the tables),
+accuracy.json (every metric of every run), runs/<setup>/fold<t>/ (each train.py output directory).
+"""
+
+import argparse
+import json
+import math
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as a script from anywhere: the repository's modules come first
+    sys.path.insert(0, str(REPO))
+
+DEFAULT_DATA = REPO.parent / "shared" / "data" / "deeploc2_swissprot.csv"
+DEFAULT_OUTPUT = REPO / "bench" / "results" / "accuracy"
+PUBLISHED_PRETRAINED = "facebook/esm2_t6_8M_UR50D"
+N_PARTITIONS = 5
+
+# Published DeepLoc 2.0 figures (Thumuluri et al., Nucleic Acids Research 2022, doi:10.1093/nar/gkac278).
+PUBLISHED = [
+    ("DeepLoc 2.0 (ProtT5), SwissProt 5-fold CV", 0.77),
+    ("DeepLoc 2.0 (ProtT5), independent HPA test set", 0.56),
+]
+
+AMINO_ACIDS = "ACDEFGHIKLMNPQRSTVWY"
+_INDEX = np.full(256, -1, dtype=np.int64)
+_INDEX[np.frombuffer(AMINO_ACIDS.encode(), dtype=np.uint8)] = np.arange(20)
+# Kyte & Doolittle 1982 hydropathy; Eisenberg et al. 1984 consensus scale for the hydrophobic moment.
+_KYTE_DOOLITTLE = dict(zip(AMINO_ACIDS, (1.8, 2.5, -3.5, -3.5, 2.8, -0.4, -3.2, 4.5, -3.9, 3.8, 1.9, -3.5, -1.6, -3.5,
+                                         -4.5, -0.8, -0.7, 4.2, -0.9, -1.3)))
+_EISENBERG = dict(zip(AMINO_ACIDS, (0.62, 0.29, -0.90, -0.74, 1.19, 0.48, -0.40, 1.38, -1.50, 1.06, 0.64, -0.78, 0.12,
+                                    -0.85, -2.53, -0.18, -0.05, 1.08, 0.81, 0.26)))
+_KD = np.array([_KYTE_DOOLITTLE[a] for a in AMINO_ACIDS])
+_EIS = np.array([_EISENBERG[a] for a in AMINO_ACIDS])
+N_TERMINAL_WINDOW = 50
+HELIX_WINDOW = 18
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Baseline features
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def residue_indices(sequence: str) -> np.ndarray:
+    """0..19 for the 20 standard amino acids, -1 for anything else (U, X, B, Z, O)."""
+    return _INDEX[np.frombuffer(sequence.encode("ascii"), dtype=np.uint8)]
+
+
+def _composition(indices: np.ndarray) -> np.ndarray:
+    valid = indices[indices >= 0]
+    return np.bincount(valid, minlength=20) / max(len(valid), 1)
+
+
+def _dipeptides(indices: np.ndarray) -> np.ndarray:
+    pairs = indices[:-1] * 20 + indices[1:]
+    pairs = pairs[(indices[:-1] >= 0) & (indices[1:] >= 0)]
+    return np.bincount(pairs, minlength=400) / max(len(pairs), 1)
+
+
+def _max_hydrophobic_moment(indices: np.ndarray, window: int = HELIX_WINDOW) -> float:
+    """The largest Eisenberg hydrophobic moment (per residue) of an ideal alpha helix (100 degrees per residue)
+    over all `window`-residue stretches: amphipathic helices are the hallmark of mitochondrial presequences."""
+    values = np.where(indices >= 0, _EIS[np.clip(indices, 0, None)], 0.0)
+    if len(values) == 0:
+        return 0.0
+    window = min(window, len(values))
+    angles = np.deg2rad(100.0) * np.arange(len(values))
+    cos, sin = np.cumsum(np.r_[0, values * np.cos(angles)]), np.cumsum(np.r_[0, values * np.sin(angles)])
+    sums_cos, sums_sin = cos[window:] - cos[:-window], sin[window:] - sin[:-window]
+    return float(np.max(np.hypot(sums_cos, sums_sin)) / window)
+
+
+def _physicochemical(indices: np.ndarray) -> list[float]:
+    """N-terminal physico-chemistry in the first 20 and 50 residues."""
+    features = []
+    for length in (20, N_TERMINAL_WINDOW):
+        window = indices[:length]
+        valid = window[window >= 0]
+        n = max(len(valid), 1)
+        count = {a: float(np.sum(valid == AMINO_ACIDS.index(a))) for a in "RKDEH"}
+        features += [
+            (count["R"] + count["K"] - count["D"] - count["E"]) / n,  # net charge per residue
+            count["R"] / n,
+            count["K"] / n,
+            (count["D"] + count["E"]) / n,
+            float(np.mean(_KD[valid])) if len(valid) else 0.0,  # mean hydropathy
+            _max_hydrophobic_moment(window),
+        ]
+    features.append(math.log(len(indices)))
+    return features
+
+
+def baseline_features(sequences, physicochemical: bool = False) -> np.ndarray:
+    """Per protein: amino-acid (20) and dipeptide (400) composition of the N-terminal 50 residues, amino-acid
+    composition of the whole protein (20) and, with `physicochemical`, 13 N-terminal descriptors."""
+    rows = []
+    for sequence in sequences:
+        indices = residue_indices(sequence)
+        n_terminus = indices[:N_TERMINAL_WINDOW]
+        row = [_composition(n_terminus), _dipeptides(n_terminus), _composition(indices)]
+        if physicochemical:
+            row.append(np.asarray(_physicochemical(indices)))
+        rows.append(np.concatenate(row))
+    return np.asarray(rows, dtype=np.float64)
+
+
+def run_baseline(dataset, multi_label: bool, physicochemical: bool, seed: int,
+                 c_grid=(1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)) -> tuple[dict, dict]:
+    """Logistic regression on the baseline features; C (one for all labels) chosen for validation MCC at the tuned
+    threshold, as train.py chooses its best checkpoint. Returns (the evaluation report, details)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.multiclass import OneVsRestClassifier
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from esmloc import evaluation
+    from esmloc.data import LOCATIONS
+    from esmloc.train import targets
+
+    num_labels = len(LOCATIONS) if multi_label else 2
+    x = {name: baseline_features(dataset[name]["Sequence"], physicochemical) for name in ("train", "validation", "test")}
+    y = {name: targets(dataset[name], num_labels, multi_label) for name in x}
+    label_names = list(LOCATIONS) if multi_label else None
+
+    def probabilities(model, split):
+        p = model.predict_proba(x[split])
+        return p if multi_label else p[:, 1]
+
+    best = None
+    for c in c_grid:
+        classifier = LogisticRegression(C=c, class_weight="balanced", max_iter=2000, random_state=seed)
+        if multi_label:
+            classifier = OneVsRestClassifier(classifier)
+        model = make_pipeline(StandardScaler(), classifier).fit(x["train"], y["train"].astype(np.int64))
+        validation = probabilities(model, "validation")
+        threshold = evaluation.tuned_threshold(validation, y["validation"])
+        scores = evaluation.classification_metrics(validation, y["validation"], threshold, label_names)
+        score = scores["macro_mcc"] if multi_label else scores["mcc"]
+        if best is None or score > best[0]:
+            best = (score, c, model, validation)
+    _, c, model, validation = best
+    report = evaluation.evaluation_report(validation, y["validation"], probabilities(model, "test"), y["test"],
+                                          label_names=label_names)
+    return report, {"C": c, "n_features": x["train"].shape[1]}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Setups
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Setup:
+    key: str
+    name: str
+    kind: str  # "baseline" | "esmloc"
+    args: list[str] = field(default_factory=list)  # train.py model arguments (esmloc)
+    physicochemical: bool = False  # baseline
+    run: bool = True  # False: documented, not run here
+    note: str = ""
+
+
+@dataclass
+class Budget:
+    """What the esmloc setups train on: architecture, crop, epochs, batch sizes, learning rate."""
+
+    architecture: str = "tiny"
+    max_residues: int = 128
+    crop: str = "n_terminal"  # the binary task: where mitochondrial targeting peptides sit
+    multi_label_crop: str = "middle"  # 10 locations: both ends (signal peptides, PTS1, KDEL), as DeepLoc does
+    pooling: str = "mean"
+    epochs: float = 30.0
+    frozen_epochs: float = 10.0
+    pretrained_epochs: float = 5.0  # LoRA from pretrained weights (documented rows)
+    batch_size: int = 32
+    eval_batch_size: int = 64
+    learning_rate_full: float = 3e-3
+    learning_rate_frozen: float = 1e-3
+    warmup: float = 0.06
+    seed: int = 42
+
+
+SMOKE_BUDGET = Budget(architecture="tiny", max_residues=64, epochs=1, frozen_epochs=1, pretrained_epochs=1,
+                      batch_size=16)
+
+
+def _num(value: float) -> str:
+    return f"{value:g}"
+
+
+def make_setups(budget: Budget, pretrained: str | None) -> list[Setup]:
+    scratch = ["--from_scratch", budget.architecture, "--pooling", budget.pooling]
+    return [
+        Setup("baseline_composition", "Baseline: logistic regression, N-terminal AA + dipeptide composition",
+              "baseline"),
+        Setup("baseline_physchem", "Baseline: the same + N-terminal charge, hydropathy, hydrophobic moment",
+              "baseline", physicochemical=True),
+        Setup("scratch_frozen", f"esmloc, random ESM-2 `{budget.architecture}`, frozen (random features: a floor)",
+              "esmloc", scratch + ["--finetune", "frozen", "--num_train_epochs", _num(budget.frozen_epochs),
+                                   "--learning_rate", _num(budget.learning_rate_frozen)]),
+        Setup("scratch_full", f"esmloc, ESM-2 `{budget.architecture}` trained from scratch (full)",
+              "esmloc", scratch + ["--finetune", "full", "--num_train_epochs", _num(budget.epochs),
+                                   "--learning_rate", _num(budget.learning_rate_full)]),
+        Setup("pretrained_frozen", f"esmloc, pretrained `{pretrained or PUBLISHED_PRETRAINED}`, frozen", "esmloc",
+              ["--model_name_or_path", pretrained or PUBLISHED_PRETRAINED, "--pooling", budget.pooling,
+               "--finetune", "frozen", "--num_train_epochs", _num(budget.frozen_epochs)],
+              run=pretrained is not None, note="not run here: no pretrained weights offline"),
+        Setup("pretrained_lora", f"esmloc, pretrained `{pretrained or PUBLISHED_PRETRAINED}`, LoRA", "esmloc",
+              ["--model_name_or_path", pretrained or PUBLISHED_PRETRAINED, "--pooling", budget.pooling,
+               "--finetune", "lora", "--num_train_epochs", _num(budget.pretrained_epochs)],
+              run=pretrained is not None, note="not run here: no pretrained weights offline"),
+    ]
+
+
+def folds(all_folds: bool, test_partition: int) -> list[tuple[int, int]]:
+    """(validation partition, test partition) pairs; training takes the other three."""
+    tests = range(N_PARTITIONS) if all_folds else [test_partition]
+    return [((t - 1) % N_PARTITIONS, t) for t in tests]
+
+
+def train_command(setup: Setup, budget: Budget, data_file: Path, validation: int, test: int, output_dir: Path,
+                  multi_label: bool) -> list[str]:
+    # Frozen runs embed every split once and cache the features: a fresh cache per run, so that the wall time
+    # includes the embedding (a random backbone built from the same seed would otherwise hit an earlier run's cache).
+    cache = ["--feature_cache_dir", str(output_dir / "feature_cache")] if "frozen" in setup.args else []
+    return [
+        sys.executable, str(REPO / "train.py"), *setup.args,
+        "--dataset_config", "deeploc" if multi_label else "mitochondrion",
+        "--train_file", str(data_file), "--split_method", "partition",
+        "--validation_partitions", str(validation), "--test_partitions", str(test),
+        "--max_residues", str(budget.max_residues), "--crop", budget.multi_label_crop if multi_label else budget.crop,
+        "--warmup_steps", _num(budget.warmup),
+        "--per_device_train_batch_size", str(budget.batch_size),
+        "--per_device_eval_batch_size", str(budget.eval_batch_size),
+        "--seed", str(budget.seed), "--save_total_limit", "1", "--disable_tqdm", "true",
+        *cache, "--output_dir", str(output_dir),
+    ]
+
+
+def shell_line(command: list[str]) -> str:
+    """The command as a user would type it (train.py relative to the repository)."""
+    parts = ["python", "train.py"] + command[2:]
+    return " ".join(part if part and all(c.isalnum() or c in "-_./=:," for c in part) else repr(part)
+                    for part in parts)
+
+
+def run_train(command: list[str], output_dir: Path) -> tuple[dict, float]:
+    """Runs train.py in a fresh output directory; returns (test_results.json, wall seconds)."""
+    if output_dir.exists():  # train.py would resume from a checkpoint left there
+        shutil.rmtree(output_dir)
+    output_dir.mkdir(parents=True)
+    env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"), "TOKENIZERS_PARALLELISM": "false",
+           "PYTHONUNBUFFERED": "1"}
+    env.pop("WORLD_SIZE", None)
+    log = output_dir.parent / f"{output_dir.name}.log"
+    start = time.perf_counter()
+    with open(log, "w") as handle:
+        result = subprocess.run(command, cwd=REPO, env=env, stdout=handle, stderr=subprocess.STDOUT)
+    wall = time.perf_counter() - start
+    if result.returncode != 0:
+        tail = log.read_text()[-4000:]
+        raise RuntimeError(f"train.py failed ({result.returncode}); log {log}:\n{tail}")
+    return json.loads((output_dir / "test_results.json").read_text()), wall
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tables
+# ----------------------------------------------------------------------------------------------------------------
+
+BINARY_COLUMNS = [("Mito MCC (tuned)", "test_mcc_tuned"), ("ROC-AUC", "test_roc_auc"), ("PR-AUC", "test_pr_auc"),
+                  ("F1 (tuned)", "test_f1_tuned")]
+MULTI_COLUMNS = [("macro MCC (tuned)", "test_macro_mcc_tuned"), ("Mito MCC (tuned)", "test_mcc_Mitochondrion_tuned"),
+                 ("micro F1", "test_micro_f1_tuned"), ("macro F1", "test_macro_f1_tuned"),
+                 ("subset acc.", "test_subset_accuracy_tuned"), ("Jaccard", "test_jaccard_tuned")]
+
+
+def _summary(values: list) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "n/a"
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+def _wall(seconds: list[float]) -> str:
+    total = sum(seconds)
+    text = f"{total / 60:.1f} min" if total >= 60 else f"{total:.0f} s" if total >= 10 else f"{total:.1f} s"
+    return text + (f" ({len(seconds)} folds)" if len(seconds) > 1 else "")
+
+
+def describe(budget: Budget, multi_label: bool) -> str:
+    """What the rows ran, in words, for the report under the tables."""
+    from configuration_esmloc import ESM2_ARCHITECTURES
+
+    architecture = ESM2_ARCHITECTURES[budget.architecture]
+    crops = f"{budget.crop} crop" + (f" (multi-label: {budget.multi_label_crop} crop)" if multi_label else "")
+    return (
+        f"esmloc rows: `train.py`, ESM-2 `{budget.architecture}` architecture ({architecture['num_hidden_layers']} "
+        f"layers, hidden size {architecture['hidden_size']}) with random initial weights, proteins cropped to "
+        f"{budget.max_residues} residues ({crops}), {budget.pooling} pooling, batch {budget.batch_size}, "
+        f"warmup {_num(budget.warmup)}, seed {budget.seed}; full: {_num(budget.epochs)} epochs at learning rate "
+        f"{_num(budget.learning_rate_full)}; frozen: {_num(budget.frozen_epochs)} epochs at "
+        f"{_num(budget.learning_rate_frozen)}; the checkpoint with the best validation MCC is kept, thresholds are "
+        f"tuned for MCC on validation. Baselines: scikit-learn logistic regression (class_weight=balanced, "
+        f"standardised features, C chosen on validation), features of the N-terminal {N_TERMINAL_WINDOW} residues "
+        f"and the whole protein; their wall time covers features, the C search and evaluation."
+    )
+
+
+def markdown_table(rows: list[dict], columns, published: bool) -> str:
+    header = ["Setup", *[name for name, _ in columns], "wall time"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
+    for row in rows:
+        if row["runs"]:
+            cells = [_summary([run["metrics"].get(key) for run in row["runs"]]) for _, key in columns]
+            cells.append(_wall([run["wall_s"] for run in row["runs"]]))
+        else:
+            cells = ["—"] * len(columns) + [row["note"]]
+        lines.append("| " + " | ".join([row["name"], *cells]) + " |")
+    if published:
+        for name, mcc in PUBLISHED:
+            cells = [f"{mcc:.2f}"] + ["—"] * (len(columns) - 1) + ["published, not run here"]
+            lines.append("| " + " | ".join([name, *cells]) + " |")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Main
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def smoke_data(source: Path, destination: Path, rows_per_partition: int, seed: int) -> Path:
+    """A few proteins of every partition of `source`, with every column, for the smoke mode."""
+    import pandas as pd
+
+    frame = pd.read_csv(source)
+    rng = np.random.default_rng(seed)
+    picked = [rng.choice(np.flatnonzero(frame["Partition"].to_numpy() == partition),
+                         size=min(rows_per_partition, int((frame["Partition"] == partition).sum())), replace=False)
+              for partition in sorted(frame["Partition"].unique())]
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    frame.iloc[np.sort(np.concatenate(picked))].to_csv(destination, index=False)
+    return destination
+
+
+def parse_arguments(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA,
+                        help="DeepLoc 2.0 SwissProt CSV (ACC, Kingdom, Partition, Membrane, 10 locations, Sequence)")
+    parser.add_argument("--output_dir", type=Path, default=DEFAULT_OUTPUT)
+    parser.add_argument("--test_partition", type=int, default=4, help="the test partition (validation: the one "
+                        "before it, mod 5; training: the other three)")
+    parser.add_argument("--all_folds", action="store_true", help="all five (validation, test) folds")
+    parser.add_argument("--multi_label", action="store_true", help="also DeepLoc's 10-location multi-label table")
+    parser.add_argument("--setups", default=None,
+                        help="comma-separated subset of: baseline_composition, baseline_physchem, scratch_frozen, "
+                        "scratch_full, pretrained_frozen, pretrained_lora")
+    parser.add_argument("--pretrained", default=None, metavar="ID_OR_PATH",
+                        help=f"run the pretrained rows from this ESM-2 checkpoint (e.g. {PUBLISHED_PRETRAINED})")
+    parser.add_argument("--smoke", action="store_true",
+                        help="a few hundred proteins (sampled per partition), tiny models, 1 epoch, 64 residues")
+    parser.add_argument("--smoke_rows_per_partition", type=int, default=60)
+    budget = Budget()
+    for name, default in vars(budget).items():
+        parser.add_argument(f"--{name}", type=type(default), default=None, help=f"default {default}")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_arguments(argv)
+    budget = Budget(**vars(SMOKE_BUDGET if args.smoke else Budget()))
+    for name in vars(budget):
+        if getattr(args, name) is not None:
+            setattr(budget, name, getattr(args, name))
+    if not args.data.is_file():
+        raise SystemExit(f"{args.data}: no such file (the DeepLoc 2.0 SwissProt CSV; see --data)")
+    output_dir = args.output_dir.resolve()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    data_file = args.data.resolve()
+    if args.smoke:
+        data_file = smoke_data(data_file, output_dir / "smoke_data.csv", args.smoke_rows_per_partition, budget.seed)
+
+    setups = make_setups(budget, args.pretrained)
+    if args.setups:
+        chosen = args.setups.split(",")
+        unknown = set(chosen) - {setup.key for setup in setups}
+        if unknown:
+            raise SystemExit(f"--setups: unknown {sorted(unknown)}")
+        setups = [setup for setup in setups if setup.key in chosen]
+
+    from esmloc import data
+
+    started = time.perf_counter()
+    tasks = [False] + ([True] if args.multi_label else [])
+    info = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(["python", "bench/accuracy.py", *(sys.argv[1:] if argv is None else argv)]),
+        "data": str(args.data), "smoke": args.smoke, "budget": vars(budget),
+        "host": {"python": platform.python_version(), "cpus": os.cpu_count(),
+                 "load_average_at_start": os.getloadavg()},
+    }
+    print(f"# esmloc accuracy benchmark ({info['date']})\n\ncommand: {info['command']}\ndata: {data_file}")
+    print(f"esmloc budget: {json.dumps(vars(budget))}\nload average at start: "
+          + ", ".join(f"{x:.2f}" for x in os.getloadavg()))
+
+    results = {"info": info, "tasks": {}}
+    sections = []
+    for multi_label in tasks:
+        task = "deeploc" if multi_label else "mitochondrion"
+        rows = [{"key": s.key, "name": s.name, "note": s.note, "runs": [], "commands": []} for s in setups]
+        split_sizes = {}
+        for validation, test in folds(args.all_folds, args.test_partition):
+            dataset = data.load_dataset(str(data_file), task, split_method="partition",
+                                        validation_partitions=[validation], test_partitions=[test])
+            sizes = {name: len(split) for name, split in dataset.items()}
+            split_sizes[f"test{test}"] = sizes
+            summary = data.dataset_summary(dataset)["splits"]
+            print(f"\n## {task}, fold: validation partition {validation}, test partition {test}, training the "
+                  "other three")
+            for name, counts in summary.items():
+                print(f"  {name:<10} N={counts['proteins']:>6}  Mitochondrion={counts['Mitochondrion']}")
+            for setup, row in zip(setups, rows):
+                run_dir = output_dir / "runs" / task / setup.key / f"fold{test}"
+                if setup.kind == "baseline":
+                    start = time.perf_counter()
+                    report, details = run_baseline(dataset, multi_label, setup.physicochemical, budget.seed)
+                    wall = time.perf_counter() - start
+                    row["commands"].append(f"(in-process) {details}")
+                    print(f"- {setup.name}: {wall:.0f} s, C={details['C']}, {details['n_features']} features")
+                else:
+                    command = train_command(setup, budget, data_file, validation, test, run_dir, multi_label)
+                    line = shell_line(command)
+                    row["commands"].append(line)
+                    if not setup.run:
+                        print(f"- {setup.name}: {setup.note}\n    {line}")
+                        continue
+                    print(f"- {setup.name}:\n    {line}", flush=True)
+                    report, wall = run_train(command, run_dir)
+                    print(f"    {wall:.0f} s", flush=True)
+                metrics = {key: value for key, value in report.items() if isinstance(value, (int, float)) or value is None}
+                row["runs"].append({"test_partition": test, "validation_partition": validation, "wall_s": wall,
+                                    "metrics": metrics})
+                shown = BINARY_COLUMNS if not multi_label else MULTI_COLUMNS
+                print("    " + ", ".join(f"{name} {_summary([metrics.get(key)])}" for name, key in shown), flush=True)
+        columns = MULTI_COLUMNS if multi_label else BINARY_COLUMNS
+        title = ("Multi-label, DeepLoc's 10 locations (thresholds tuned per location on validation)" if multi_label
+                 else "Mitochondrion vs rest (threshold tuned for MCC on validation)")
+        fold_text = "all 5 folds, mean ± sd" if args.all_folds else f"test partition {args.test_partition}"
+        sizes = next(iter(split_sizes.values()))
+        table = markdown_table(rows, columns, published=not multi_label)
+        sections.append(f"### {title}\n\n{fold_text}; N train/validation/test = {sizes['train']}/"
+                        f"{sizes['validation']}/{sizes['test']}\n\n{table}")
+        results["tasks"][task] = {"split_sizes": split_sizes, "rows": rows}
+
+    total = time.perf_counter() - started
+    info["total_wall_s"] = total
+    info["load_average_at_end"] = os.getloadavg()
+    footer = (f"Total wall time {total / 60:.1f} min on {os.cpu_count()} CPUs (load average at start "
+              f"{info['host']['load_average_at_start'][0]:.2f}, at end {info['load_average_at_end'][0]:.2f}); "
+              f"{info['date']}; `{info['command']}`")
+    report = "\n\n".join(sections) + "\n\n" + describe(budget, args.multi_label) + "\n\n" + footer + "\n"
+    print("\n" + report)
+    (output_dir / "accuracy.md").write_text(report)
+    (output_dir / "accuracy.json").write_text(json.dumps(results, indent=2))
+    print(f"Written: {output_dir / 'accuracy.md'}, {output_dir / 'accuracy.json'}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,199 @@
+"""bench/accuracy.py: the baseline's features on hand-made proteins, and the smoke mode end to end (a synthetic
+DeepLoc-layout file always; the real DeepLoc 2.0 file when it is present)."""
+
+import csv
+import importlib.util
+import json
+import os
+import random
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import DEEPLOC_CSV, REPO
+
+
+SCRIPT = REPO / "bench" / "accuracy.py"
+SETUP_ROWS = [
+    "Baseline: logistic regression, N-terminal AA + dipeptide composition",
+    "Baseline: the same + N-terminal charge, hydropathy, hydrophobic moment",
+    "esmloc, random ESM-2 `tiny`, frozen (random features: a floor)",
+    "esmloc, ESM-2 `tiny` trained from scratch (full)",
+]
+NOT_RUN_ROWS = [
+    "esmloc, pretrained `facebook/esm2_t6_8M_UR50D`, frozen",
+    "esmloc, pretrained `facebook/esm2_t6_8M_UR50D`, LoRA",
+]
+PUBLISHED_ROWS = ["DeepLoc 2.0 (ProtT5), SwissProt 5-fold CV", "DeepLoc 2.0 (ProtT5), independent HPA test set"]
+
+
+@pytest.fixture(scope="module")
+def accuracy():
+    spec = importlib.util.spec_from_file_location("bench_accuracy", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def deeploc_layout_csv(tmp_path_factory):
+    """300 synthetic proteins in the DeepLoc 2.0 layout (the demo generator's proteins; Mitochondrion from the demo
+    label, the other nine locations at random), five homology partitions."""
+    from esmloc.data import LOCATIONS
+    from esmloc.demo import demo_rows
+
+    rng = random.Random(0)
+    path = tmp_path_factory.mktemp("deeploc") / "deeploc_layout.csv"
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["ACC", "Kingdom", "Partition", "Membrane", *LOCATIONS, "Sequence"])
+        for index, row in enumerate(demo_rows(n_rows=300, seed=11)):
+            locations = [int(row["Mitochondrion"]) if name == "Mitochondrion" else int(rng.random() < 0.2)
+                         for name in LOCATIONS]
+            writer.writerow([row["ACC"], "Metazoa", index % 5, rng.randint(0, 1), *locations, row["Sequence"]])
+    return path
+
+
+# ------------------------------------------------------------------------------------------------ features
+
+
+def test_composition_features_on_a_hand_made_protein(accuracy):
+    sequence = "MRRAX" + "L" * 60  # X (unknown) is ignored
+    features = accuracy.baseline_features([sequence])[0]
+    assert features.shape == (440,)
+    aa = accuracy.AMINO_ACIDS
+    n_terminal, dipeptides, whole = features[:20], features[20:420], features[420:440]
+    # N-terminal 50 residues: M R R A X + 45 L -> 49 standard residues
+    assert n_terminal[aa.index("R")] == pytest.approx(2 / 49)
+    assert n_terminal[aa.index("L")] == pytest.approx(45 / 49)
+    # dipeptides of the window, pairs with X dropped: MR RR RA (AX, XL dropped) + 44 LL = 47 pairs
+    assert dipeptides[aa.index("M") * 20 + aa.index("R")] == pytest.approx(1 / 47)
+    assert dipeptides[aa.index("L") * 20 + aa.index("L")] == pytest.approx(44 / 47)
+    assert whole[aa.index("L")] == pytest.approx(60 / 64)
+    for block in (n_terminal, dipeptides, whole):
+        assert block.sum() == pytest.approx(1.0)
+
+
+def test_physicochemical_features_see_a_presequence(accuracy):
+    presequence = "MLRAALRSLLRAALRSLLRAALRS" + "A" * 60  # amphipathic, Arg-rich, no acidic residues
+    acidic = "MDEADEIDEADEIDEADEIDEADE" + "A" * 60
+    with_physchem = accuracy.baseline_features([presequence, acidic], physicochemical=True)
+    assert with_physchem.shape == (2, 453)
+    extra = with_physchem[:, 440:]
+    net_charge_20, arg_20 = extra[:, 0], extra[:, 1]
+    assert net_charge_20[0] > 0 > net_charge_20[1]
+    assert arg_20[0] == pytest.approx(5 / 20) and arg_20[1] == 0
+    # hydrophobic moment: an ideal amphipathic helix beats a uniform stretch
+    helix = "LKKLLKLLKKLLKLLKKL"
+    assert accuracy._max_hydrophobic_moment(accuracy.residue_indices(helix)) > \
+        accuracy._max_hydrophobic_moment(accuracy.residue_indices("L" * 18)) == pytest.approx(0, abs=1e-9)
+
+
+def test_folds_cover_every_partition_once(accuracy):
+    assert accuracy.folds(False, 4) == [(3, 4)]
+    pairs = accuracy.folds(True, 4)
+    assert sorted(test for _, test in pairs) == [0, 1, 2, 3, 4]
+    assert all(validation != test for validation, test in pairs)
+
+
+def test_pretrained_rows_are_documented_with_the_same_command_line(accuracy, tmp_path):
+    budget = accuracy.Budget()
+    setups = {setup.key: setup for setup in accuracy.make_setups(budget, pretrained=None)}
+    assert not setups["pretrained_frozen"].run and not setups["pretrained_lora"].run
+    scratch = accuracy.train_command(setups["scratch_full"], budget, tmp_path / "d.csv", 3, 4, tmp_path / "o", False)
+    lora = accuracy.train_command(setups["pretrained_lora"], budget, tmp_path / "d.csv", 3, 4, tmp_path / "o", False)
+    assert ["--model_name_or_path", "facebook/esm2_t6_8M_UR50D"] == lora[2:4] and "--from_scratch" not in lora
+    assert lora[lora.index("--dataset_config"):] == scratch[scratch.index("--dataset_config"):]
+    assert "--finetune lora" in accuracy.shell_line(lora)
+
+
+# ------------------------------------------------------------------------------------------------ smoke runs
+
+
+NUMBER = r"-?\d+\.\d{3}"
+
+
+def table_rows(stdout: str, title: str) -> dict[str, list[str]]:
+    """The Markdown table under the heading `title`: {setup: cells}."""
+    section = stdout.split(f"### {title}", 1)[1].split("###", 1)[0]
+    rows = {}
+    for line in section.splitlines():
+        if line.startswith("| ") and not line.startswith(("| Setup", "| ---")):
+            cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+            rows[cells[0]] = cells[1:]
+    return rows
+
+
+def run_smoke(data_file, output_dir, *extra) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    result = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--data", str(data_file), "--output_dir",
+                             str(output_dir), *extra], cwd=output_dir.parent, env=env, capture_output=True, text=True,
+                            timeout=900)
+    if result.returncode != 0:
+        raise AssertionError(f"bench/accuracy.py failed ({result.returncode}):\n{result.stdout[-4000:]}\n"
+                             f"{result.stderr[-4000:]}")
+    return result
+
+
+def check_numbers(cells: list[str], n_metrics: int):
+    for cell in cells[:n_metrics]:
+        value = float(re.fullmatch(NUMBER, cell).group())
+        assert -1.0 <= value <= 1.0, cells
+    assert re.fullmatch(r"\d+(\.\d)? s|\d+\.\d min", cells[n_metrics]), cells
+
+
+def test_smoke_mode_prints_the_tables(deeploc_layout_csv, tmp_path):
+    output_dir = tmp_path / "results"
+    stdout = run_smoke(deeploc_layout_csv, output_dir, "--multi_label").stdout
+
+    assert "command: python bench/accuracy.py --smoke" in stdout
+    assert re.search(r"train\s+N=\s*180", stdout) and re.search(r"test\s+N=\s*60", stdout)  # partitions 0-2 / 3 / 4
+    assert "python train.py --from_scratch tiny" in stdout  # the command of every esmloc run is printed
+
+    binary = table_rows(stdout, "Mitochondrion vs rest")
+    assert list(binary) == SETUP_ROWS + NOT_RUN_ROWS + PUBLISHED_ROWS
+    for name in SETUP_ROWS:
+        check_numbers(binary[name], 4)
+    for name in NOT_RUN_ROWS:
+        assert binary[name] == ["—"] * 4 + ["not run here: no pretrained weights offline"]
+    assert binary[PUBLISHED_ROWS[0]][0] == "0.77" and binary[PUBLISHED_ROWS[1]][0] == "0.56"
+    assert all(cells[-1] == "published, not run here" for name, cells in binary.items() if name in PUBLISHED_ROWS)
+
+    multi = table_rows(stdout, "Multi-label")
+    assert list(multi) == SETUP_ROWS + NOT_RUN_ROWS
+    for name in SETUP_ROWS:
+        check_numbers(multi[name], 6)
+
+    # the same tables on disk, and every metric of every run
+    assert (output_dir / "accuracy.md").read_text() in stdout
+    results = json.loads((output_dir / "accuracy.json").read_text())
+    rows = {row["key"]: row for row in results["tasks"]["mitochondrion"]["rows"]}
+    full = rows["scratch_full"]["runs"][0]
+    assert full["metrics"]["test_mcc_tuned"] == pytest.approx(float(binary[SETUP_ROWS[3]][0]), abs=5e-4)
+    assert full["wall_s"] > 0 and (output_dir / "runs" / "mitochondrion" / "scratch_full" / "fold4" /
+                                   "test_results.json").is_file()
+    multi_rows = {row["key"]: row for row in results["tasks"]["deeploc"]["rows"]}
+    assert "test_mcc_Peroxisome_tuned" in multi_rows["baseline_composition"]["runs"][0]["metrics"]
+    assert results["tasks"]["mitochondrion"]["split_sizes"] == {"test4": {"train": 180, "validation": 60, "test": 60}}
+
+
+@pytest.mark.skipif(not DEEPLOC_CSV.is_file(), reason=f"the DeepLoc 2.0 file is not at {DEEPLOC_CSV}")
+def test_smoke_mode_on_the_real_deeploc_file(tmp_path):
+    output_dir = tmp_path / "results"
+    stdout = run_smoke(DEEPLOC_CSV, output_dir, "--setups", "baseline_composition,scratch_full").stdout
+    binary = table_rows(stdout, "Mitochondrion vs rest")
+    assert list(binary) == [SETUP_ROWS[0], SETUP_ROWS[3]] + PUBLISHED_ROWS
+    for name in (SETUP_ROWS[0], SETUP_ROWS[3]):
+        check_numbers(binary[name], 4)
+    # the smoke sample: 60 proteins of each partition
+    assert json.loads((output_dir / "accuracy.json").read_text())["tasks"]["mitochondrion"]["split_sizes"] == {
+        "test4": {"train": 180, "validation": 60, "test": 60}}
+
+
+def test_missing_data_file_is_named(tmp_path):
+    result = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--data", str(tmp_path / "absent.csv"),
+                             "--output_dir", str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "absent.csv: no such file" in result.stderr
