@@ -37,7 +37,7 @@ from transformers import (
 from transformers.trainer_utils import get_last_checkpoint
 
 from configuration_esmloc import CROP_STRATEGIES, ESM2_ARCHITECTURES, POOLING_MODES, EsmLocConfig
-from esmloc import cache, data, engine, evaluation
+from esmloc import cache, data, engine, evaluation, publish
 from esmloc.export import save_model, tokenizer_for
 from modeling_esmloc import EsmForLocalization
 
@@ -93,6 +93,15 @@ class ModelArguments:
         default=None,
         metadata={"help": "Where cached features are kept (default $HF_HOME/esmloc/features), one directory per "
                   "backbone fingerprint, pooling kind, crop setting and precision."},
+    )
+    hub_endpoint: str | None = field(
+        default=None,
+        metadata={"help": "With --push_to_hub: the hub to push to (default: HF_ENDPOINT, else https://huggingface.co)."},
+    )
+    push_adapter: bool = field(
+        default=False,
+        metadata={"help": "With --push_to_hub and --finetune lora: push the LoRA adapter (with its own card naming the "
+                  "base model) instead of the merged model."},
     )
     max_tokens_per_batch: int | None = field(
         default=None,
@@ -350,8 +359,21 @@ def positive_probabilities(probabilities: np.ndarray, multi_label: bool) -> np.n
     return probabilities[:, 1] if not multi_label and probabilities.shape[1] == 2 else probabilities
 
 
+def without_local_paths(arguments: dict) -> dict:
+    """Arguments for the record (run_info.json travels with a pushed model): local files by name only."""
+    return {key: Path(value).name if isinstance(value, str) and Path(value).expanduser().exists() else value
+            for key, value in arguments.items()}
+
+
 def main(argv=None):
     model_args, data_args, training_args = parse_arguments(argv)
+    # Trainer's own hub logic would create the repo at init and upload checkpoints (pickles); publish pushes the
+    # finished output directory at the end instead.
+    push_to_hub, training_args.push_to_hub = training_args.push_to_hub, False
+    if push_to_hub and publish.as_hub_model_id(training_args.hub_model_id or "") != training_args.hub_model_id:
+        raise SystemExit("--push_to_hub needs --hub_model_id user/name")
+    if model_args.push_adapter and model_args.finetune != "lora":
+        raise SystemExit("--push_adapter needs --finetune lora")
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO,
                         handlers=[logging.StreamHandler(sys.stdout)])
     if not training_args.should_log:
@@ -458,17 +480,30 @@ def main(argv=None):
                                                label_names=label_names, n=data_args.num_examples_to_show,
                                                seed=training_args.seed))
         run_info = {
-            "model": {**asdict(model_args), "base_model": model.config.esm_name_or_path,
+            "model": {**without_local_paths(asdict(model_args)), "base_model": model.config.esm_name_or_path,
                       "trainable_parameters": trainable, "total_parameters": total},
-            "data": {**asdict(data_args), "split_sizes": {name: len(split) for name, split in dataset.items()}},
+            "data": {**without_local_paths(asdict(data_args)),
+                     "split_sizes": {name: len(split) for name, split in dataset.items()}},
             "training": {"num_train_epochs": training_args.num_train_epochs, "seed": training_args.seed,
                          "learning_rate": training_args.learning_rate,
                          "per_device_train_batch_size": training_args.per_device_train_batch_size,
-                         "world_size": training_args.world_size},
+                         "world_size": training_args.world_size,
+                         "metric_for_best_model": training_args.metric_for_best_model},
         }
         (output_dir / RUN_INFO_FILE).write_text(json.dumps(run_info, indent=2))
-        print(f"Model, metrics, predictions and plots saved in {output_dir}")
+        publish.write_model_card(output_dir)
+        print(f"Model, metrics, predictions, plots and model card saved in {output_dir}")
+    # Push only once every process is done, so that a failed push cannot leave other processes waiting.
     trainer.accelerator.wait_for_everyone()
+    if push_to_hub and trainer.is_world_process_zero():
+        try:
+            url = publish.push_output_dir(output_dir, training_args.hub_model_id,
+                                          private=bool(training_args.hub_private_repo),
+                                          endpoint=model_args.hub_endpoint, token=training_args.hub_token,
+                                          what="adapter" if model_args.push_adapter else "merged")
+        except publish.PublishError as error:
+            raise SystemExit(f"The model is saved in {output_dir}, but the push failed: {error}") from None
+        print(f"Pushed to {url}")
 
 
 if __name__ == "__main__":

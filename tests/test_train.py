@@ -124,6 +124,39 @@ def test_run_leaves_a_loadable_evaluated_model(mode, runs, proteins_csv, tmp_pat
         assert row["predicted_label"] == predicted
 
 
+def test_best_model_is_chosen_by_validation_mcc(runs):
+    output_dir, _ = runs["full"]
+    assert json.loads((output_dir / "run_info.json").read_text())["training"]["metric_for_best_model"] == "mcc_tuned"
+    state = json.loads((output_dir / "trainer_state.json").read_text())
+    evaluations = [entry for entry in state["log_history"] if "eval_mcc_tuned" in entry]
+    assert len(evaluations) == 2
+    assert state["best_metric"] == max(entry["eval_mcc_tuned"] for entry in evaluations)
+
+
+def test_run_info_records_local_files_by_name_only(runs, proteins_csv):
+    run_info = (runs["frozen"][0] / "run_info.json").read_text()
+    assert str(proteins_csv.parent) not in run_info
+    assert json.loads(run_info)["data"]["train_file"] == proteins_csv.name
+
+
+def test_failed_push_keeps_the_run_and_says_why(proteins_csv, tmp_path):
+    output_dir = tmp_path / "out"
+    result = subprocess.run(
+        TRAIN + ["--train_file", str(proteins_csv), "--output_dir", str(output_dir), *QUICK, "--num_train_epochs", "1",
+                 "--push_to_hub", "--hub_model_id", "someone/esmloc-test",
+                 "--hub_endpoint", f"http://127.0.0.1:{free_port()}"],
+        cwd=tmp_path, env=train_env(HF_TOKEN="hf_esmloc_test_secret_token"), capture_output=True, text=True,
+        timeout=600,
+    )
+    assert result.returncode != 0
+    assert f"The model is saved in {output_dir}, but the push failed" in result.stderr
+    assert "someone/esmloc-test" in result.stderr
+    assert "hf_esmloc_test_secret_token" not in result.stdout + result.stderr
+    for name in ("model.safetensors", "README.md", "test_results.json"):
+        assert (output_dir / name).is_file()
+    assert not [path for path in output_dir.rglob("*") if path.is_file() and b"esmloc_test_secret" in path.read_bytes()]
+
+
 def test_finetune_modes_train_what_they_say(runs):
     counts = {}
     for mode, (output_dir, _) in runs.items():
@@ -184,7 +217,7 @@ def test_two_process_ddp_produces_one_model(launcher, proteins_csv, tmp_path, el
     run_info = json.loads((output_dir / "run_info.json").read_text())
     assert run_info["training"]["world_size"] == 2
     assert (output_dir / "model.safetensors").is_file()
-    assert (result.stdout + result.stderr).count("Model, metrics, predictions and plots saved") == 1
+    assert (result.stdout + result.stderr).count("Model, metrics, predictions, plots and model card saved") == 1
     state = json.loads((output_dir / "trainer_state.json").read_text())
     # 112 training proteins, 16 per process and step, 2 processes: 4 steps an epoch, 8 in all (one process: 14).
     assert state["global_step"] == 8
