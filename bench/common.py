@@ -117,6 +117,53 @@ def machine_description() -> str:
             f"transformers {transformers.__version__}, Python {platform.python_version()}")
 
 
+class OtherLoad:
+    """Measures how busy *other* processes kept the CPUs during a `with` block: the machine's busy CPU time
+    (/proc/stat) minus this process's own (and its waited-for children's), as a fraction of all CPUs over the
+    block's wall time. A benchmark on a shared machine is contaminated when this is not near 0."""
+
+    fraction: float | None = None
+
+    @staticmethod
+    def _machine_busy_seconds() -> float | None:
+        try:
+            with open("/proc/stat") as handle:
+                values = [int(value) for value in handle.readline().split()[1:]]
+        except OSError:
+            return None
+        idle = values[3] + (values[4] if len(values) > 4 else 0)
+        return (sum(values) - idle) / os.sysconf("SC_CLK_TCK")
+
+    @staticmethod
+    def _own_seconds() -> float:
+        times = os.times()
+        return times.user + times.system + times.children_user + times.children_system
+
+    def __enter__(self):
+        self._busy, self._own, self._wall = self._machine_busy_seconds(), self._own_seconds(), time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        busy = self._machine_busy_seconds()
+        wall = time.perf_counter() - self._wall
+        if busy is not None and self._busy is not None and wall > 0:
+            others = (busy - self._busy) - (self._own_seconds() - self._own)
+            self.fraction = max(0.0, others) / (wall * (os.cpu_count() or 1))
+        return False
+
+
+def wait_until_quiet(threshold: float = 0.05, window: float = 5.0, timeout: float = 900.0) -> float | None:
+    """Waits (up to `timeout` s) until other processes use less than `threshold` of the CPUs over a `window`;
+    returns the last measured fraction."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with OtherLoad() as load:
+            time.sleep(window)
+        if load.fraction is None or load.fraction < threshold or time.monotonic() > deadline:
+            return load.fraction
+        print(f"waiting: other processes keep {100 * load.fraction:.0f}% of the CPUs busy", file=sys.stderr)
+
+
 def load_average() -> str:
     try:
         return " ".join(f"{value:.2f}" for value in os.getloadavg())

@@ -13,8 +13,9 @@ Each repeat measures, one after the other on the same proteins (the first N rows
 - engine: `esmloc.engine.Engine(...).embed(sequences, "mean")` (length-sorted token-budget batches, packed forward,
   inference mode, everything from tokenisation to the pooled vectors in input order);
 - with --variants all, also: sorted + budget (the engine's batching with `EsmModel.forward` on padded batches, no
-  packing), the engine with its linear layers through `F.linear` (MKL) instead of oneDNN, and the engine under bf16
-  autocast on the CPU (reported with its error against fp32).
+  packing), the engine running one batch at a time (all threads on each operation), the engine with its linear
+  layers through `F.linear` (MKL) instead of oneDNN, and the engine under bf16 autocast on the CPU (reported with its
+  error against fp32); --budgets adds the engine with other token budgets.
 
 The backbone has random weights (the ESM-2 8M architecture: the same compute as the pretrained model). The compute
 bound is the FLOPs of the real tokens (formula printed) divided by the machine's fp32 matmul peak, measured in the
@@ -42,10 +43,16 @@ def parse_arguments(argv=None):
     parser.add_argument("--repeats", type=int, default=3, help="repeats of every variant (default 3)")
     parser.add_argument("--architecture", default="esm2_t6_8M", help="ESM-2 architecture (default esm2_t6_8M)")
     parser.add_argument("--max_tokens_per_batch", type=int, default=None, help="the engine's token budget")
+    parser.add_argument("--budgets", type=lambda text: [int(x) for x in text.split(",")], default=None,
+                        help="also time the engine with each of these token budgets, e.g. 1024,2048,8192")
     parser.add_argument("--baseline_batch_size", type=int, default=8)
     parser.add_argument("--variants", choices=["main", "all"], default="main",
                         help="main: baseline and engine; all: also sorted+budget without packing, and bf16")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--max_other_load", type=float, default=0.05,
+                        help="a repeat during which other processes kept more than this share of the CPUs busy is "
+                             "discarded and run again (default 0.05); each repeat first waits for such a quiet moment")
+    parser.add_argument("--retries", type=int, default=6, help="discarded repeats allowed in all (default 6)")
     parser.add_argument("--data", type=Path, default=common.DEEPLOC_CSV)
     parser.add_argument("--smoke", action="store_true", help="tiny model, 12 proteins, 1 repeat")
     args = parser.parse_args(argv)
@@ -96,12 +103,19 @@ def main(argv=None):
         variants["sorted + token budget, EsmModel.forward"] = lambda: Engine(
             model, tokenizer, max_tokens_per_batch=args.max_tokens_per_batch, progress=False, packed=False
         ).embed(sequences, "mean")
+        variants["engine, one batch at a time (workers=1)"] = lambda: Engine(
+            model, tokenizer, max_tokens_per_batch=args.max_tokens_per_batch, progress=False, workers=1
+        ).embed(sequences, "mean")
         variants["engine, linear layers through F.linear (MKL)"] = lambda: Engine(
             model, tokenizer, max_tokens_per_batch=args.max_tokens_per_batch, progress=False, onednn=False
         ).embed(sequences, "mean")
         variants["engine, bf16 autocast"] = lambda: Engine(
             model, tokenizer, max_tokens_per_batch=args.max_tokens_per_batch, progress=False, precision="bf16"
         ).embed(sequences, "mean")
+    for budget in args.budgets or []:
+        variants[f"engine, max_tokens_per_batch {budget}"] = (
+            lambda budget=budget: Engine(model, tokenizer, max_tokens_per_batch=budget, progress=False).embed(
+                sequences, "mean"))
     names = list(variants)
     # Warm-up (first-call costs: thread pools, kernels), on a few proteins.
     few = sequences[:4]
@@ -109,24 +123,42 @@ def main(argv=None):
     Engine(model, tokenizer, progress=False).embed(few, "mean")
 
     seconds = {name: [] for name in names}
-    peaks, library_peaks, memory, outputs = [], [], {}, {}
-    for repeat in range(args.repeats):
-        measured = common.matmul_peaks_gflops(1024 if args.smoke else 4096)
-        peaks.append(measured["peak"])
-        library_peaks.append(measured)
+    peaks, library_peaks, memory, outputs, contamination = [], [], {}, {}, []
+    repeat, attempts = 0, 0
+    while repeat < args.repeats:
+        if not args.smoke:
+            common.wait_until_quiet(args.max_other_load)
+        attempts += 1
+        timings, others = {}, []
+        with common.OtherLoad() as load:
+            measured = common.matmul_peaks_gflops(1024 if args.smoke else 4096)
+        others.append(load.fraction)
         order = names if repeat % 2 == 0 else names[::-1]  # alternate, so that drifting load hits both
         for name in order:
             resident = common.peak_rss_mb() if common.reset_peak_rss() else None
-            start = time.perf_counter()
-            result = variants[name]()
-            seconds[name].append(time.perf_counter() - start)
-            if repeat == 0:
+            with common.OtherLoad() as load:
+                start = time.perf_counter()
+                result = variants[name]()
+                timings[name] = time.perf_counter() - start
+            others.append(load.fraction)
+            if repeat == 0 and name not in outputs:
                 outputs[name] = result
                 if resident is not None:
                     memory[name] = common.peak_rss_mb() - resident
-        print(f"repeat {repeat + 1}/{args.repeats}: matmul peak {peaks[-1]:.0f} GFLOP/s; "
-              + ", ".join(f"{name.split(' (')[0]} {args.n / seconds[name][-1]:.2f} seq/s" for name in names),
-              file=sys.stderr)
+        worst = max((fraction for fraction in others if fraction is not None), default=0.0)
+        summary = (f"matmul peak {measured['peak']:.0f} GFLOP/s; "
+                   + ", ".join(f"{name}: {args.n / timings[name]:.2f}" for name in names) + " seq/s"
+                   + f"; other processes used up to {100 * worst:.0f}% of the CPUs")
+        if worst > args.max_other_load and attempts < args.repeats + args.retries and not args.smoke:
+            print(f"repeat {repeat + 1} discarded (contaminated): {summary}", file=sys.stderr)
+            continue
+        print(f"repeat {repeat + 1}/{args.repeats}: {summary}", file=sys.stderr)
+        for name in names:
+            seconds[name].append(timings[name])
+        peaks.append(measured["peak"])
+        library_peaks.append(measured)
+        contamination.append(worst)
+        repeat += 1
     load_after = common.load_average()
 
     baseline_name = names[0]
@@ -152,7 +184,9 @@ def main(argv=None):
           f"max_residues {model.config.max_residues}; {sum(lengths):,} real tokens, {flops / 1e12:.3f} TFLOP; "
           f"median of {args.repeats} repeat(s)")
     print(f"command: {common.command_line()}")
-    print(f"machine: {common.machine_description()}; load average before {load_before}, after {load_after}")
+    print(f"machine: {common.machine_description()}; load average before {load_before}, after {load_after}; "
+          f"other processes' share of the CPUs during the kept repeats: at most "
+          f"{100 * max(contamination):.0f}% ({attempts - args.repeats} repeat(s) discarded)")
     libraries = ", ".join(f"{name} {common.median([m[name] for m in library_peaks]):.0f}"
                           for name in library_peaks[0] if name != "peak")
     print(f"fp32 matmul peak: {peak:.0f} GFLOP/s (median of the faster library per repeat: "

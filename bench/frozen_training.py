@@ -71,6 +71,10 @@ def parse_arguments(argv=None):
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--architecture", default="esm2_t6_8M")
     parser.add_argument("--warm", action="store_true", help="also time the cached path on a filled cache")
+    parser.add_argument("--max_other_load", type=float, default=0.05,
+                        help="a repeat during which other processes kept more than this share of the CPUs busy is "
+                             "discarded and run again (default 0.05); each repeat first waits for such a quiet moment")
+    parser.add_argument("--retries", type=int, default=6, help="discarded repeats allowed in all (default 6)")
     parser.add_argument("--data", type=Path, default=common.DEEPLOC_CSV)
     parser.add_argument("--work_dir", type=Path, default=None, help="where runs write (default: a temporary dir)")
     parser.add_argument("--smoke", action="store_true", help="tiny model, 24 proteins, 2 epochs, 1 repeat")
@@ -121,20 +125,38 @@ def main(argv=None):
 
     load_before = common.load_average()
     runs = {"cached": [], "plain": [], "warm": []}
-    differences = []
-    for repeat in range(args.repeats):
-        cache_dir = work / f"features-{repeat}"
+    differences, contamination = [], []
+    repeat, attempts = 0, 0
+    while repeat < args.repeats:
+        if not args.smoke:
+            common.wait_until_quiet(args.max_other_load)
+        attempts += 1
+        tag = f"{repeat}-{attempts}"
+        cache_dir = work / f"features-{tag}"
         paths = [("cached", ["--feature_cache_dir", str(cache_dir)]), ("plain", ["--no_feature_cache"])]
-        for name, extra in paths if repeat % 2 == 0 else paths[::-1]:
-            runs[name].append(run_train(csv_path, work / f"{name}-{repeat}", extra, env))
         if args.warm:
-            runs["warm"].append(run_train(csv_path, work / f"warm-{repeat}", ["--feature_cache_dir", str(cache_dir)],
-                                          env))
-        cached, plain = test_probabilities(work / f"cached-{repeat}"), test_probabilities(work / f"plain-{repeat}")
+            paths.append(("warm", ["--feature_cache_dir", str(cache_dir)]))  # after "cached" filled the cache
+        measured, others = {}, []
+        for name, extra in paths if repeat % 2 == 0 else [paths[1], paths[0], *paths[2:]]:
+            with common.OtherLoad() as load:
+                measured[name] = run_train(csv_path, work / f"{name}-{tag}", extra, env)
+            others.append(load.fraction)
+        worst = max((fraction for fraction in others if fraction is not None), default=0.0)
+        cached, plain = test_probabilities(work / f"cached-{tag}"), test_probabilities(work / f"plain-{tag}")
         assert cached.keys() == plain.keys()
-        differences.append(max(abs(cached[acc] - plain[acc]) for acc in cached))
-        print(f"repeat {repeat + 1}/{args.repeats}: training cached {runs['cached'][-1]['training_s']:.1f} s, plain "
-              f"{runs['plain'][-1]['training_s']:.1f} s; max |dp| {differences[-1]:.1e}", file=sys.stderr)
+        difference = max(abs(cached[acc] - plain[acc]) for acc in cached)
+        summary = (f"training cached {measured['cached']['training_s']:.1f} s, plain "
+                   f"{measured['plain']['training_s']:.1f} s; max |dp| {difference:.1e}; other processes used up to "
+                   f"{100 * worst:.0f}% of the CPUs")
+        if worst > args.max_other_load and attempts < args.repeats + args.retries and not args.smoke:
+            print(f"repeat {repeat + 1} discarded (contaminated): {summary}", file=sys.stderr)
+            continue
+        print(f"repeat {repeat + 1}/{args.repeats}: {summary}", file=sys.stderr)
+        for name, result in measured.items():
+            runs[name].append(result)
+        differences.append(difference)
+        contamination.append(worst)
+        repeat += 1
     load_after = common.load_average()
 
     def row(name, label):
@@ -157,7 +179,9 @@ def main(argv=None):
     print(f"Frozen-backbone training, {EPOCHS} epochs: {source}, ESM-2 {ARCHITECTURE} architecture (random "
           f"weights), train.py defaults; median of {args.repeats} repeat(s)")
     print(f"command: {common.command_line()}")
-    print(f"machine: {common.machine_description()}; load average before {load_before}, after {load_after}")
+    print(f"machine: {common.machine_description()}; load average before {load_before}, after {load_after}; "
+          f"other processes' share of the CPUs during the kept repeats: at most "
+          f"{100 * max(contamination):.0f}% ({attempts - args.repeats} repeat(s) discarded)")
     print(f"test-set probabilities, cached vs plain: max abs difference {max(differences):.1e} "
           f"(per repeat: {', '.join(f'{d:.1e}' for d in differences)})")
     print()

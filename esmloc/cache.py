@@ -152,7 +152,7 @@ class FeatureCache:
                 raise RuntimeError(f"{self.path} belongs to another backbone or format ({meta}); delete it")
         for index_path in sorted(self.path.glob("*.index.json")):
             shard = index_path.name.removesuffix(".index.json")
-            if shard in self._seen_shards:
+            if shard in self._seen_shards or shard.startswith(".tmp-"):  # pathlib's glob matches dot files too
                 continue
             entries = json.loads(index_path.read_text())
             for key, offset, rows in zip(entries["keys"], entries["offsets"], entries["rows"], strict=True):
@@ -203,6 +203,7 @@ class FeatureCache:
         Returns counts: proteins, unique (distinct sequences seen by the backbone), hits, computed."""
         keys = [self.key(sequence) for sequence in sequences]
         self.refresh()
+        self._remove_stale_temporaries()
         missing: dict[str, str] = {}
         for key, sequence in zip(keys, sequences, strict=True):
             if key not in self._index and key not in missing:
@@ -235,6 +236,16 @@ class FeatureCache:
         flush()
         self.refresh()
         return stats
+
+    def _remove_stale_temporaries(self, age_seconds: float = 86400.0) -> None:
+        """Temporary files of runs killed mid-write (a day old: never those of a process still writing)."""
+        if self.path.is_dir():
+            for path in self.path.glob(".tmp-*"):
+                try:
+                    if time.time() - path.stat().st_mtime > age_seconds:
+                        path.unlink()
+                except OSError:
+                    pass
 
     def load(self, sequences: Sequence[str]):
         """Features of `sequences` in order: a float32 (n, hidden) array for pooled kinds, else a list of

@@ -22,15 +22,22 @@ What makes it fast:
   addition fused), when the op exists and agrees with `F.linear`: `F.linear` and `torch.matmul` use MKL, which runs
   its AVX2 code on AMD processors; oneDNN uses AVX-512 there and was measured 2.3x faster on this project's 2-core
   AMD EPYC machine (the same fp32 results within rounding).
+- On CPU, `workers` batches run at once in threads, each with its share of torch's intra-op threads (by default one
+  batch per core on up to 4 cores): per-core batches scale better than splitting every small operation across the
+  cores, and far better on a shared machine, where split operations wait for each other.
 - `torch.inference_mode`; on CUDA bf16 autocast (fp16 where bf16 is unsupported); fp32 on CPU, where bf16 autocast
-  was measured (bench/embedding_throughput.py --precision bf16) and is not the default (see the README).
+  is faster but not accurate enough to be the default (bench/embedding_throughput.py --variants all: 2.6e-2 error in
+  the mean embeddings against fp32; `precision="bf16"` asks for it).
 - No work on the contact head, which inference never needs.
 
 Results always come back in input order, whatever order the batches ran in.
 """
 
+from collections import deque
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
+from itertools import islice
 
 import numpy as np
 import torch
@@ -42,9 +49,10 @@ from transformers.models.esm.modeling_esm import EsmModel
 
 FEATURE_KINDS = ("mean", "cls", "residues")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-# Token budgets that measured best (bench/embedding_throughput.py --budgets ...): on CPU a batch whose activations
-# stay in the last-level cache beats a big one; a GPU wants large batches.
-DEFAULT_MAX_TOKENS_PER_BATCH = {"cpu": 4096, "cuda": 65536}
+# Token budgets (padded tokens per batch). CPU: measured with bench/embedding_throughput.py --budgets on 2 cores
+# (ESM-2 8M): 1024-4096 within 3% of each other, 8192 slower, 2048 best; batches whose activations stay in the
+# caches beat big ones. A GPU wants large batches (not measured here).
+DEFAULT_MAX_TOKENS_PER_BATCH = {"cpu": 2048, "cuda": 65536}
 
 
 def default_max_tokens_per_batch(device) -> int:
@@ -232,7 +240,7 @@ class PackedEsm:
         attention_mode = self.attention
         if attention_mode == "auto":
             attention_mode = "padded" if device.type == "cuda" else "grouped"
-        plan = self._attention_plan(lengths, starts, attention_mode, device)
+        plan = self._attention_plan(lengths, starts, attention_mode, positions, sequence_of_token, lengths_tensor)
         linear = _onednn_linear if (self.onednn and device.type == "cpu" and hidden_states.dtype == torch.float32
                                     and not torch.is_autocast_enabled("cpu")) else _torch_linear
 
@@ -268,12 +276,11 @@ class PackedEsm:
         return cached[1], cached[2]
 
     @staticmethod
-    def _attention_plan(lengths, starts, mode, device):
+    def _attention_plan(lengths, starts, mode, positions, sequence_of_token, lengths_tensor):
         if mode == "padded":
             longest = max(lengths)
-            token_index = torch.cat([torch.arange(length, device=device) + i * longest
-                                     for i, length in enumerate(lengths)])
-            key_mask = torch.arange(longest, device=device)[None, :] < torch.tensor(lengths, device=device)[:, None]
+            token_index = sequence_of_token * longest + positions  # each token's row in a (proteins x longest) grid
+            key_mask = torch.arange(longest, device=positions.device)[None, :] < lengths_tensor[:, None]
             return ("padded", len(lengths), longest, token_index, key_mask[:, None, None, :])
         # Runs of equal-length proteins (batches are sorted by length) share one SDPA call without a mask.
         runs, first = [], 0
@@ -332,11 +339,13 @@ class Engine:
             `padded` (one masked call per batch; the CUDA default).
         onednn: run `PackedEsm`'s fp32 CPU linear layers through oneDNN (default: when it is available and agrees
             with `F.linear`).
+        workers: batches run at once (see `map_batches`); default on CPU: torch's intra-op threads, at most 4;
+            on CUDA 1.
     """
 
     def __init__(self, model, tokenizer, max_tokens_per_batch: int | None = None, device=None,
                  precision: str = "auto", progress: bool = True, packed: bool = True, attention: str = "auto",
-                 onednn: bool | None = None):
+                 onednn: bool | None = None, workers: int | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -347,6 +356,9 @@ class Engine:
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         self.base_model = base
         self.esm = base.esm
+        if workers is None:
+            workers = min(torch.get_num_threads(), 4) if self.device.type == "cpu" else 1
+        self.workers = max(1, workers)
         self.packed = None
         if packed and not PackedEsm.unsupported_reason(self.esm):
             self.packed = PackedEsm(self.esm, attention=attention, onednn=onednn)
@@ -365,26 +377,63 @@ class Engine:
             return nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
+    def map_batches(self, encoded: Sequence[Sequence[int]], function, desc: str = "Embedding"
+                    ) -> Iterator[tuple[np.ndarray, object]]:
+        """Runs the backbone on every batch and `function(lengths, hidden)` on its packed hidden states (a
+        (sum of lengths, hidden) tensor, proteins in the order of the batch's indices); yields `(indices, result)`
+        in batch order. Eval mode, `torch.inference_mode`, autocast per `precision`.
+
+        On CPU with the packed backbone the batches run in `workers` threads at once, each with an equal share of
+        torch's intra-op threads (default: one thread per worker on up to 4 cores): one batch per core scales
+        better than every small operation split across the cores (and much better on a machine shared with other
+        work, where split operations wait for each other)."""
+        batches = length_batches([len(ids) for ids in encoded], self.max_tokens_per_batch)
+        workers = min(self.workers, len(batches)) if self.packed is not None else 1
+
+        def run(batch_indices):
+            ids = [encoded[i] for i in batch_indices]
+            lengths = [len(x) for x in ids]
+            with torch.inference_mode(), self._autocast():
+                return batch_indices, function(lengths, self._backbone(ids, lengths))
+
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with tqdm(total=len(encoded), desc=desc, unit="protein", disable=not self.progress) as bar:
+                if workers <= 1:
+                    for batch_indices in batches:
+                        result = run(batch_indices)
+                        yield result
+                        bar.update(len(batch_indices))
+                    return
+                threads = torch.get_num_threads()
+                per_worker = max(1, threads // workers)
+                torch.set_num_threads(per_worker)  # new threads start with the process-wide setting
+                try:
+                    with ThreadPoolExecutor(workers, initializer=torch.set_num_threads,
+                                            initargs=(per_worker,)) as pool:
+                        pending, remaining = deque(), iter(batches)
+                        for batch_indices in islice(remaining, 2 * workers):  # a bounded number in flight
+                            pending.append(pool.submit(run, batch_indices))
+                        while pending:
+                            result = pending.popleft().result()
+                            following = next(remaining, None)
+                            if following is not None:
+                                pending.append(pool.submit(run, following))
+                            yield result
+                            bar.update(len(result[0]))
+                finally:
+                    torch.set_num_threads(threads)
+        finally:
+            self.model.train(was_training)
+
     def hidden_state_batches(self, encoded: Sequence[Sequence[int]], desc: str = "Embedding"
                              ) -> Iterator[tuple[np.ndarray, list[int], torch.Tensor]]:
         """Yields `(indices, lengths, hidden)` per batch: the positions (in `encoded`) of the batch's proteins, their
         token counts and their last hidden states packed into one (sum of lengths, hidden) tensor, in the order of
-        `indices`. Runs in eval mode under `torch.inference_mode`."""
-        batches = length_batches([len(ids) for ids in encoded], self.max_tokens_per_batch)
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            with torch.inference_mode(), tqdm(total=len(encoded), desc=desc, unit="protein",
-                                              disable=not self.progress) as bar:
-                for batch_indices in batches:
-                    ids = [encoded[i] for i in batch_indices]
-                    lengths = [len(x) for x in ids]
-                    with self._autocast():
-                        hidden = self._backbone(ids, lengths)
-                    yield batch_indices, lengths, hidden
-                    bar.update(len(batch_indices))
-        finally:
-            self.model.train(was_training)
+        `indices`."""
+        for indices, (lengths, hidden) in self.map_batches(encoded, lambda lengths, hidden: (lengths, hidden), desc):
+            yield indices, lengths, hidden
 
     def _backbone(self, ids, lengths) -> torch.Tensor:
         if self.packed is not None:
@@ -437,11 +486,12 @@ class Engine:
                 results = [None] * len(encoded)
             else:
                 results = np.zeros((len(encoded), self.esm.config.hidden_size), dtype=np.float32)
-        for indices, lengths, hidden in self.hidden_state_batches(encoded, desc=desc):
+        def features(lengths, hidden):
             if kind == "residues":
-                rows = [x.float().cpu().numpy() for x in self.residues(hidden, lengths)]
-            else:
-                rows = self.pool(hidden, lengths, kind).float().cpu().numpy()
+                return [x.float().cpu().numpy() for x in self.residues(hidden, lengths)]
+            return self.pool(hidden, lengths, kind).float().cpu().numpy()
+
+        for indices, rows in self.map_batches(encoded, features, desc=desc):
             if keep:
                 for index, row in zip(indices, rows, strict=True):
                     results[index] = row
@@ -469,8 +519,11 @@ class Engine:
         otherwise."""
         encoded = self.encode(sequences)
         results = np.zeros((len(encoded), self.base_model.config.num_labels), dtype=np.float32)
-        for indices, lengths, hidden in self.hidden_state_batches(encoded, desc=desc):
-            results[indices] = self.probabilities_from_logits(self.logits_from_hidden(hidden, lengths)).cpu().numpy()
+        def probabilities(lengths, hidden):
+            return self.probabilities_from_logits(self.logits_from_hidden(hidden, lengths)).cpu().numpy()
+
+        for indices, rows in self.map_batches(encoded, probabilities, desc=desc):
+            results[indices] = rows
         return results
 
     def probabilities_from_features(self, features, kind: str) -> np.ndarray:

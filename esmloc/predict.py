@@ -65,7 +65,7 @@ def parse_arguments(argv=None) -> argparse.Namespace:
                         help="decision threshold for the positive label (every label for multi-label models); "
                              "default: the tuned one from MODEL_DIR/test_results.json, else 0.5")
     parser.add_argument("--max_tokens_per_batch", "--batch", type=int, default=None,
-                        help="token budget per batch (proteins x longest); default 4096 on CPU, 65536 on CUDA")
+                        help="token budget per batch (proteins x longest); default 2048 on CPU, 65536 on CUDA")
     parser.add_argument("--chunk_size", type=int, default=4096,
                         help="records read, predicted and written at a time (default 4096)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")

@@ -106,7 +106,7 @@ class ModelArguments:
     max_tokens_per_batch: int | None = field(
         default=None,
         metadata={"help": "Token budget (proteins x longest) of the inference engine's batches, for embedding and "
-                  "the final predictions; default 4096 on CPU, 65536 on CUDA."},
+                  "the final predictions; default 2048 on CPU, 65536 on CUDA."},
     )
 
     def __post_init__(self):

@@ -4,6 +4,7 @@ as the ordinary Trainer path)."""
 import csv
 import json
 import shutil
+import threading
 
 import numpy as np
 import pytest
@@ -28,12 +29,14 @@ class CountingEngine(Engine):
     def __init__(self, *args, fail_after_batches=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.proteins_run, self.batches_run, self.fail_after_batches = 0, 0, fail_after_batches
+        self._lock = threading.Lock()  # batches run in worker threads
 
     def _backbone(self, ids, lengths):
-        if self.fail_after_batches is not None and self.batches_run >= self.fail_after_batches:
-            raise KeyboardInterrupt("simulated interruption")
-        self.proteins_run += len(ids)
-        self.batches_run += 1
+        with self._lock:
+            if self.fail_after_batches is not None and self.batches_run >= self.fail_after_batches:
+                raise KeyboardInterrupt("simulated interruption")
+            self.proteins_run += len(ids)
+            self.batches_run += 1
         return super()._backbone(ids, lengths)
 
 
@@ -126,11 +129,11 @@ def test_interrupted_run_resumes_with_what_is_missing(tmp_path):
     engine = make_engine(max_tokens_per_batch=80, fail_after_batches=4)
     with pytest.raises(KeyboardInterrupt):
         cache.cached_features(engine, sequences, "mean", tmp_path, shard_rows=1)
-    done = engine.proteins_run
-    assert 0 < done < len(sequences)
     files = committed_files(tmp_path)
     assert not [name for name in files if name.startswith(".tmp")]
-    assert len([name for name in files if name.endswith(".index.json")]) == engine.batches_run
+    indexes = list(tmp_path.rglob("*.index.json"))
+    done = sum(len(json.loads(path.read_text())["keys"]) for path in indexes)
+    assert len(indexes) >= 2 and 0 < done < len(sequences)  # the batches before the interruption were kept
     # The next run embeds only the rest and returns everything.
     engine = make_engine(max_tokens_per_batch=80)
     features = cache.cached_features(engine, sequences, "mean", tmp_path)
@@ -143,6 +146,8 @@ def test_a_shard_without_its_index_is_not_used(tmp_path):
     cache.cached_features(engine, SEQUENCES, "mean", tmp_path)
     (index_path,) = tmp_path.rglob("*.index.json")
     index_path.unlink()  # as if the run died between writing the data and the index
+    # ... or while writing the index: a half-written temporary file is not an index.
+    (index_path.parent / f".tmp-0123-{index_path.name}").write_text('{"keys": ["abc')
     engine.proteins_run = 0
     cache.cached_features(engine, SEQUENCES, "mean", tmp_path)
     assert engine.proteins_run == len(set(SEQUENCES))

@@ -96,6 +96,22 @@ def test_results_do_not_depend_on_the_batch_a_protein_lands_in(pooling):
                                        err_msg=f"budget {budget}, packed {packed}")
 
 
+def test_worker_threads_change_nothing_but_the_speed():
+    model = tiny_model()
+    tokenizer = tokenizer_for(model.config)
+    threads = torch.get_num_threads()
+    one = Engine(model, tokenizer, max_tokens_per_batch=300, progress=False, workers=1)
+    three = Engine(model, tokenizer, max_tokens_per_batch=300, progress=False, workers=3)
+    np.testing.assert_allclose(three.predict_probabilities(SEQUENCES * 2), one.predict_probabilities(SEQUENCES * 2),
+                               atol=1e-6, rtol=0)
+    assert torch.get_num_threads() == threads  # the intra-op setting is restored
+    # A failing batch surfaces in the caller, and the setting is restored all the same.
+    three._backbone = lambda ids, lengths: (_ for _ in ()).throw(RuntimeError("boom"))
+    with pytest.raises(RuntimeError, match="boom"):
+        three.embed(SEQUENCES * 2, "mean")
+    assert torch.get_num_threads() == threads and not model.training
+
+
 def test_pooled_features_are_what_the_model_pools():
     model = tiny_model()
     tokenizer = tokenizer_for(model.config)
