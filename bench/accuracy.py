@@ -3,7 +3,8 @@
     python bench/accuracy.py                      # the full run (< 60 min on 2 CPU cores): Mitochondrion, test
                                                   # partition 4, validation 3, training 0-2
     python bench/accuracy.py --all_folds          # all five folds (test t, validation t-1 mod 5): ~5x the time
-    python bench/accuracy.py --multi_label        # adds DeepLoc's 10-location multi-label table
+    python bench/accuracy.py --multi_label        # adds DeepLoc's 10-location multi-label table (~2x the time)
+    python bench/accuracy.py --tasks deeploc      # the multi-label table alone
     python bench/accuracy.py --smoke              # a few hundred proteins, tiny models, 1 epoch: seconds
     python bench/accuracy.py --pretrained facebook/esm2_t6_8M_UR50D   # also run the pretrained rows (needs the
                                                   # weights: hub access, a mirror via HF_ENDPOINT, or a local clone)
@@ -60,6 +61,7 @@ DEFAULT_DATA = REPO.parent / "shared" / "data" / "deeploc2_swissprot.csv"
 DEFAULT_OUTPUT = REPO / "bench" / "results" / "accuracy"
 PUBLISHED_PRETRAINED = "facebook/esm2_t6_8M_UR50D"
 N_PARTITIONS = 5
+TASKS = ("mitochondrion", "deeploc")
 
 # Published DeepLoc 2.0 figures (Thumuluri et al., Nucleic Acids Research 2022, doi:10.1093/nar/gkac278).
 PUBLISHED = [
@@ -163,7 +165,8 @@ def run_baseline(dataset, multi_label: bool, physicochemical: bool, seed: int,
     from esmloc.train import targets
 
     num_labels = len(LOCATIONS) if multi_label else 2
-    x = {name: baseline_features(dataset[name]["Sequence"], physicochemical) for name in ("train", "validation", "test")}
+    x = {name: baseline_features(dataset[name]["Sequence"], physicochemical)
+         for name in ("train", "validation", "test")}
     y = {name: targets(dataset[name], num_labels, multi_label) for name in x}
     label_names = list(LOCATIONS) if multi_label else None
 
@@ -207,7 +210,7 @@ class Setup:
 
 @dataclass
 class Budget:
-    """What the esmloc setups train on: architecture, crop, epochs, batch sizes, learning rate."""
+    """What the esmloc setups train on: architecture, crop, epochs, batch sizes, learning rate, CPU threads."""
 
     architecture: str = "tiny"
     max_residues: int = 128
@@ -223,6 +226,11 @@ class Budget:
     learning_rate_frozen: float = 1e-3
     warmup: float = 0.06
     seed: int = 42
+    # OMP_NUM_THREADS of every train.py run. One thread: a small model gains little from a second one, and on a
+    # shared machine two OpenMP threads wait for each other at every operation whenever another process holds a
+    # core (measured here: 100 training steps of `tiny` took 6 s with one thread, 109 s with two, while another
+    # process kept one core busy).
+    threads: int = 1
 
 
 SMOKE_BUDGET = Budget(architecture="tiny", max_residues=64, epochs=1, frozen_epochs=1, pretrained_epochs=1,
@@ -289,13 +297,13 @@ def shell_line(command: list[str]) -> str:
                     for part in parts)
 
 
-def run_train(command: list[str], output_dir: Path) -> tuple[dict, float]:
+def run_train(command: list[str], output_dir: Path, threads: int) -> tuple[dict, float]:
     """Runs train.py in a fresh output directory; returns (test_results.json, wall seconds)."""
     if output_dir.exists():  # train.py would resume from a checkpoint left there
         shutil.rmtree(output_dir)
     output_dir.mkdir(parents=True)
     env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"), "TOKENIZERS_PARALLELISM": "false",
-           "PYTHONUNBUFFERED": "1"}
+           "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     env.pop("WORLD_SIZE", None)
     log = output_dir.parent / f"{output_dir.name}.log"
     start = time.perf_counter()
@@ -334,22 +342,24 @@ def _wall(seconds: list[float]) -> str:
     return text + (f" ({len(seconds)} folds)" if len(seconds) > 1 else "")
 
 
-def describe(budget: Budget, multi_label: bool) -> str:
+def describe(budget: Budget, tasks: list[str]) -> str:
     """What the rows ran, in words, for the report under the tables."""
     from configuration_esmloc import ESM2_ARCHITECTURES
 
     architecture = ESM2_ARCHITECTURES[budget.architecture]
-    crops = f"{budget.crop} crop" + (f" (multi-label: {budget.multi_label_crop} crop)" if multi_label else "")
+    crops = " and ".join(f"{budget.multi_label_crop if task == 'deeploc' else budget.crop} crop for {task}"
+                         for task in tasks)
     return (
         f"esmloc rows: `train.py`, ESM-2 `{budget.architecture}` architecture ({architecture['num_hidden_layers']} "
         f"layers, hidden size {architecture['hidden_size']}) with random initial weights, proteins cropped to "
         f"{budget.max_residues} residues ({crops}), {budget.pooling} pooling, batch {budget.batch_size}, "
-        f"warmup {_num(budget.warmup)}, seed {budget.seed}; full: {_num(budget.epochs)} epochs at learning rate "
-        f"{_num(budget.learning_rate_full)}; frozen: {_num(budget.frozen_epochs)} epochs at "
-        f"{_num(budget.learning_rate_frozen)}; the checkpoint with the best validation MCC is kept, thresholds are "
-        f"tuned for MCC on validation. Baselines: scikit-learn logistic regression (class_weight=balanced, "
-        f"standardised features, C chosen on validation), features of the N-terminal {N_TERMINAL_WINDOW} residues "
-        f"and the whole protein; their wall time covers features, the C search and evaluation."
+        f"warmup {_num(budget.warmup)}, seed {budget.seed}, OMP_NUM_THREADS={budget.threads}; full: "
+        f"{_num(budget.epochs)} epochs at learning rate {_num(budget.learning_rate_full)}; frozen: "
+        f"{_num(budget.frozen_epochs)} epochs at {_num(budget.learning_rate_frozen)}; the checkpoint with the best "
+        f"validation MCC is kept, thresholds are tuned for MCC on validation. Baselines: scikit-learn logistic "
+        f"regression (class_weight=balanced, standardised features, C chosen on validation), features of the "
+        f"N-terminal {N_TERMINAL_WINDOW} residues and the whole protein; their wall time covers features, the C "
+        f"search and evaluation."
     )
 
 
@@ -398,7 +408,10 @@ def parse_arguments(argv=None) -> argparse.Namespace:
     parser.add_argument("--test_partition", type=int, default=4, help="the test partition (validation: the one "
                         "before it, mod 5; training: the other three)")
     parser.add_argument("--all_folds", action="store_true", help="all five (validation, test) folds")
-    parser.add_argument("--multi_label", action="store_true", help="also DeepLoc's 10-location multi-label table")
+    parser.add_argument("--tasks", default="mitochondrion",
+                        help="comma-separated: mitochondrion (binary, the default), deeploc (10 locations, "
+                        "multi-label)")
+    parser.add_argument("--multi_label", action="store_true", help="both tasks: --tasks mitochondrion,deeploc")
     parser.add_argument("--setups", default=None,
                         help="comma-separated subset of: baseline_composition, baseline_physchem, scratch_frozen, "
                         "scratch_full, pretrained_frozen, pretrained_lora")
@@ -435,10 +448,10 @@ def main(argv=None) -> dict:
             raise SystemExit(f"--setups: unknown {sorted(unknown)}")
         setups = [setup for setup in setups if setup.key in chosen]
 
-    from esmloc import data
-
     started = time.perf_counter()
-    tasks = [False] + ([True] if args.multi_label else [])
+    tasks = ["mitochondrion", "deeploc"] if args.multi_label else args.tasks.split(",")
+    if set(tasks) - set(TASKS):
+        raise SystemExit(f"--tasks: unknown {sorted(set(tasks) - set(TASKS))}; choose from {', '.join(TASKS)}")
     info = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(["python", "bench/accuracy.py", *(sys.argv[1:] if argv is None else argv)]),
@@ -452,65 +465,76 @@ def main(argv=None) -> dict:
 
     results = {"info": info, "tasks": {}}
     sections = []
-    for multi_label in tasks:
-        task = "deeploc" if multi_label else "mitochondrion"
-        rows = [{"key": s.key, "name": s.name, "note": s.note, "runs": [], "commands": []} for s in setups]
-        split_sizes = {}
-        for validation, test in folds(args.all_folds, args.test_partition):
-            dataset = data.load_dataset(str(data_file), task, split_method="partition",
-                                        validation_partitions=[validation], test_partitions=[test])
-            sizes = {name: len(split) for name, split in dataset.items()}
-            split_sizes[f"test{test}"] = sizes
-            summary = data.dataset_summary(dataset)["splits"]
-            print(f"\n## {task}, fold: validation partition {validation}, test partition {test}, training the "
-                  "other three")
-            for name, counts in summary.items():
-                print(f"  {name:<10} N={counts['proteins']:>6}  Mitochondrion={counts['Mitochondrion']}")
-            for setup, row in zip(setups, rows):
-                run_dir = output_dir / "runs" / task / setup.key / f"fold{test}"
-                if setup.kind == "baseline":
-                    start = time.perf_counter()
-                    report, details = run_baseline(dataset, multi_label, setup.physicochemical, budget.seed)
-                    wall = time.perf_counter() - start
-                    row["commands"].append(f"(in-process) {details}")
-                    print(f"- {setup.name}: {wall:.0f} s, C={details['C']}, {details['n_features']} features")
-                else:
-                    command = train_command(setup, budget, data_file, validation, test, run_dir, multi_label)
-                    line = shell_line(command)
-                    row["commands"].append(line)
-                    if not setup.run:
-                        print(f"- {setup.name}: {setup.note}\n    {line}")
-                        continue
-                    print(f"- {setup.name}:\n    {line}", flush=True)
-                    report, wall = run_train(command, run_dir)
-                    print(f"    {wall:.0f} s", flush=True)
-                metrics = {key: value for key, value in report.items() if isinstance(value, (int, float)) or value is None}
-                row["runs"].append({"test_partition": test, "validation_partition": validation, "wall_s": wall,
-                                    "metrics": metrics})
-                shown = BINARY_COLUMNS if not multi_label else MULTI_COLUMNS
-                print("    " + ", ".join(f"{name} {_summary([metrics.get(key)])}" for name, key in shown), flush=True)
-        columns = MULTI_COLUMNS if multi_label else BINARY_COLUMNS
-        title = ("Multi-label, DeepLoc's 10 locations (thresholds tuned per location on validation)" if multi_label
-                 else "Mitochondrion vs rest (threshold tuned for MCC on validation)")
-        fold_text = "all 5 folds, mean ± sd" if args.all_folds else f"test partition {args.test_partition}"
-        sizes = next(iter(split_sizes.values()))
-        table = markdown_table(rows, columns, published=not multi_label)
-        sections.append(f"### {title}\n\n{fold_text}; N train/validation/test = {sizes['train']}/"
-                        f"{sizes['validation']}/{sizes['test']}\n\n{table}")
-        results["tasks"][task] = {"split_sizes": split_sizes, "rows": rows}
-
-    total = time.perf_counter() - started
-    info["total_wall_s"] = total
-    info["load_average_at_end"] = os.getloadavg()
-    footer = (f"Total wall time {total / 60:.1f} min on {os.cpu_count()} CPUs (load average at start "
-              f"{info['host']['load_average_at_start'][0]:.2f}, at end {info['load_average_at_end'][0]:.2f}); "
-              f"{info['date']}; `{info['command']}`")
-    report = "\n\n".join(sections) + "\n\n" + describe(budget, args.multi_label) + "\n\n" + footer + "\n"
+    for task in tasks:
+        sections.append(run_task(task, setups, budget, args, data_file, output_dir, results))
+        # Written after every task, so that an interrupted run keeps the tables it finished.
+        report = write_report(sections, budget, tasks, info, results, output_dir, started)
     print("\n" + report)
-    (output_dir / "accuracy.md").write_text(report)
-    (output_dir / "accuracy.json").write_text(json.dumps(results, indent=2))
     print(f"Written: {output_dir / 'accuracy.md'}, {output_dir / 'accuracy.json'}")
     return results
+
+
+def run_task(task: str, setups: list[Setup], budget: Budget, args, data_file: Path, output_dir: Path,
+             results: dict) -> str:
+    """Every setup on every fold of one task; returns the task's Markdown section (and fills `results`)."""
+    from esmloc import data
+
+    multi_label = task == "deeploc"
+    rows = [{"key": s.key, "name": s.name, "note": s.note, "runs": [], "commands": []} for s in setups]
+    split_sizes = {}
+    results["tasks"][task] = {"split_sizes": split_sizes, "rows": rows}
+    for validation, test in folds(args.all_folds, args.test_partition):
+        dataset = data.load_dataset(str(data_file), task, split_method="partition",
+                                    validation_partitions=[validation], test_partitions=[test])
+        split_sizes[f"test{test}"] = {name: len(split) for name, split in dataset.items()}
+        print(f"\n## {task}, fold: validation partition {validation}, test partition {test}, training the other "
+              "three")
+        for name, counts in data.dataset_summary(dataset)["splits"].items():
+            print(f"  {name:<10} N={counts['proteins']:>6}  Mitochondrion={counts['Mitochondrion']}")
+        for setup, row in zip(setups, rows):
+            run_dir = output_dir / "runs" / task / setup.key / f"fold{test}"
+            if setup.kind == "baseline":
+                start = time.perf_counter()
+                report, details = run_baseline(dataset, multi_label, setup.physicochemical, budget.seed)
+                wall = time.perf_counter() - start
+                row["commands"].append(f"(in-process) {details}")
+                print(f"- {setup.name}: {wall:.0f} s, C={details['C']}, {details['n_features']} features")
+            else:
+                command = train_command(setup, budget, data_file, validation, test, run_dir, multi_label)
+                line = shell_line(command)
+                row["commands"].append(line)
+                if not setup.run:
+                    print(f"- {setup.name}: {setup.note}\n    {line}")
+                    continue
+                print(f"- {setup.name}:\n    {line}", flush=True)
+                report, wall = run_train(command, run_dir, budget.threads)
+                print(f"    {wall:.0f} s", flush=True)
+            metrics = {key: value for key, value in report.items() if isinstance(value, (int, float)) or value is None}
+            row["runs"].append({"test_partition": test, "validation_partition": validation, "wall_s": wall,
+                                "metrics": metrics})
+            shown = MULTI_COLUMNS if multi_label else BINARY_COLUMNS
+            print("    " + ", ".join(f"{name} {_summary([metrics.get(key)])}" for name, key in shown), flush=True)
+    title = ("Multi-label, DeepLoc's 10 locations (thresholds tuned per location on validation)" if multi_label
+             else "Mitochondrion vs rest (threshold tuned for MCC on validation)")
+    fold_text = "all 5 folds, mean ± sd" if args.all_folds else f"test partition {args.test_partition}"
+    sizes = next(iter(split_sizes.values()))
+    table = markdown_table(rows, MULTI_COLUMNS if multi_label else BINARY_COLUMNS, published=not multi_label)
+    return (f"### {title}\n\n{fold_text}; N train/validation/test = {sizes['train']}/{sizes['validation']}/"
+            f"{sizes['test']}\n\n{table}")
+
+
+def write_report(sections: list[str], budget: Budget, tasks: list[str], info: dict, results: dict,
+                 output_dir: Path, started: float) -> str:
+    """accuracy.md (the tables, what ran, time and load) and accuracy.json (every metric); returns the Markdown."""
+    info["total_wall_s"] = time.perf_counter() - started
+    info["load_average_at_end"] = os.getloadavg()
+    footer = (f"Total wall time {info['total_wall_s'] / 60:.1f} min on {os.cpu_count()} CPUs (load average at start "
+              f"{info['host']['load_average_at_start'][0]:.2f}, at end {info['load_average_at_end'][0]:.2f}); "
+              f"{info['date']}; `{info['command']}`")
+    report = "\n\n".join(sections) + "\n\n" + describe(budget, tasks) + "\n\n" + footer + "\n"
+    (output_dir / "accuracy.md").write_text(report)
+    (output_dir / "accuracy.json").write_text(json.dumps(results, indent=2))
+    return report
 
 
 if __name__ == "__main__":

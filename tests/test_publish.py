@@ -211,8 +211,8 @@ def test_card_body_has_every_section_and_the_runs_setup(frozen_run):
     assert "homologs of test proteins were probably seen in training" in body  # random split: leakage warned
     assert "class imbalance" in body.lower() and "cropped to 128 residues" in body
     assert "doi     = {10.1126/science.ade2574}" in body and "doi     = {10.1093/nar/gkac278}" in body
-    train_file = Path(info["data"]["train_file"])
-    assert str(train_file) not in body and f"`{train_file.name}` (train)" in body  # the file name, no local path
+    assert info["data"]["train_file"] == "proteins.csv"  # recorded by name: run_info.json is pushed too
+    assert str(frozen_run.parent) not in body and "`proteins.csv` (train)" in body  # the file name, no local path
     assert "LoRA settings" not in body and "lora_r" not in body
 
 
