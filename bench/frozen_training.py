@@ -14,7 +14,8 @@ with the engine, plots).
 Reported per path (medians over repeats; ratios are medians of per-repeat ratios):
 - training: from the built model to the end of `trainer.train()` (tokenising or embedding the splits, the Trainer,
   3 epochs with their evaluations, checkpoints);
-- end to end: the whole train.py process (imports, data, model, training, saving, final evaluation, plots);
+- end to end: `train.main` from start to finish (data, model, training, saving, final evaluation, plots; imports
+  excluded, they cost both paths the same);
 - peak memory: the process's peak resident set size;
 - the largest difference between the test-set probabilities of the two paths (test_predictions.csv).
 With --warm, the cached path also runs a third time on the filled cache (what a second run with the same backbone,
