@@ -85,6 +85,10 @@ class EsmLocConfig(PreTrainedConfig):
     crop: str = "middle"
     class_weights: list[float] | None = None
     esm_name_or_path: str | None = None
+    # ESM-2's <pad> and <eos> ids, as the tokenizer has them; declared so that Trainer finds them here and does not
+    # "align" the config with a warning at every run.
+    pad_token_id: int | None = 1
+    eos_token_id: int | None = 2
 
     def __post_init__(self, **kwargs):
         if self.esm_config is None:

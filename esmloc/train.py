@@ -164,6 +164,8 @@ class EsmLocTrainingArguments(TrainingArguments):
     )
     train_sampling_strategy: str = field(default="group_by_length")
     report_to: None | str | list[str] = field(default="none")
+    # Pinned memory only speeds up copies to a GPU; on a CPU-only machine torch warns about it at every epoch.
+    dataloader_pin_memory: bool = field(default=torch.cuda.is_available())
     label_names: list[str] | None = field(default_factory=lambda: ["labels"])
     early_stopping_patience: int | None = field(
         default=None, metadata={"help": "Stop after this many evaluations without a better validation MCC."}

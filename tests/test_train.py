@@ -157,6 +157,12 @@ def test_failed_push_keeps_the_run_and_says_why(proteins_csv, tmp_path):
     assert not [path for path in output_dir.rglob("*") if path.is_file() and b"esmloc_test_secret" in path.read_bytes()]
 
 
+def test_runs_log_no_spurious_warnings(runs):
+    for mode, (_, log) in runs.items():
+        assert "tokens that differ from the model config" not in log, mode  # Trainer re-aligning pad/eos ids
+        assert "'pin_memory' argument is set as true" not in log, mode  # pinning on a CPU-only machine
+
+
 def test_finetune_modes_train_what_they_say(runs):
     counts = {}
     for mode, (output_dir, _) in runs.items():
