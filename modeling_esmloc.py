@@ -82,7 +82,6 @@ class EsmLocPreTrainedModel(EsmPreTrainedModel):
     config: EsmLocConfig
     # Trainer would otherwise pass `num_items_in_batch` and scale the logged loss by the number of processes.
     accepts_loss_kwargs = False
-    _keys_to_ignore_on_load_unexpected = None
 
 
 class EsmForLocalization(EsmLocPreTrainedModel):
