@@ -19,7 +19,6 @@ from esmloc.evaluation import (
     METRIC_PATH,
     best_threshold,
     best_thresholds,
-    classification_metrics,
     compute_metrics,
     evaluation_report,
     format_examples_table,
