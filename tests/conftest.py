@@ -1,7 +1,9 @@
 """Shared test helpers: tiny random-weight ESM models and fresh offline processes."""
 
+import csv
 import json
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -66,4 +68,21 @@ def elsewhere(tmp_path) -> Path:
     """A working directory outside the repository."""
     path = tmp_path / "elsewhere"
     path.mkdir()
+    return path
+
+
+def write_deeploc_layout_csv(path: Path, n_rows: int, seed: int) -> Path:
+    """A small synthetic file in the DeepLoc 2.0 layout: the demo generator's proteins, Mitochondrion from the demo
+    label, the other nine locations drawn at random (multi-label), five homology partitions."""
+    from esmloc.data import LOCATIONS
+    from esmloc.demo import demo_rows
+
+    rng = random.Random(0)
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["ACC", "Kingdom", "Partition", "Membrane", *LOCATIONS, "Sequence"])
+        for index, row in enumerate(demo_rows(n_rows=n_rows, seed=seed)):
+            locations = [int(row["Mitochondrion"]) if name == "Mitochondrion" else int(rng.random() < 0.2)
+                         for name in LOCATIONS]
+            writer.writerow([row["ACC"], "Metazoa", index % 5, rng.randint(0, 1), *locations, row["Sequence"]])
     return path

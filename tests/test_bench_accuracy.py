@@ -1,18 +1,16 @@
 """bench/accuracy.py: the baseline's features on hand-made proteins, and the smoke mode end to end (a synthetic
 DeepLoc-layout file always; the real DeepLoc 2.0 file when it is present)."""
 
-import csv
 import importlib.util
 import json
 import os
-import random
 import re
 import subprocess
 import sys
 
 import pytest
 
-from conftest import DEEPLOC_CSV, REPO
+from conftest import DEEPLOC_CSV, REPO, write_deeploc_layout_csv
 
 
 SCRIPT = REPO / "bench" / "accuracy.py"
@@ -39,21 +37,8 @@ def accuracy():
 
 @pytest.fixture(scope="module")
 def deeploc_layout_csv(tmp_path_factory):
-    """300 synthetic proteins in the DeepLoc 2.0 layout (the demo generator's proteins; Mitochondrion from the demo
-    label, the other nine locations at random), five homology partitions."""
-    from esmloc.data import LOCATIONS
-    from esmloc.demo import demo_rows
-
-    rng = random.Random(0)
-    path = tmp_path_factory.mktemp("deeploc") / "deeploc_layout.csv"
-    with open(path, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["ACC", "Kingdom", "Partition", "Membrane", *LOCATIONS, "Sequence"])
-        for index, row in enumerate(demo_rows(n_rows=300, seed=11)):
-            locations = [int(row["Mitochondrion"]) if name == "Mitochondrion" else int(rng.random() < 0.2)
-                         for name in LOCATIONS]
-            writer.writerow([row["ACC"], "Metazoa", index % 5, rng.randint(0, 1), *locations, row["Sequence"]])
-    return path
+    """300 synthetic proteins in the DeepLoc 2.0 layout, five homology partitions."""
+    return write_deeploc_layout_csv(tmp_path_factory.mktemp("deeploc") / "deeploc_layout.csv", n_rows=300, seed=11)
 
 
 # ------------------------------------------------------------------------------------------------ features

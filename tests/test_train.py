@@ -14,7 +14,7 @@ import pytest
 from esmloc.demo import write_demo_csv
 from esmloc.train import balanced_class_weights
 
-from conftest import REPO, run_offline
+from conftest import REPO, run_offline, write_deeploc_layout_csv
 
 
 TRAIN = [sys.executable, str(REPO / "train.py")]
@@ -293,23 +293,8 @@ def test_missing_local_checkpoint_is_named(proteins_csv, tmp_path):
 
 @pytest.fixture(scope="module")
 def deeploc_csv(tmp_path_factory):
-    """A small file in the DeepLoc 2.0 layout: the demo proteins, Mitochondrion from the demo label, the other
-    nine locations drawn at random (multi-label), five homology partitions."""
-    import random
-
-    from esmloc.data import LOCATIONS
-    from esmloc.demo import demo_rows
-
-    rng = random.Random(0)
-    path = tmp_path_factory.mktemp("deeploc") / "deeploc.csv"
-    with open(path, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["ACC", "Kingdom", "Partition", "Membrane", *LOCATIONS, "Sequence"])
-        for index, row in enumerate(demo_rows(n_rows=200, seed=5)):
-            locations = [int(row["Mitochondrion"]) if name == "Mitochondrion" else int(rng.random() < 0.2)
-                         for name in LOCATIONS]
-            writer.writerow([row["ACC"], "Metazoa", index % 5, rng.randint(0, 1), *locations, row["Sequence"]])
-    return path
+    """200 synthetic proteins in the DeepLoc 2.0 layout (multi-label), five homology partitions."""
+    return write_deeploc_layout_csv(tmp_path_factory.mktemp("deeploc") / "deeploc.csv", n_rows=200, seed=5)
 
 
 MULTI_LABEL_PREDICT = """
