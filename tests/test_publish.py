@@ -223,28 +223,15 @@ def _numbers(text: str) -> list[str]:
     return [match.rstrip(",") for match in NUMBER.findall(text)]
 
 
-def _json_numbers(value):
-    if isinstance(value, bool):
-        return
-    if isinstance(value, (int, float)):
-        yield value
-    elif isinstance(value, dict):
-        for item in value.values():
-            yield from _json_numbers(item)
-    elif isinstance(value, list):
+def _json_leaves(value):
+    """Every number, string, bool and null in a JSON document."""
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, list):
         for item in value:
-            yield from _json_numbers(item)
-
-
-def _json_strings(value):
-    if isinstance(value, str):
+            yield from _json_leaves(item)
+    else:
         yield value
-    elif isinstance(value, dict):
-        for item in value.values():
-            yield from _json_strings(item)
-    elif isinstance(value, list):
-        for item in value:
-            yield from _json_strings(item)
 
 
 @pytest.mark.parametrize("run_name, what", [("frozen_run", "merged"), ("lora_run", "merged"), ("lora_run", "adapter"),
@@ -257,13 +244,15 @@ def test_every_number_in_the_card_comes_from_the_runs_files_or_the_template(run_
                                        "adapter/adapter_config.json")]
     documents = [read_json(path) for path in sources if path.is_file()]
     allowed = set(_numbers(publish.template_path().read_text()))
-    for number in (n for document in documents for n in _json_numbers(document)):
+    for number in (n for document in documents for n in _json_leaves(document)
+                   if isinstance(n, (int, float)) and not isinstance(n, bool)):
         forms = {str(number), format(number, "g"), format(number, ".3f"), format(number, ".1f")}
         if isinstance(number, int) or float(number).is_integer():
             forms |= {str(int(number)), f"{int(number):,}"}
         allowed |= forms
     metadata, body = front_matter(card)
-    strings = {s for document in documents for s in _json_strings(document) if re.search(r"\d", s)}
+    strings = {s for document in documents for s in _json_leaves(document)
+               if isinstance(s, str) and re.search(r"\d", s)}
     for text in sorted(strings, key=len, reverse=True):
         body = body.replace(text, "")  # paths and names: the digits of a temp dir are no numbers of the card
     unexplained = sorted({number for number in _numbers(body) if number not in allowed})
