@@ -50,6 +50,7 @@ from torch import nn
 from transformers import Trainer
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
+from esmloc.files import TEMPORARY_PREFIX, atomic_file
 from tokenization_esmloc import crop_sequence, normalize_sequence
 
 
@@ -99,19 +100,6 @@ def sequence_key(sequence: str, max_residues: int, crop: str) -> str:
     return hashlib.sha256(normalised.encode()).hexdigest()
 
 
-def _atomic_write(path: Path, write) -> None:
-    temporary = path.with_name(f".tmp-{uuid.uuid4().hex}-{path.name}")
-    try:
-        with open(temporary, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    finally:
-        if temporary.exists():
-            temporary.unlink()
-
-
 class FeatureCache:
     """One cache directory: the features of one backbone (by fingerprint), kind, crop setting and precision."""
 
@@ -152,7 +140,7 @@ class FeatureCache:
                 raise RuntimeError(f"{self.path} belongs to another backbone or format ({meta}); delete it")
         for index_path in sorted(self.path.glob("*.index.json")):
             shard = index_path.name.removesuffix(".index.json")
-            if shard in self._seen_shards or shard.startswith(".tmp-"):  # pathlib's glob matches dot files too
+            if shard in self._seen_shards or shard.startswith(TEMPORARY_PREFIX):  # pathlib's glob matches dot files too
                 continue
             entries = json.loads(index_path.read_text())
             for key, offset, rows in zip(entries["keys"], entries["offsets"], entries["rows"], strict=True):
@@ -182,7 +170,8 @@ class FeatureCache:
         self.path.mkdir(parents=True, exist_ok=True)
         meta_path = self.path / "meta.json"
         if not meta_path.exists():
-            _atomic_write(meta_path, lambda handle: handle.write(json.dumps(self.meta, indent=2).encode()))
+            with atomic_file(meta_path) as handle:
+                handle.write(json.dumps(self.meta, indent=2).encode())
         if self.kind in POOLED_KINDS:
             data = np.asarray(np.stack(features), dtype=self.dtype)
             offsets, rows = list(range(len(keys))), [1] * len(keys)
@@ -192,9 +181,11 @@ class FeatureCache:
             data = np.concatenate(features).astype(self.dtype) if rows else np.zeros((0, self.hidden_size),
                                                                                       self.dtype)
         shard = f"{time.strftime('%Y%m%d%H%M%S')}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
-        _atomic_write(self.path / f"{shard}.npy", lambda handle: np.save(handle, data))
+        with atomic_file(self.path / f"{shard}.npy") as handle:
+            np.save(handle, data)
         index = {"keys": list(keys), "offsets": offsets, "rows": rows}
-        _atomic_write(self.path / f"{shard}.index.json", lambda handle: handle.write(json.dumps(index).encode()))
+        with atomic_file(self.path / f"{shard}.index.json") as handle:
+            handle.write(json.dumps(index).encode())
         return shard
 
     def ensure(self, engine, sequences: Sequence[str], desc: str = "Embedding", shard_rows: int = 4096,
@@ -240,7 +231,7 @@ class FeatureCache:
     def _remove_stale_temporaries(self, age_seconds: float = 86400.0) -> None:
         """Temporary files of runs killed mid-write (a day old: never those of a process still writing)."""
         if self.path.is_dir():
-            for path in self.path.glob(".tmp-*"):
+            for path in self.path.glob(f"{TEMPORARY_PREFIX}*"):
                 try:
                     if time.time() - path.stat().st_mtime > age_seconds:
                         path.unlink()

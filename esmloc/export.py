@@ -10,6 +10,15 @@ def tokenizer_for(config) -> EsmLocTokenizer:
     return EsmLocTokenizer(max_residues=config.max_residues, crop=config.crop)
 
 
+def crop_mismatch(tokenizer: EsmLocTokenizer, config) -> str | None:
+    """Why `tokenizer` would feed the model of `config` inputs it was not trained on (it crops differently), or
+    None."""
+    if (tokenizer.max_residues, tokenizer.crop) == (config.max_residues, config.crop):
+        return None
+    return (f"the tokenizer crops to {tokenizer.max_residues} residues ({tokenizer.crop}) but the model config says "
+            f"{config.max_residues} ({config.crop})")
+
+
 def save_model(model, output_dir, tokenizer: EsmLocTokenizer | None = None) -> Path:
     """Saves `model` (safetensors, config with a local `auto_map`, the three `.py` files) and its tokenizer.
 
@@ -17,11 +26,9 @@ def save_model(model, output_dir, tokenizer: EsmLocTokenizer | None = None) -> P
     inputs it was not trained on.
     """
     tokenizer = tokenizer if tokenizer is not None else tokenizer_for(model.config)
-    if (tokenizer.max_residues, tokenizer.crop) != (model.config.max_residues, model.config.crop):
-        raise ValueError(
-            f"tokenizer crops to {tokenizer.max_residues} residues ({tokenizer.crop}) but the model config says "
-            f"{model.config.max_residues} ({model.config.crop})"
-        )
+    mismatch = crop_mismatch(tokenizer, model.config)
+    if mismatch:
+        raise ValueError(mismatch)
     output_dir = Path(output_dir)
     model.save_pretrained(output_dir)
     tokenizer.save_pretrained(output_dir)

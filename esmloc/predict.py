@@ -31,10 +31,8 @@ import argparse
 import csv
 import json
 import logging
-import os
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +41,8 @@ from tqdm.auto import tqdm
 
 from esmloc import data
 from esmloc.engine import PRECISIONS, Engine
+from esmloc.export import crop_mismatch
+from esmloc.files import atomic_file
 from modeling_esmloc import EsmForLocalization
 from tokenization_esmloc import EsmLocTokenizer
 
@@ -85,9 +85,9 @@ def load_model(model_dir, device):
         raise SystemExit(f"{model_dir}: not a model directory (no config.json)")
     model = EsmForLocalization.from_pretrained(model_dir).to(device).eval()
     tokenizer = EsmLocTokenizer.from_pretrained(model_dir)
-    if (tokenizer.max_residues, tokenizer.crop) != (model.config.max_residues, model.config.crop):
-        raise SystemExit(f"{model_dir}: the tokenizer crops to {tokenizer.max_residues} ({tokenizer.crop}) but the "
-                         f"config says {model.config.max_residues} ({model.config.crop})")
+    mismatch = crop_mismatch(tokenizer, model.config)
+    if mismatch:
+        raise SystemExit(f"{model_dir}: {mismatch}")
     return model, tokenizer
 
 
@@ -153,24 +153,18 @@ def predict_file(model, tokenizer, input_path, output_path, thresholds, chunk_si
                     precision=precision, progress=False)
     output_path = Path(output_path)
     output_path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = output_path.with_name(f".{output_path.name}.{uuid.uuid4().hex[:8]}.tmp")
     written = 0
-    try:
-        with open(temporary, "w", newline="") as handle, tqdm(total=total, unit="protein", desc="Predicting",
-                                                               disable=not progress) as bar:
-            writer = csv.writer(handle)
-            writer.writerow(["ACC"] + [f"probability_{name}" for name in names]
-                            + ["predicted_labels" if multi_label else "predicted_label"])
-            for chunk in chunks(data.read_sequences(input_path), chunk_size):
-                probabilities = engine.predict_probabilities([record.sequence for record in chunk])
-                writer.writerows(prediction_rows([record.acc for record in chunk], probabilities, thresholds,
-                                                 names, multi_label))
-                written += len(chunk)
-                bar.update(len(chunk))
-        os.replace(temporary, output_path)
-    finally:
-        if temporary.exists():
-            temporary.unlink()
+    with atomic_file(output_path, "w", newline="") as handle, tqdm(total=total, unit="protein", desc="Predicting",
+                                                                  disable=not progress) as bar:
+        writer = csv.writer(handle)
+        writer.writerow(["ACC"] + [f"probability_{name}" for name in names]
+                        + ["predicted_labels" if multi_label else "predicted_label"])
+        for chunk in chunks(data.read_sequences(input_path), chunk_size):
+            probabilities = engine.predict_probabilities([record.sequence for record in chunk])
+            writer.writerows(prediction_rows([record.acc for record in chunk], probabilities, thresholds,
+                                             names, multi_label))
+            written += len(chunk)
+            bar.update(len(chunk))
     return written
 
 
