@@ -470,8 +470,6 @@ class Engine:
     def embed(self, sequences: Sequence[str], kind: str = "mean", desc: str = "Embedding"):
         """Features per protein in input order: `mean`/`cls` give a float32 array (n, hidden); `residues` gives a
         list of float32 arrays (residues, hidden)."""
-        if kind not in FEATURE_KINDS:
-            raise ValueError(f"kind must be one of {FEATURE_KINDS}, got {kind!r}")
         return self.embed_encoded(self.encode(sequences), kind, desc)
 
     def embed_encoded(self, encoded, kind: str = "mean", desc: str = "Embedding", on_batch=None, keep: bool = True):
