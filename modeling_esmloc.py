@@ -83,6 +83,13 @@ class EsmLocPreTrainedModel(EsmPreTrainedModel):
     # Trainer would otherwise pass `num_items_in_batch` and scale the logged loss by the number of processes.
     accepts_loss_kwargs = False
 
+    def save_pretrained(self, save_directory, *args, save_original_format: bool = False, **kwargs):
+        # transformers maps ESM's LayerNorm.weight/.bias back to the legacy LayerNorm.gamma/.beta names when saving
+        # "in the original format". from_pretrained renames them again, but Trainer restores checkpoints (resuming,
+        # load_best_model_at_end) with a plain load_state_dict, which then silently skips every encoder LayerNorm.
+        # Saving the module's own names makes every tensor round-trip on both paths.
+        return super().save_pretrained(save_directory, *args, save_original_format=save_original_format, **kwargs)
+
 
 class EsmForLocalization(EsmLocPreTrainedModel):
     """

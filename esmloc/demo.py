@@ -13,8 +13,13 @@ import math
 import random
 from pathlib import Path
 
+from huggingface_hub import constants as hub_constants
+
+from esmloc.files import atomic_file
+
 
 DEFAULT_OUTPUT = "data/demo_mitochondrion.csv"
+DEMO_ROWS = 400
 # Amino-acid frequencies of UniProtKB/Swiss-Prot (%): the mature part of every protein.
 _BACKGROUND = {
     "L": 9.9, "A": 8.3, "G": 7.1, "V": 6.9, "E": 6.8, "S": 6.6, "I": 5.9, "K": 5.8, "R": 5.5, "D": 5.5,
@@ -73,21 +78,30 @@ def demo_rows(n_rows: int = 400, positive_fraction: float = 0.15, seed: int = 0)
     return rows
 
 
-def write_demo_csv(path=DEFAULT_OUTPUT, n_rows: int = 400, positive_fraction: float = 0.15, seed: int = 0) -> Path:
-    """Writes `demo_rows(...)` as a CSV to `path` (folders are created) and returns the path."""
+def write_demo_csv(path=DEFAULT_OUTPUT, n_rows: int = DEMO_ROWS, positive_fraction: float = 0.15, seed: int = 0
+                   ) -> Path:
+    """Writes `demo_rows(...)` as a CSV to `path` (folders are created; written whole or not at all) and returns
+    the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as handle:
+    with atomic_file(path, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=["ACC", "Mitochondrion", "Sequence"], lineterminator="\n")
         writer.writeheader()
         writer.writerows(demo_rows(n_rows, positive_fraction, seed))
     return path
 
 
+def demo_file() -> Path:
+    """The default demo set (DEMO_ROWS proteins, seed 0) as a CSV in the Hugging Face cache
+    ($HF_HOME/esmloc/demo/), generated on first use; what `python train.py` trains on without a data file."""
+    path = Path(hub_constants.HF_HOME) / "esmloc" / "demo" / f"demo_mitochondrion-{DEMO_ROWS}-seed0.csv"
+    return path if path.is_file() else write_demo_csv(path)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", default=DEFAULT_OUTPUT, help=f"CSV file to write (default: {DEFAULT_OUTPUT})")
-    parser.add_argument("--rows", type=int, default=400, help="number of proteins (default: 400)")
+    parser.add_argument("--rows", type=int, default=DEMO_ROWS, help=f"number of proteins (default: {DEMO_ROWS})")
     parser.add_argument("--positive_fraction", type=float, default=0.15, help="share of Mitochondrion proteins")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     args = parser.parse_args(argv)

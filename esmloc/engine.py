@@ -46,6 +46,8 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers.models.esm.modeling_esm import EsmModel
 
+from esmloc import task
+
 
 FEATURE_KINDS = ("mean", "cls", "residues")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -96,12 +98,26 @@ def _torch_linear(x, weight, bias, gelu=False, residual=None):
     return out if residual is None else residual + out
 
 
+# oneDNN builds (and caches) a kernel for every input shape it meets; packed batches have a different number of
+# rows nearly every time, and memory grew with the number of proteins predicted (+14% RSS from 5k to 50k proteins,
+# bench/predict_memory.py). Rows are padded to a multiple of this, so that a run meets a bounded set of shapes
+# (<= max_tokens_per_batch / ONEDNN_ROW_BUCKET per layer kind); the zero rows cost at most 63 rows of work per call.
+ONEDNN_ROW_BUCKET = 64
+
+
 def _onednn_linear(x, weight, bias, gelu=False, residual=None):
     """The same as `_torch_linear` through oneDNN, with GELU (erf) or the residual addition fused into the matmul."""
     ops = torch.ops.mkldnn._linear_pointwise
+    rows = x.shape[0]
+    extra = -rows % ONEDNN_ROW_BUCKET
+    if extra:
+        x = F.pad(x, (0, 0, 0, extra))
+        residual = None if residual is None else F.pad(residual, (0, 0, 0, extra))
     if residual is not None:
-        return ops.binary(x, residual, weight, bias, "add")
-    return ops(x, weight, bias, "gelu" if gelu else "none", [], "none" if gelu else "")
+        out = ops.binary(x, residual, weight, bias, "add")
+    else:
+        out = ops(x, weight, bias, "gelu" if gelu else "none", [], "none" if gelu else "")
+    return out[:rows] if extra else out
 
 
 def onednn_linear_available() -> bool:
@@ -377,7 +393,7 @@ class Engine:
             return nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
-    def map_batches(self, encoded: Sequence[Sequence[int]], function, desc: str = "Embedding"
+    def map_batches(self, encoded: Sequence[Sequence[int]], function, desc: str = "Embedding", bar=None
                     ) -> Iterator[tuple[np.ndarray, object]]:
         """Runs the backbone on every batch and `function(lengths, hidden)` on its packed hidden states (a
         (sum of lengths, hidden) tensor, proteins in the order of the batch's indices); yields `(indices, result)`
@@ -399,7 +415,11 @@ class Engine:
         was_training = self.model.training
         self.model.eval()
         try:
-            with tqdm(total=len(encoded), desc=desc, unit="protein", disable=not self.progress) as bar:
+            if bar is None:
+                bar = tqdm(total=len(encoded), desc=desc, unit="protein", disable=not self.progress)
+            else:
+                bar = nullcontext(bar)  # the caller's: advanced here, closed by the caller
+            with bar as bar:
                 if workers <= 1:
                     for batch_indices in batches:
                         result = run(batch_indices)
@@ -508,19 +528,17 @@ class Engine:
         return self.base_model.classify(padded, mask.long()).logits
 
     def probabilities_from_logits(self, logits: torch.Tensor) -> torch.Tensor:
-        if self.base_model.config.problem_type == "multi_label_classification":
-            return torch.sigmoid(logits.float())
-        return torch.softmax(logits.float(), dim=-1)
+        return task.probabilities(logits, task.is_multi_label(self.base_model.config))
 
-    def predict_probabilities(self, sequences: Sequence[str], desc: str = "Predicting") -> np.ndarray:
+    def predict_probabilities(self, sequences: Sequence[str], desc: str = "Predicting", bar=None) -> np.ndarray:
         """Class probabilities (n, num_labels) in input order: sigmoid per label for multi-label models, softmax
-        otherwise."""
+        otherwise (`esmloc.task.probabilities`). `bar`: see `map_batches`."""
         encoded = self.encode(sequences)
         results = np.zeros((len(encoded), self.base_model.config.num_labels), dtype=np.float32)
         def probabilities(lengths, hidden):
             return self.probabilities_from_logits(self.logits_from_hidden(hidden, lengths)).cpu().numpy()
 
-        for indices, rows in self.map_batches(encoded, probabilities, desc=desc):
+        for indices, rows in self.map_batches(encoded, probabilities, desc=desc, bar=bar):
             results[indices] = rows
         return results
 

@@ -21,13 +21,13 @@ import evaluate
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
-from scipy.special import expit, softmax
 from sklearn.metrics import ConfusionMatrixDisplay, precision_recall_curve, roc_curve
 from transformers import EvalPrediction
 
+from esmloc import task
+
 
 METRIC_PATH = Path(__file__).resolve().parent / "metrics" / "esmloc_metrics.py"
-BINARY_LABEL_NAMES = ("Other", "Mitochondrion")
 
 # MCC values closer than this are ties: floating-point noise must not decide the threshold.
 _MCC_TIE_TOLERANCE = 1e-12
@@ -122,21 +122,6 @@ def tuned_threshold(probabilities, labels):
     return best_thresholds(probabilities, labels)
 
 
-def logits_to_probabilities(logits, multi_label: bool = False) -> np.ndarray:
-    """Model logits (n, num_labels) -> probabilities.
-
-    Multi-label: sigmoid, shape (n, num_labels). Single-label with two classes: softmax, then the probability of
-    class 1, shape (n,). Single-label with more classes: softmax, shape (n, num_labels).
-    """
-    logits = np.asarray(logits, dtype=np.float64)
-    if logits.ndim != 2 or logits.shape[1] < 2:
-        raise ValueError(f"expected logits of shape (n, num_labels >= 2), got {logits.shape}")
-    if multi_label:
-        return expit(logits)
-    probabilities = softmax(logits, axis=1)
-    return probabilities[:, 1] if logits.shape[1] == 2 else probabilities
-
-
 def _suffixed(results: dict, suffix: str) -> dict:
     return {f"{key}{suffix}": value for key, value in results.items()}
 
@@ -148,7 +133,7 @@ def compute_metrics(
 ) -> Callable[[EvalPrediction], dict]:
     """Build the `compute_metrics` function for `transformers.Trainer`.
 
-    It turns the logits into probabilities (`logits_to_probabilities`) and returns the metric module's results
+    It turns the logits into probabilities (`esmloc.task`) and returns the metric module's results
     at 0.5; Trainer prefixes the keys (`eval_mcc`, ...), so `metric_for_best_model="mcc"` works. Single-label
     with more than two classes gets the `multiclass` results (accuracy, macro_f1, mcc at the argmax).
 
@@ -166,7 +151,7 @@ def compute_metrics(
         logits = eval_prediction.predictions
         if isinstance(logits, tuple):  # models returning hidden states or attentions too
             logits = logits[0]
-        probabilities = logits_to_probabilities(logits, multi_label)
+        probabilities = task.scores(task.probabilities(logits, multi_label), multi_label)
         labels = np.asarray(eval_prediction.label_ids).astype(np.int64)  # BCE labels arrive as floats
         if not multi_label and probabilities.ndim == 2:
             return load_metric("multiclass").compute(predictions=probabilities, references=labels)
@@ -214,83 +199,36 @@ def _label_names(label_names: Sequence[str] | None, probabilities: np.ndarray) -
     if label_names is not None:
         return list(label_names)
     if probabilities.ndim == 1:
-        return list(BINARY_LABEL_NAMES)
+        return list(task.BINARY_LABELS)
     return [str(column) for column in range(probabilities.shape[1])]
 
 
-def _predictions_frame(accs, labels, probabilities, threshold, label_names) -> pd.DataFrame:
+def format_examples_table(accs, labels, probabilities, *, names: Sequence[str], multi_label: bool, thresholds=None,
+                          n: int = 10, seed: int = 0) -> str:
+    """A printable table of `n` proteins drawn at random (reproducibly, from `seed`), in input order, headed by the
+    rule that decided the predicted labels: ACC, true label, the probability of the positive label and the
+    predicted label; multi-label tables list the true locations and the predicted ones with their probabilities.
+
+    `probabilities`: (n, num_labels), every label's; `labels`: class indices or multi-hot rows;
+    `thresholds`: as `esmloc.task.predicted` takes them."""
     probabilities = np.asarray(probabilities, dtype=np.float64)
-    labels = np.asarray(labels).astype(np.int64)
-    names = _label_names(label_names, probabilities)
-    if probabilities.ndim == 1:
-        predicted = (probabilities >= threshold).astype(np.int64)
-        return pd.DataFrame(
-            {
-                "ACC": list(accs),
-                "true_label": [names[label] for label in labels],
-                f"probability_{names[1]}": probabilities,
-                "predicted_label": [names[label] for label in predicted],
-            }
-        )
-    predicted = probabilities >= np.asarray(threshold, dtype=np.float64)
-
-    def joined(rows):
-        return [";".join(name for name, on in zip(names, row) if on) for row in rows]
-
-    frame = pd.DataFrame({"ACC": list(accs), "true_labels": joined(labels)})
-    for column, name in enumerate(names):
-        frame[f"probability_{name}"] = probabilities[:, column]
-    frame["predicted_labels"] = joined(predicted)
-    return frame
-
-
-def write_predictions_csv(
-    path, accs, labels, probabilities, threshold=0.5, label_names: Sequence[str] | None = None
-) -> Path:
-    """Write one row per protein and return the path.
-
-    Binary columns: ACC, true_label, probability_<positive name> (e.g. probability_Mitochondrion),
-    predicted_label (label names; predicted = probability >= threshold). Multi-label columns: ACC, true_labels,
-    probability_<location> for each location, predicted_labels (locations joined with ";", empty for none).
-    `label_names`: binary [negative, positive] (default Other, Mitochondrion); multi-label one per column.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _predictions_frame(accs, labels, probabilities, threshold, label_names).to_csv(path, index=False)
-    return path
-
-
-def format_examples_table(
-    accs,
-    labels,
-    probabilities,
-    *,
-    threshold=0.5,
-    label_names: Sequence[str] | None = None,
-    n: int = 10,
-    seed: int = 0,
-) -> str:
-    """A printable table of `n` proteins drawn at random (reproducibly, from `seed`): ACC, true label,
-    predicted probability and predicted label, in the order of the input. Multi-label tables list the true
-    locations and the predicted ones with their probabilities instead."""
-    frame = _predictions_frame(accs, labels, probabilities, threshold, label_names)
-    rows = np.sort(np.random.default_rng(seed).choice(len(frame), size=min(n, len(frame)), replace=False))
-    frame = frame.iloc[rows]
-    if np.ndim(probabilities) == 2:
-        names = _label_names(label_names, np.asarray(probabilities))
-
-        def with_probabilities(row):
-            chosen = [name for name in names if name in row["predicted_labels"].split(";")]
-            return "; ".join(f"{name} ({row[f'probability_{name}']:.3f})" for name in chosen) or "(none)"
-
-        frame = pd.DataFrame(
-            {
-                "ACC": frame["ACC"],
-                "true_labels": frame["true_labels"].replace("", "(none)"),
-                "predicted_labels (probability)": frame.apply(with_probabilities, axis=1),
-            }
-        )
-    return frame.to_string(index=False, float_format="{:.3f}".format)
+    rows = np.sort(np.random.default_rng(seed).choice(len(accs), size=min(n, len(accs)), replace=False))
+    predicted = task.predicted(probabilities[rows], names, multi_label, thresholds)
+    truths = [task.LABEL_SEPARATOR.join(name for name, on in zip(names, labels[row]) if on) if multi_label
+              else names[int(labels[row])] for row in rows]
+    if multi_label:
+        shown = ["; ".join(f"{name} ({probabilities[row, names.index(name)]:.3f})"
+                           for name in labels_.split(task.LABEL_SEPARATOR) if name) or "(none)"
+                 for row, labels_ in zip(rows, predicted)]
+        frame = pd.DataFrame({"ACC": [accs[row] for row in rows], "true_labels": [t or "(none)" for t in truths],
+                              "predicted_labels (probability)": shown})
+    else:
+        frame = pd.DataFrame({"ACC": [accs[row] for row in rows], "true_label": truths})
+        for column in range(1, len(names)) if len(names) == 2 else range(len(names)):
+            frame[f"probability_{names[column]}"] = probabilities[rows, column]
+        frame["predicted_label"] = predicted
+    rule = task.threshold_rule(names, multi_label, thresholds)
+    return f"Predicted: {rule}.\n" + frame.to_string(index=False, float_format="{:.3f}".format)
 
 
 def _operating_point(results: dict) -> tuple[float, float]:

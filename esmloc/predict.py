@@ -18,33 +18,39 @@ training run (`test_threshold_tuned`, per label `test_threshold_<label>_tuned`, 
 0.5. The log (stderr) says which one was used.
 
 Streaming: records are read and predicted in chunks of --chunk_size (sorted by length within a chunk by the engine)
-and written as they come, so memory does not grow with the input.
+and written as they come, so memory does not grow with the input; the progress bar moves with every batch.
 
 Malformed records: the whole input is checked before any prediction (a fast pass that reads every record). A bad
 record (a character outside the ESM-2 alphabet, an empty sequence or ACC, a missing column, ...) stops the run with
-exit status 2 and a message naming the file, line and ACC; nothing is written. Predictions are written to a
-temporary file next to the output and renamed into place only when every record has been predicted, so the output
-path never holds a partial file.
+exit status 2 and a message naming the file, line and ACC; nothing is written. Record IDs (ACCs) that occur more than
+once are counted in that pass and reported (a warning); every record still gets its own row. Predictions are written
+to a temporary file next to the output and renamed into place only when every record has been predicted, so the
+output path never holds a partial file; an output path that is the input file (or the model's) is refused before
+anything is read.
 """
 
 import argparse
-import csv
+import hashlib
 import json
 import logging
+import os
 import sys
 import time
+from array import array
+from collections import Counter
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from esmloc import data
+from esmloc import cli, loading, task
+from esmloc.cli import InputError
+from esmloc.data import read_sequences
 from esmloc.engine import PRECISIONS, Engine
-from esmloc.export import crop_mismatch
 from esmloc.files import atomic_file
-from modeling_esmloc import EsmForLocalization
-from tokenization_esmloc import EsmLocTokenizer
+from esmloc.predictions import PredictionsWriter
 
 
 logger = logging.getLogger("esmloc.predict")
@@ -71,40 +77,38 @@ def parse_arguments(argv=None) -> argparse.Namespace:
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     parser.add_argument("--precision", default="auto", choices=PRECISIONS,
                         help="auto: fp32 on CPU, bf16 (or fp16) autocast on CUDA")
-    parser.add_argument("--no_progress", action="store_true", help="no progress bar")
+    parser.add_argument("--no_progress", action="store_true",
+                        help="no progress bar (default: a bar when stderr is a terminal)")
     args = parser.parse_args(argv)
     if args.chunk_size < 1:
         parser.error("--chunk_size must be positive")
     return args
 
 
-def load_model(model_dir, device):
-    """The model and its tokenizer from a saved directory (the installed esmloc classes; no remote code runs)."""
-    model_dir = Path(model_dir)
-    if not (model_dir / "config.json").is_file():
-        raise SystemExit(f"{model_dir}: not a model directory (no config.json)")
-    model = EsmForLocalization.from_pretrained(model_dir).to(device).eval()
-    tokenizer = EsmLocTokenizer.from_pretrained(model_dir)
-    mismatch = crop_mismatch(tokenizer, model.config)
-    if mismatch:
-        raise SystemExit(f"{model_dir}: {mismatch}")
-    return model, tokenizer
+def check_output_path(output, inputs) -> None:
+    """Refuses an output path that is one of the input files (also through links or another spelling): the
+    predictions would replace the proteins they come from."""
+    output = Path(output)
+    for path in inputs:
+        path = Path(path)
+        same = output.resolve() == path.resolve() or (output.exists() and path.exists() and os.path.samefile(output, path))
+        if same:
+            raise InputError(f"-o {output} is the input file {path}: refusing to overwrite it; choose another output path")
 
 
 def decision_thresholds(model_dir, config, override: float | None) -> tuple[np.ndarray | None, str]:
     """Per-label thresholds (None for a multi-class model, which predicts the most probable label) and where they
     came from."""
-    names = [config.id2label[i] for i in range(config.num_labels)]
-    multi_label = config.problem_type == "multi_label_classification"
-    if not multi_label and config.num_labels != 2:
+    names, multi_label = task.label_names(config), task.is_multi_label(config)
+    if not multi_label and len(names) != 2:
         return None, "none (multi-class: the most probable label)"
-    count = config.num_labels if multi_label else 1
+    count = len(names) if multi_label else 1
     if override is not None:
         return np.full(count, override), f"{override} (--threshold)"
     results_path = Path(model_dir) / RESULTS_FILE
     if results_path.is_file():
         results = json.loads(results_path.read_text())
-        keys = [f"test_threshold_{name}_tuned" for name in names] if multi_label else ["test_threshold_tuned"]
+        keys = task.tuned_threshold_keys(names, multi_label)
         if all(isinstance(results.get(key), (int, float)) for key in keys):
             values = np.asarray([float(results[key]) for key in keys])
             shown = ", ".join(f"{name}={value:.4g}" for name, value in zip(names if multi_label else [names[1]],
@@ -114,89 +118,84 @@ def decision_thresholds(model_dir, config, override: float | None) -> tuple[np.n
     return np.full(count, 0.5), f"0.5 (default: no tuned threshold in {results_path})"
 
 
-def prediction_rows(accs, probabilities: np.ndarray, thresholds, names, multi_label: bool):
-    for acc, row in zip(accs, probabilities, strict=True):
-        cells = [acc] + [f"{value:.6g}" for value in row]
-        if multi_label:
-            cells.append(";".join(name for name, value, cut in zip(names, row, thresholds) if value >= cut))
-        elif thresholds is not None:
-            cells.append(names[1] if row[1] >= thresholds[0] else names[0])
-        else:
-            cells.append(names[int(np.argmax(row))])
-        yield cells
-
-
-def count_records(path) -> int:
-    """Reads every record once (raising DataValidationError at the first bad one) and counts them."""
-    return sum(1 for _ in data.read_sequences(path))
-
-
-def chunks(records, size: int):
-    chunk = []
-    for record in records:
-        chunk.append(record)
-        if len(chunk) == size:
-            yield chunk
-            chunk = []
-    if chunk:
+def batched(iterable, size: int):
+    """Tuples of `size` items (the last one shorter): itertools.batched from Python 3.12 on."""
+    iterator = iter(iterable)
+    while chunk := tuple(islice(iterator, size)):
         yield chunk
+
+
+def id_digest(acc: str) -> int:
+    return int.from_bytes(hashlib.blake2b(acc.encode(), digest_size=8).digest(), "little")
+
+
+def survey(path) -> tuple[int, int, set[int]]:
+    """Reads every record once (raising DataValidationError at the first bad one): the number of records and of
+    residues, and the digests of the record IDs that occur more than once. IDs are kept as 8-byte digests, not
+    strings, so that memory stays small on proteome-sized files (two IDs share a digest with odds of about
+    1 in 10^9 among a million IDs: at worst a repeated ID is reported that is not)."""
+    digests, residues = array("Q"), 0
+    for record in read_sequences(path):
+        digests.append(id_digest(record.acc))
+        residues += len(record.sequence)
+    values, counts = np.unique(np.frombuffer(digests, dtype=np.uint64), return_counts=True)
+    return len(digests), residues, {int(value) for value in values[counts > 1]}
 
 
 def predict_file(model, tokenizer, input_path, output_path, thresholds, chunk_size: int = 4096,
                  max_tokens_per_batch: int | None = None, device=None, precision: str = "auto",
-                 progress: bool = True, total: int | None = None) -> int:
-    """Writes the predictions of every record of `input_path` to `output_path` (atomically); returns the count."""
+                 progress: bool = True, total: int | None = None, repeated_ids: set[int] = frozenset()
+                 ) -> tuple[int, Counter]:
+    """Writes the predictions of every record of `input_path` to `output_path` (atomically); returns the number
+    written and how often each ID among `repeated_ids` (digests, see `survey`) occurred."""
     config = model.config
-    names = [config.id2label[i] for i in range(config.num_labels)]
-    multi_label = config.problem_type == "multi_label_classification"
     engine = Engine(model, tokenizer, max_tokens_per_batch=max_tokens_per_batch, device=device,
                     precision=precision, progress=False)
     output_path = Path(output_path)
     output_path.parent.mkdir(parents=True, exist_ok=True)
-    written = 0
+    written, repeated = 0, Counter()
     with atomic_file(output_path, "w", newline="") as handle, tqdm(total=total, unit="protein", desc="Predicting",
                                                                   disable=not progress) as bar:
-        writer = csv.writer(handle)
-        writer.writerow(["ACC"] + [f"probability_{name}" for name in names]
-                        + ["predicted_labels" if multi_label else "predicted_label"])
-        for chunk in chunks(data.read_sequences(input_path), chunk_size):
-            probabilities = engine.predict_probabilities([record.sequence for record in chunk])
-            writer.writerows(prediction_rows([record.acc for record in chunk], probabilities, thresholds,
-                                             names, multi_label))
+        writer = PredictionsWriter(handle, task.label_names(config), task.is_multi_label(config), thresholds)
+        for chunk in batched(read_sequences(input_path), chunk_size):
+            accs = [record.acc for record in chunk]
+            writer.write(accs, engine.predict_probabilities([record.sequence for record in chunk], bar=bar))
             written += len(chunk)
-            bar.update(len(chunk))
-    return written
+            repeated.update(acc for acc in accs if repeated_ids and id_digest(acc) in repeated_ids)
+    return written, repeated
+
+
+def predict(argv=None) -> int:
+    args = parse_arguments(argv)
+    cli.setup_logging()
+    input_path = Path(args.input)
+    if not input_path.is_file():
+        raise InputError(f"{input_path}: no such file")
+    check_output_path(args.output, [input_path, *Path(args.model_dir).glob("*")])
+    started = time.perf_counter()
+    total, residues, repeated_ids = survey(input_path)
+    if repeated_ids:
+        logger.warning("%s: %d record ID(s) occur more than once; each record gets its own row, in input order "
+                       "(listed at the end)", input_path, len(repeated_ids))
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model, tokenizer = loading.load_model_dir(args.model_dir, device)
+    thresholds, source = decision_thresholds(args.model_dir, model.config, args.threshold)
+    logger.info("%s: %d proteins (%d residues); model %s (%s pooling); decision threshold: %s", input_path, total,
+                residues, args.model_dir, model.config.pooling, source)
+    written, repeated = predict_file(model, tokenizer, input_path, args.output, thresholds, chunk_size=args.chunk_size,
+                                     max_tokens_per_batch=args.max_tokens_per_batch, device=device,
+                                     precision=args.precision,
+                                     progress=not args.no_progress and cli.progress_bars_wanted(), total=total,
+                                     repeated_ids=repeated_ids)
+    if repeated:
+        shown = ", ".join(f"{acc} (x{count})" for acc, count in repeated.most_common(10))
+        logger.warning("Repeated record IDs: %s%s", shown, " ..." if len(repeated) > 10 else "")
+    logger.info("Wrote %d predictions to %s in %.1f s", written, args.output, time.perf_counter() - started)
+    return 0
 
 
 def main(argv=None) -> int:
-    args = parse_arguments(argv)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO,
-                        stream=sys.stderr)
-    input_path = Path(args.input)
-    if not input_path.is_file():
-        print(f"esmloc-predict: {input_path}: no such file", file=sys.stderr)
-        return 2
-    started = time.perf_counter()
-    try:
-        total = count_records(input_path)
-    except data.DataValidationError as error:
-        print(f"esmloc-predict: malformed input, nothing written: {error}", file=sys.stderr)
-        return 2
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model, tokenizer = load_model(args.model_dir, device)
-    thresholds, source = decision_thresholds(args.model_dir, model.config, args.threshold)
-    logger.info("%s: %d proteins; model %s (%s pooling); decision threshold: %s", input_path, total, args.model_dir,
-                model.config.pooling, source)
-    try:
-        written = predict_file(model, tokenizer, input_path, args.output, thresholds, chunk_size=args.chunk_size,
-                               max_tokens_per_batch=args.max_tokens_per_batch, device=device,
-                               precision=args.precision, progress=not args.no_progress, total=total)
-    except data.DataValidationError as error:  # the file changed since it was checked
-        print(f"esmloc-predict: malformed input, nothing written: {error}", file=sys.stderr)
-        return 2
-    elapsed = time.perf_counter() - started
-    logger.info("Wrote %d predictions to %s in %.1f s", written, args.output, elapsed)
-    return 0
+    return cli.run("esmloc-predict", predict, argv)
 
 
 if __name__ == "__main__":

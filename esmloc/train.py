@@ -24,8 +24,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import transformers
 from huggingface_hub import constants as hub_constants
+from sklearn.utils.class_weight import compute_class_weight
 from transformers import (
     DataCollatorWithPadding,
     EarlyStoppingCallback,
@@ -34,11 +34,13 @@ from transformers import (
     TrainingArguments,
     set_seed,
 )
-from transformers.trainer_utils import get_last_checkpoint
 
 from configuration_esmloc import CROP_STRATEGIES, ESM2_ARCHITECTURES, POOLING_MODES, EsmLocConfig
-from esmloc import cache, data, engine, evaluation, publish
+from esmloc import cache, cli, data, demo, engine, evaluation, loading, publish, runs, task
+from esmloc.cli import EnvironmentProblem, InputError
 from esmloc.export import save_model, tokenizer_for
+from esmloc.files import atomic_file
+from esmloc.predictions import write_predictions_csv
 from modeling_esmloc import EsmForLocalization
 
 
@@ -48,6 +50,8 @@ FINETUNE_MODES = ("frozen", "lora", "full")
 # Learning rates that work for each mode when --learning_rate is not given: a head alone tolerates a large
 # step, LoRA adapters a medium one, the whole backbone only a small one.
 DEFAULT_LEARNING_RATES = {"frozen": 1e-3, "lora": 5e-4, "full": 5e-5}
+# Without --model_name_or_path or --from_scratch (the demo run): a randomly initialised ESM-2 8M backbone.
+DEMO_ARCHITECTURE = "esm2_t6_8M"
 RUN_INFO_FILE = "run_info.json"
 
 
@@ -109,9 +113,6 @@ class ModelArguments:
                   "the final predictions; default 2048 on CPU, 65536 on CUDA."},
     )
 
-    def __post_init__(self):
-        if (self.model_name_or_path is None) == (self.from_scratch is None):
-            raise ValueError("give exactly one of --model_name_or_path (an ESM-2 checkpoint) or --from_scratch")
 
 
 @dataclass
@@ -124,8 +125,8 @@ class DataArguments:
     train_file: str | None = field(
         default=None,
         metadata={"help": "CSV with ACC, Mitochondrion (0/1) and Sequence columns. Split into train/validation/test "
-                  "unless --validation_file and --test_file are given. Without any file the DeepLoc 2.0 public "
-                  "download is used."},
+                  "unless --validation_file and --test_file are given. Without any file: esmloc's synthetic demo "
+                  "set (esmloc/demo.py), to see the machinery work."},
     )
     validation_file: str | None = field(default=None)
     test_file: str | None = field(default=None)
@@ -170,8 +171,19 @@ class EsmLocTrainingArguments(TrainingArguments):
     early_stopping_patience: int | None = field(
         default=None, metadata={"help": "Stop after this many evaluations without a better validation MCC."}
     )
+    # transformers 5 dropped this TrainingArguments field; esmloc keeps the name for what it always meant.
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Start afresh in an --output_dir that holds another run: its checkpoints are deleted. "
+                  "Without it, such a directory is refused, and one holding this same run is resumed."},
+    )
+    disable_tqdm: bool | None = field(
+        default=None, metadata={"help": "Default: progress bars only when stderr is a terminal."}
+    )
 
     def __post_init__(self):
+        if self.disable_tqdm is None:
+            self.disable_tqdm = not cli.progress_bars_wanted()
         # Two or more CPU processes (torchrun / accelerate launch on a machine without GPUs) need gloo.
         if self.ddp_backend is None and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
             self.ddp_backend = "gloo"
@@ -195,6 +207,141 @@ def parse_arguments(argv=None) -> tuple[ModelArguments, DataArguments, EsmLocTra
     return parser.parse_args_into_dataclasses(args=argv)
 
 
+
+# --- arguments ----------------------------------------------------------------------------------------------------
+
+
+def check_arguments(model_args: ModelArguments, data_args: DataArguments, training_args) -> None:
+    """Refuses contradictory arguments and fills in the demo defaults (saying so)."""
+    if model_args.model_name_or_path and model_args.from_scratch:
+        raise InputError("give one of --model_name_or_path (an ESM-2 checkpoint) or --from_scratch, not both")
+    if training_args.push_to_hub and publish.as_hub_model_id(training_args.hub_model_id or "") is None:
+        raise InputError("--push_to_hub needs --hub_model_id user/name")
+    if model_args.push_adapter and model_args.finetune != "lora":
+        raise InputError("--push_adapter needs --finetune lora")
+    files = [data_args.train_file, data_args.validation_file, data_args.test_file]
+    if any(files[1:]) and not files[0]:
+        raise InputError("--validation_file/--test_file need a --train_file")
+    if any(files[1:]) and not all(files):
+        raise InputError("give --train_file alone (it is split) or all of --train_file, --validation_file, --test_file")
+    if not any(files):
+        data_args.train_file = str(demo.demo_file())
+        log_main(training_args, "No --train_file: training on esmloc's synthetic demo set (%s: %d made-up proteins, "
+                 "positives with a targeting-peptide-like N-terminus). Pass --train_file proteins.csv for real data.",
+                 data_args.train_file, demo.DEMO_ROWS)
+    elif not (model_args.model_name_or_path or model_args.from_scratch):
+        raise InputError("give --model_name_or_path (an ESM-2 checkpoint: a hub id such as facebook/esm2_t6_8M_UR50D "
+                         "or a local directory) or --from_scratch ARCHITECTURE (random weights)")
+    if not (model_args.model_name_or_path or model_args.from_scratch):
+        model_args.from_scratch = DEMO_ARCHITECTURE
+        log_main(training_args, "No --model_name_or_path: an ESM-2 backbone with RANDOM weights (--from_scratch %s); "
+                 "for useful predictions start from pretrained weights, e.g. --model_name_or_path "
+                 "facebook/esm2_t6_8M_UR50D.", DEMO_ARCHITECTURE)
+    if training_args.learning_rate is None:
+        training_args.learning_rate = DEFAULT_LEARNING_RATES[model_args.finetune]
+    if model_args.finetune == "full" and model_args.max_residues > 512 and not torch.cuda.is_available():
+        log_main(training_args, "--finetune full on CPU with --max_residues %d: every step runs the whole backbone "
+                 "on up to %d residues; --max_residues 256 makes training many times faster (attention grows with "
+                 "the square of the length).", model_args.max_residues, model_args.max_residues,
+                 level=logging.WARNING)
+
+
+def log_main(training_args, message: str, *args, level: int = logging.INFO) -> None:
+    """Logs once per run, from the main process (every process of a DDP run reaches the same lines)."""
+    if training_args.should_log:
+        logger.log(level, message, *args)
+
+
+# --- data ---------------------------------------------------------------------------------------------------------
+
+
+def load_splits(data_args: DataArguments, seed: int):
+    """Train/validation/test through the esmloc dataset builder (validated, split, identical sequences kept
+    together)."""
+    files = {split: path for split, path in (("train", data_args.train_file), ("validation", data_args.validation_file),
+                                             ("test", data_args.test_file)) if path}
+    split_kwargs = {key: value for key, value in (("split_method", data_args.split_method),
+                                                  ("validation_partitions", data_args.validation_partitions),
+                                                  ("test_partitions", data_args.test_partitions)) if value is not None}
+    data_files = files if len(files) == 3 else files["train"]
+    for path in files.values():
+        if not Path(path).is_file():
+            raise InputError(f"{path}: no such data file")
+    try:
+        return data.load_dataset(data_files, data_args.dataset_config, seed=seed, **split_kwargs)
+    except data.DataValidationError:
+        raise
+    except ValueError as error:  # split settings the data cannot satisfy (too few proteins, absent partitions)
+        raise InputError(f"{', '.join(map(str, files.values()))}: {error}") from None
+
+
+def label_setup(dataset, dataset_config: str) -> dict:
+    """Config kwargs describing the labels: id2label and problem_type."""
+    label_feature = dataset["train"].features["label"]
+    if dataset_config == "deeploc":
+        names = list(label_feature.feature.names)
+        return {"id2label": dict(enumerate(names)), "problem_type": task.MULTI_LABEL}
+    return {"id2label": dict(enumerate(label_feature.names)), "problem_type": task.SINGLE_LABEL}
+
+
+def targets(split, num_labels: int, multi_label: bool) -> np.ndarray:
+    """Integer class ids (single-label) or a multi-hot matrix (multi-label) for a split."""
+    if not multi_label:
+        return np.asarray(split["label"], dtype=np.int64)
+    multi_hot = np.zeros((len(split), num_labels), dtype=np.float32)
+    for row, present in enumerate(split["label"]):
+        multi_hot[row, present] = 1.0
+    return multi_hot
+
+
+def check_learnable(dataset, names: list[str], multi_label: bool, source: str) -> None:
+    """Refuses splits no sound model can come from: every label needs positives in training (a label never seen
+    positive is learned as "never"), and in validation, where its decision threshold is tuned."""
+    for split, purpose in (("train", "to learn it from"), ("validation", "to tune its decision threshold on")):
+        labels = targets(dataset[split], len(names), multi_label)
+        counts = labels.sum(axis=0) if multi_label else np.bincount(labels, minlength=len(names))
+        if multi_label or split == "train":
+            absent = [name for name, count in zip(names, counts) if count == 0]
+        else:  # a binary validation split needs positives; every protein is a negative of the others
+            absent = [names[1]] if len(names) == 2 and counts[1] == 0 else []
+        if absent:
+            shown = ", ".join(f"{name} {int(count)}" for name, count in zip(names, counts))
+            raise InputError(
+                f"{source}: the {split} split ({len(labels)} proteins; {shown}) has no protein labelled "
+                f"{', '.join(absent)}: esmloc needs some {purpose}. Use more data or another split "
+                "(--split_method, --max_train_samples/--max_eval_samples)."
+            )
+
+
+def load_data(data_args: DataArguments, training_args):
+    """The validated, split and (with --max_*_samples) truncated dataset, its label setup, its summary printed."""
+    with training_args.main_process_first(desc="loading the dataset"):
+        dataset = load_splits(data_args, seed=training_args.seed)
+    for name, limit in (("train", data_args.max_train_samples), ("validation", data_args.max_eval_samples),
+                        ("test", data_args.max_test_samples)):
+        if limit is not None:
+            dataset[name] = dataset[name].select(range(min(limit, len(dataset[name]))))
+    labels = label_setup(dataset, data_args.dataset_config)
+    check_learnable(dataset, list(labels["id2label"].values()), labels["problem_type"] == task.MULTI_LABEL,
+                    source=data_args.train_file)
+    if training_args.should_log:
+        print(data.format_summary(dataset))
+    return dataset, labels
+
+
+def balanced_class_weights(train_targets: np.ndarray, num_labels: int, multi_label: bool) -> list[float]:
+    """Balanced cross-entropy weights n / (k * n_c) (scikit-learn's "balanced"), or BCE pos_weight
+    negatives / positives per label."""
+    if multi_label:
+        positives = train_targets.sum(axis=0)
+        return [float((len(train_targets) - p) / p) for p in positives]
+    weights = compute_class_weight("balanced", classes=np.arange(num_labels), y=train_targets)
+    return [float(weight) for weight in weights]
+
+
+# --- model --------------------------------------------------------------------------------------------------------
+
+
 def hub_unreachable_message(name: str, error: Exception) -> str:
     return (
         f"Could not load the ESM-2 model {name!r} from {hub_constants.ENDPOINT}: {error}\n\n"
@@ -215,22 +362,23 @@ def build_model(model_args: ModelArguments, label_config: dict) -> EsmForLocaliz
         crop=model_args.crop,
         **label_config,
     )
+    attention = {"attn_implementation": model_args.attn_implementation}
     if model_args.from_scratch:
         esm_config = dict(ESM2_ARCHITECTURES[model_args.from_scratch])
-        config = EsmLocConfig(esm_config=esm_config, esm_name_or_path=f"random:{model_args.from_scratch}",
-                              attn_implementation=model_args.attn_implementation, **head_config)
-        return EsmForLocalization(config)
+        return EsmForLocalization(EsmLocConfig(esm_config=esm_config, esm_name_or_path=f"random:{model_args.from_scratch}",
+                                               **attention, **head_config))
     name = model_args.model_name_or_path
     local = Path(name).expanduser()
-    if local.is_dir() and json.loads((local / "config.json").read_text()).get("model_type") == "esmloc":
-        return EsmForLocalization.from_pretrained(local, attn_implementation=model_args.attn_implementation,
-                                                  **head_config)
-    if not local.is_dir() and (name.startswith((".", "/", "~")) or name.count("/") > 1):
-        raise SystemExit(f"--model_name_or_path {name}: no such directory")
+    if local.is_dir():
+        if loading.model_kind(local) == "esmloc":  # an esmloc model trained before: continue from it
+            return EsmForLocalization.from_pretrained(local, **attention, **head_config)
+        return EsmForLocalization.from_esm(str(local), **attention, **head_config)
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise InputError(f"--model_name_or_path {name}: no such directory")
     try:
-        return EsmForLocalization.from_esm(name, attn_implementation=model_args.attn_implementation, **head_config)
+        return EsmForLocalization.from_esm(name, **attention, **head_config)
     except OSError as error:
-        raise SystemExit(hub_unreachable_message(name, error)) from error
+        raise EnvironmentProblem(hub_unreachable_message(name, error)) from None
 
 
 def prepare_finetuning(model: EsmForLocalization, model_args: ModelArguments):
@@ -253,54 +401,7 @@ def prepare_finetuning(model: EsmForLocalization, model_args: ModelArguments):
     return get_peft_model(model, lora_config)
 
 
-def count_parameters(model) -> tuple[int, int]:
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return trainable, sum(p.numel() for p in model.parameters())
-
-
-def load_splits(data_args: DataArguments, seed: int):
-    """Train/validation/test through the esmloc dataset builder (validated, split, identical sequences kept
-    together)."""
-    files = {split: path for split, path in (("train", data_args.train_file), ("validation", data_args.validation_file),
-                                             ("test", data_args.test_file)) if path}
-    if files and "train" not in files:
-        raise SystemExit("--validation_file/--test_file need a --train_file")
-    if len(files) == 2:
-        raise SystemExit("give --train_file alone (it is split) or all of --train_file, --validation_file, --test_file")
-    split_kwargs = {key: value for key, value in (("split_method", data_args.split_method),
-                                                  ("validation_partitions", data_args.validation_partitions),
-                                                  ("test_partitions", data_args.test_partitions)) if value is not None}
-    data_files = files if len(files) == 3 else files.get("train")
-    return data.load_dataset(data_files, data_args.dataset_config, seed=seed, **split_kwargs)
-
-
-def label_setup(dataset, dataset_config: str) -> tuple[dict, list[str]]:
-    """Config kwargs describing the labels, and the label names."""
-    label_feature = dataset["train"].features["label"]
-    if dataset_config == "deeploc":
-        names = list(label_feature.feature.names)
-        return {"id2label": dict(enumerate(names)), "problem_type": "multi_label_classification"}, names
-    names = list(label_feature.names)
-    return {"id2label": dict(enumerate(names)), "problem_type": "single_label_classification"}, names
-
-
-def targets(split, num_labels: int, multi_label: bool) -> np.ndarray:
-    """Integer class ids (single-label) or a multi-hot matrix (multi-label) for a split."""
-    if not multi_label:
-        return np.asarray(split["label"], dtype=np.int64)
-    multi_hot = np.zeros((len(split), num_labels), dtype=np.float32)
-    for row, present in enumerate(split["label"]):
-        multi_hot[row, present] = 1.0
-    return multi_hot
-
-
-def balanced_class_weights(train_targets: np.ndarray, num_labels: int, multi_label: bool) -> list[float]:
-    """Balanced cross-entropy weights n / (k * n_c), or BCE pos_weight negatives / positives per label."""
-    if multi_label:
-        positives = train_targets.sum(axis=0)
-        return [float((len(train_targets) - p) / p) if p else 1.0 for p in positives]
-    counts = np.bincount(train_targets, minlength=num_labels)
-    return [float(len(train_targets) / (num_labels * c)) if c else 1.0 for c in counts]
+# --- training -----------------------------------------------------------------------------------------------------
 
 
 def tokenize_splits(dataset, tokenizer, num_labels: int, multi_label: bool, training_args):
@@ -334,7 +435,7 @@ def cached_feature_trainer(model, tokenizer, dataset, model_args, training_args,
     embeds first; the other processes of a distributed run then find everything in the cache."""
     model.to(training_args.device)
     inference = engine.Engine(model, tokenizer, max_tokens_per_batch=model_args.max_tokens_per_batch,
-                              device=training_args.device, progress=training_args.should_log)
+                              device=training_args.device, progress=not training_args.disable_tqdm)
     kind = cache.feature_kind(model.config.pooling)
     fingerprint = cache.backbone_fingerprint(model.esm)
     splits = {}
@@ -355,10 +456,83 @@ def cached_feature_trainer(model, tokenizer, dataset, model_args, training_args,
     )
 
 
-def positive_probabilities(probabilities: np.ndarray, multi_label: bool) -> np.ndarray:
-    """The evaluation layer's convention: P(positive) as a vector for binary tasks, one column per label
-    otherwise."""
-    return probabilities[:, 1] if not multi_label and probabilities.shape[1] == 2 else probabilities
+def make_trainer(model, trainable_model, tokenizer, dataset, model_args, training_args, identity: dict) -> Trainer:
+    """The Trainer of the run: on cached features (frozen backbone) or on tokenised proteins (lora, full)."""
+    config = model.config
+    multi_label, num_labels = task.is_multi_label(config), config.num_labels
+    if training_args.metric_for_best_model is None:
+        training_args.metric_for_best_model = "macro_mcc_tuned" if multi_label else "mcc_tuned"
+        training_args.greater_is_better = True
+    callbacks = [runs.RunRecordCallback(identity)]
+    if training_args.early_stopping_patience:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=training_args.early_stopping_patience))
+    kwargs = dict(compute_metrics=evaluation.compute_metrics(multi_label, task.label_names(config),
+                                                             tune_threshold=True), callbacks=callbacks)
+    if uses_feature_cache(model_args):
+        return cached_feature_trainer(model, tokenizer, dataset, model_args, training_args, num_labels, multi_label,
+                                      **kwargs)
+    tokenized = tokenize_splits(dataset, tokenizer, num_labels, multi_label, training_args)
+    return Trainer(model=trainable_model, args=training_args, train_dataset=tokenized["train"],
+                   eval_dataset=tokenized["validation"], processing_class=tokenizer,
+                   data_collator=DataCollatorWithPadding(tokenizer), **kwargs)
+
+
+def uses_feature_cache(model_args: ModelArguments) -> bool:
+    return model_args.finetune == "frozen" and model_args.feature_cache
+
+
+def trained_model(trainer, model, model_args, output_dir: Path):
+    """The model to save: what the best checkpoint holds (the Trainer restored it), merged with its adapters for
+    LoRA (the adapter itself is kept in output_dir/adapter)."""
+    if uses_feature_cache(model_args):
+        # The Trainer trained (and restored) the head modules the model shares.
+        return model.to(trainer.args.device)
+    final_model = trainer.model
+    if model_args.finetune == "lora":
+        if trainer.is_world_process_zero():
+            final_model.save_pretrained(output_dir / "adapter")
+        final_model = final_model.merge_and_unload()
+    return final_model
+
+
+# --- evaluation and the saved run -----------------------------------------------------------------------------------
+
+
+def evaluate_and_save(trainer, final_model, tokenizer, dataset, model_args, data_args, training_args, run_record: dict,
+                      output_dir: Path) -> None:
+    """Saves the model, then predicts validation and test with exactly the saved weights: the report (threshold
+    tuned on validation), the predictions CSV, the plots, a table of a few test proteins, the run record and the
+    model card."""
+    save_model(final_model, output_dir, tokenizer)
+    config = final_model.config
+    names, multi_label = task.label_names(config), task.is_multi_label(config)
+    # With the feature cache, pooled features of the (unchanged) backbone come from the cache: the same numbers.
+    predict = partial(engine.predict_probabilities, final_model, tokenizer, device=training_args.device,
+                      max_tokens_per_batch=model_args.max_tokens_per_batch, progress=not training_args.disable_tqdm,
+                      feature_cache=feature_cache_dir(model_args) if uses_feature_cache(model_args) else None)
+    probabilities, truth, scores = {}, {}, {}
+    for split in ("validation", "test"):
+        probabilities[split] = predict(dataset[split]["Sequence"], desc=f"Predicting {split}")
+        truth[split] = targets(dataset[split], len(names), multi_label)
+        scores[split] = task.scores(probabilities[split], multi_label)
+    report = evaluation.evaluation_report(scores["validation"], truth["validation"], scores["test"], truth["test"],
+                                          label_names=names)
+    # Undefined metrics (e.g. ROC-AUC of a location without positives in the split) are saved as null.
+    trainer.log_metrics("test", {key: value for key, value in report.items() if value is not None})
+    trainer.save_metrics("test", report)
+    threshold = evaluation.tuned_threshold(scores["validation"], truth["validation"])
+    accs = dataset["test"]["ACC"]
+    write_predictions_csv(output_dir / "test_predictions.csv", accs, probabilities["test"], names, multi_label,
+                          threshold, truths=truth["test"])
+    evaluation.plot_curves(output_dir, truth["test"], scores["test"], threshold, names)
+    if data_args.num_examples_to_show:
+        print(evaluation.format_examples_table(accs, truth["test"], probabilities["test"], names=names,
+                                               multi_label=multi_label, thresholds=threshold,
+                                               n=data_args.num_examples_to_show, seed=training_args.seed))
+    with atomic_file(output_dir / RUN_INFO_FILE, "w") as handle:
+        handle.write(json.dumps({**run_record, "data": {**run_record["data"], "split_sizes": {
+            name: len(split) for name, split in dataset.items()}}}, indent=2))
+    publish.write_model_card(output_dir)
 
 
 def without_local_paths(arguments: dict) -> dict:
@@ -367,146 +541,91 @@ def without_local_paths(arguments: dict) -> dict:
             for key, value in arguments.items()}
 
 
-def main(argv=None):
+def push(output_dir: Path, model_args, training_args) -> None:
+    try:
+        url = publish.push_output_dir(output_dir, training_args.hub_model_id,
+                                      private=bool(training_args.hub_private_repo), endpoint=model_args.hub_endpoint,
+                                      token=training_args.hub_token,
+                                      what="adapter" if model_args.push_adapter else "merged")
+    except publish.PublishError as error:
+        raise EnvironmentProblem(f"The model is saved in {output_dir}, but the push failed: {error}") from None
+    print(f"Pushed to {url}")
+
+
+# --- the run ------------------------------------------------------------------------------------------------------
+
+
+def train(argv=None) -> int:
     model_args, data_args, training_args = parse_arguments(argv)
-    # Trainer's own hub logic would create the repo at init and upload checkpoints (pickles); publish pushes the
+    cli.setup_logging(logging.INFO if training_args.should_log else logging.WARNING)
+    # Trainer's own hub logic would create the repo at init and upload checkpoints (pickles); esmloc pushes the
     # finished output directory at the end instead.
     push_to_hub, training_args.push_to_hub = training_args.push_to_hub, False
-    if push_to_hub and publish.as_hub_model_id(training_args.hub_model_id or "") != training_args.hub_model_id:
-        raise SystemExit("--push_to_hub needs --hub_model_id user/name")
-    if model_args.push_adapter and model_args.finetune != "lora":
-        raise SystemExit("--push_adapter needs --finetune lora")
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO,
-                        handlers=[logging.StreamHandler(sys.stdout)])
-    if not training_args.should_log:
-        logger.setLevel(logging.WARNING)
-    transformers.utils.logging.set_verbosity_warning()
-    if training_args.learning_rate is None:
-        training_args.learning_rate = DEFAULT_LEARNING_RATES[model_args.finetune]
+    check_arguments(model_args, data_args, training_args)
     set_seed(training_args.seed)
-
     output_dir = Path(training_args.output_dir)
-    last_checkpoint = training_args.resume_from_checkpoint
-    if last_checkpoint is None and output_dir.is_dir():
-        last_checkpoint = get_last_checkpoint(str(output_dir))
-        if last_checkpoint:
-            logger.info("Resuming from %s (found in --output_dir)", last_checkpoint)
 
-    # Data
-    with training_args.main_process_first(desc="loading the dataset"):
-        dataset = load_splits(data_args, seed=training_args.seed)
-    label_config, label_names = label_setup(dataset, data_args.dataset_config)
-    multi_label = label_config["problem_type"] == "multi_label_classification"
-    if training_args.metric_for_best_model is None:
-        training_args.metric_for_best_model = "macro_mcc_tuned" if multi_label else "mcc_tuned"
-        training_args.greater_is_better = True
-    for name, limit in (("train", data_args.max_train_samples), ("validation", data_args.max_eval_samples),
-                        ("test", data_args.max_test_samples)):
-        if limit is not None:
-            dataset[name] = dataset[name].select(range(min(limit, len(dataset[name]))))
-    if training_args.should_log:
-        print(data.format_summary(dataset))
-    num_labels = len(label_names)
+    identity = runs.run_identity(model_args, data_args, training_args.seed)
+    length = runs.training_length(training_args)
+    with training_args.main_process_first(desc="checking --output_dir"):
+        resume_from = runs.plan_resume(output_dir, identity, length, training_args.resume_from_checkpoint,
+                                       overwrite=training_args.overwrite_output_dir)
+    if resume_from == runs.FINISHED:
+        log_main(training_args, "This run has already finished in %s (same data, settings and length): its model "
+                 "and results are there, unchanged. Nothing to do; --overwrite_output_dir trains it again.", output_dir)
+        return 0
+    if resume_from:
+        log_main(training_args, "Resuming from %s (the same run: data, settings and seed match)", resume_from)
+
+    dataset, label_config = load_data(data_args, training_args)
+    multi_label = label_config["problem_type"] == task.MULTI_LABEL
     if model_args.class_weights:
-        train_targets = targets(dataset["train"], num_labels, multi_label)
-        label_config["class_weights"] = balanced_class_weights(train_targets, num_labels, multi_label)
-        logger.info("Class weights from the training split: %s", label_config["class_weights"])
+        train_targets = targets(dataset["train"], len(label_config["id2label"]), multi_label)
+        label_config["class_weights"] = balanced_class_weights(train_targets, len(label_config["id2label"]),
+                                                               multi_label)
+        log_main(training_args, "Class weights from the training split: %s", label_config["class_weights"])
 
-    # Model
     model = build_model(model_args, label_config)
     tokenizer = tokenizer_for(model.config)
     trainable_model = prepare_finetuning(model, model_args)
-    trainable, total = count_parameters(trainable_model)
-    if training_args.should_log:
-        print(f"finetune={model_args.finetune}: {trainable:,} trainable parameters of {total:,} "
-              f"({100 * trainable / total:.2f}%)")
+    trainable, total = trainable_model.num_parameters(only_trainable=True), trainable_model.num_parameters()
+    log_main(training_args, "finetune=%s: %s trainable parameters of %s (%.2f%%)", model_args.finetune,
+             f"{trainable:,}", f"{total:,}", 100 * trainable / total)
+    trainer = make_trainer(model, trainable_model, tokenizer, dataset, model_args, training_args, identity)
 
-    callbacks = []
-    if training_args.early_stopping_patience:
-        callbacks.append(EarlyStoppingCallback(early_stopping_patience=training_args.early_stopping_patience))
-    compute_metrics = evaluation.compute_metrics(multi_label, label_names, tune_threshold=True)
-    use_feature_cache = model_args.finetune == "frozen" and model_args.feature_cache
-    if use_feature_cache:
-        trainer = cached_feature_trainer(model, tokenizer, dataset, model_args, training_args, num_labels,
-                                         multi_label, compute_metrics=compute_metrics, callbacks=callbacks)
-    else:
-        tokenized = tokenize_splits(dataset, tokenizer, num_labels, multi_label, training_args)
-        trainer = Trainer(
-            model=trainable_model,
-            args=training_args,
-            train_dataset=tokenized["train"],
-            eval_dataset=tokenized["validation"],
-            processing_class=tokenizer,
-            data_collator=DataCollatorWithPadding(tokenizer),
-            compute_metrics=compute_metrics,
-            callbacks=callbacks,
-        )
-
-    train_result = trainer.train(resume_from_checkpoint=last_checkpoint)
+    if training_args.should_save:
+        runs.write_record(output_dir, identity, finished=False)
+    train_result = trainer.train(resume_from_checkpoint=resume_from)
     trainer.save_metrics("train", train_result.metrics)
     trainer.save_state()
+    final_model = trained_model(trainer, model, model_args, output_dir)
 
-    # The final model: what the best checkpoint holds, merged with its adapters for LoRA. Only the main process
-    # saves and evaluates it; its predictions come from exactly the weights that were saved.
-    final_model = trainer.model
-    if use_feature_cache:
-        # The Trainer trained (and, with load_best_model_at_end, restored) the head modules the model shares.
-        final_model = model.to(training_args.device)
-    if model_args.finetune == "lora":
-        if trainer.is_world_process_zero():
-            final_model.save_pretrained(output_dir / "adapter")
-        final_model = final_model.merge_and_unload()
     if trainer.is_world_process_zero():
-        save_model(final_model, output_dir, tokenizer)
-        # With the feature cache, pooled features of the (unchanged) backbone come from the cache: the same numbers.
-        predict = partial(engine.predict_probabilities, final_model, tokenizer, device=training_args.device,
-                          max_tokens_per_batch=model_args.max_tokens_per_batch,
-                          feature_cache=feature_cache_dir(model_args) if use_feature_cache else None)
-        validation_targets = targets(dataset["validation"], num_labels, multi_label)
-        test_targets = targets(dataset["test"], num_labels, multi_label)
-        validation_probabilities = positive_probabilities(
-            predict(dataset["validation"]["Sequence"], desc="Predicting validation"), multi_label)
-        test_probabilities = positive_probabilities(predict(dataset["test"]["Sequence"], desc="Predicting test"),
-                                                    multi_label)
-        report = evaluation.evaluation_report(validation_probabilities, validation_targets, test_probabilities,
-                                              test_targets, label_names=label_names)
-        # Undefined metrics (e.g. ROC-AUC of a location without positives in the split) are saved as null.
-        trainer.log_metrics("test", {key: value for key, value in report.items() if value is not None})
-        trainer.save_metrics("test", report)
-        threshold = evaluation.tuned_threshold(validation_probabilities, validation_targets)
-        test_accs = dataset["test"]["ACC"]
-        evaluation.write_predictions_csv(output_dir / "test_predictions.csv", test_accs, test_targets,
-                                         test_probabilities, threshold, label_names)
-        evaluation.plot_curves(output_dir, test_targets, test_probabilities, threshold, label_names)
-        print(evaluation.format_examples_table(test_accs, test_targets, test_probabilities, threshold=threshold,
-                                               label_names=label_names, n=data_args.num_examples_to_show,
-                                               seed=training_args.seed))
-        run_info = {
+        run_record = {
             "model": {**without_local_paths(asdict(model_args)), "base_model": model.config.esm_name_or_path,
                       "trainable_parameters": trainable, "total_parameters": total},
-            "data": {**without_local_paths(asdict(data_args)),
-                     "split_sizes": {name: len(split) for name, split in dataset.items()}},
+            "data": without_local_paths(asdict(data_args)),
             "training": {"num_train_epochs": training_args.num_train_epochs, "seed": training_args.seed,
                          "learning_rate": training_args.learning_rate,
                          "per_device_train_batch_size": training_args.per_device_train_batch_size,
                          "world_size": training_args.world_size,
                          "metric_for_best_model": training_args.metric_for_best_model},
+            "fingerprint": identity["fingerprint"],
         }
-        (output_dir / RUN_INFO_FILE).write_text(json.dumps(run_info, indent=2))
-        publish.write_model_card(output_dir)
+        evaluate_and_save(trainer, final_model, tokenizer, dataset, model_args, data_args, training_args, run_record,
+                          output_dir)
+        runs.write_record(output_dir, identity, finished=True, training_length=length)
         print(f"Model, metrics, predictions, plots and model card saved in {output_dir}")
     # Push only once every process is done, so that a failed push cannot leave other processes waiting.
     trainer.accelerator.wait_for_everyone()
     if push_to_hub and trainer.is_world_process_zero():
-        try:
-            url = publish.push_output_dir(output_dir, training_args.hub_model_id,
-                                          private=bool(training_args.hub_private_repo),
-                                          endpoint=model_args.hub_endpoint, token=training_args.hub_token,
-                                          what="adapter" if model_args.push_adapter else "merged")
-        except publish.PublishError as error:
-            raise SystemExit(f"The model is saved in {output_dir}, but the push failed: {error}") from None
-        print(f"Pushed to {url}")
+        push(output_dir, model_args, training_args)
+    return 0
+
+
+def main(argv=None) -> int:
+    return cli.run("train.py", train, argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,0 +1,86 @@
+"""Peak memory of esmloc-predict does not grow with the input: peak RSS at a small and a large number of proteins.
+
+    python bench/predict_memory.py                    # 10,000 and 400,000 short proteins (several minutes)
+    python bench/predict_memory.py --smoke            # 2,000 and 20,000 (the test runs this)
+
+Each size runs `python -m esmloc.predict` in a process of its own on a FASTA file of synthetic proteins (50-150
+residues, deterministic) with a tiny random-weight model (the model's size does not change what grows with the input;
+a small one keeps the run short), and reports that process's peak resident set size (getrusage ru_maxrss). Streaming
+prediction must hold only a chunk of records at a time: the target is the larger run's peak within 5% of the
+smaller one's.
+"""
+
+import argparse
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from common import REPO, command_line, table
+
+
+CHILD = """
+import resource, sys
+from esmloc.predict import main
+status = main(sys.argv[1:])
+print("peak_rss_kib", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, flush=True)
+sys.exit(status)
+"""
+
+
+def write_fasta(path: Path, n: int, seed: int = 0) -> Path:
+    rng = random.Random(seed)
+    residues = "LAGVSERTIDPKQNFYMHWC"
+    with open(path, "w") as handle:
+        for index in range(n):
+            handle.write(f">sp|B{index:08d}|SYN_{index}\n{''.join(rng.choices(residues, k=rng.randint(50, 150)))}\n")
+    return path
+
+
+def save_tiny_model(path: Path) -> Path:
+    sys.path.insert(0, str(REPO / "tests"))
+    from conftest import tiny_model  # the tests' tiny architecture
+    from esmloc.export import save_model
+
+    return save_model(tiny_model(max_residues=1022), path)
+
+
+def measure(model_dir: Path, fasta: Path, output: Path) -> tuple[float, float]:
+    """(peak RSS in MiB, seconds) of one esmloc-predict process."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    started = time.perf_counter()
+    result = subprocess.run([sys.executable, "-c", CHILD, str(model_dir), str(fasta), "-o", str(output),
+                             "--no_progress"], env=env, capture_output=True, text=True)
+    seconds = time.perf_counter() - started
+    if result.returncode != 0:
+        raise SystemExit(f"esmloc-predict failed:\n{result.stderr[-3000:]}")
+    peak_kib = int(result.stdout.split("peak_rss_kib")[-1].split()[0])
+    return peak_kib / 1024, seconds
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", type=int, nargs=2, default=[10_000, 400_000])
+    parser.add_argument("--smoke", action="store_true", help="2,000 and 20,000 proteins")
+    args = parser.parse_args(argv)
+    sizes = [2_000, 20_000] if args.smoke else args.sizes
+    print(f"command: {command_line()}")
+    with tempfile.TemporaryDirectory() as work:
+        work = Path(work)
+        model_dir = save_tiny_model(work / "model")
+        rows = []
+        for n in sizes:
+            fasta = write_fasta(work / f"proteins-{n}.fasta", n)
+            peak, seconds = measure(model_dir, fasta, work / f"predictions-{n}.csv")
+            rows.append([f"{n:,}", f"{peak:.1f}", f"{seconds:.1f}", f"{n / seconds:,.0f}"])
+            fasta.unlink()
+        growth = float(rows[1][1]) / float(rows[0][1]) - 1
+    print(table(["proteins", "peak RSS (MiB)", "seconds", "proteins/s"], rows))
+    print(f"peak RSS growth from {sizes[0]:,} to {sizes[1]:,} proteins: {100 * growth:+.1f}% (target: within 5%)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,64 @@
+"""How esmloc's command-line tools speak: one message per error, the right exit status, logs a person can read.
+
+- `InputError`: the user's input (a data file, a model directory, an argument, an output directory holding another
+  run) cannot be used. The tool prints one message naming what is wrong and where, and exits with status 2.
+- `EnvironmentProblem`: something outside the input failed (the hub cannot be reached, a push failed); one message,
+  exit status 1.
+- Anything else is a bug and keeps its traceback.
+
+`run(prog, function, argv)` applies that rule to a tool's `main`; `setup_logging` configures logging once for
+esmloc, transformers and datasets, and turns progress bars off when stderr is not a terminal (a log file would
+otherwise fill with one line per update).
+"""
+
+import logging
+import sys
+
+import transformers
+
+from esmloc.data import DataValidationError
+
+
+class InputError(Exception):
+    """Input that cannot be used; the message says what and where (file, line, ACC), and how to fix it."""
+
+    exit_code = 2
+
+
+class EnvironmentProblem(Exception):
+    """A failure outside the user's input (network, hub); the message says what to do."""
+
+    exit_code = 1
+
+
+def progress_bars_wanted() -> bool:
+    """Progress bars only on a terminal: piped into a log, every update would become a line of its own."""
+    return sys.stderr.isatty()
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    """Logging for esmloc (to stderr, with time and source) and the libraries it drives, set once per process.
+
+    transformers and datasets log warnings and above; their progress bars follow `progress_bars_wanted`."""
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING,
+                        stream=sys.stderr, force=True)
+    logging.getLogger("esmloc").setLevel(level)
+    transformers.utils.logging.set_verbosity(max(level, logging.WARNING))
+    bars = progress_bars_wanted()
+    transformers.utils.logging.enable_progress_bar() if bars else transformers.utils.logging.disable_progress_bar()
+    datasets = sys.modules.get("datasets")  # configured only where it is used: esmloc-predict never imports it
+    if datasets is not None:
+        datasets.utils.logging.set_verbosity(max(level, logging.WARNING))
+        datasets.enable_progress_bars() if bars else datasets.disable_progress_bars()
+
+
+def run(prog: str, function, argv=None) -> int:
+    """Calls `function(argv)`; input and environment errors become one line on stderr and an exit status."""
+    try:
+        return function(argv) or 0
+    except DataValidationError as error:
+        print(f"{prog}: error: malformed input, nothing written: {error}", file=sys.stderr)
+        return InputError.exit_code
+    except (InputError, EnvironmentProblem) as error:
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        return error.exit_code

@@ -1,0 +1,155 @@
+"""A training run's identity, so that an output directory is only ever resumed by the run that started it.
+
+train.py writes `esmloc_run.json` into `--output_dir` before training and into every checkpoint it saves. It holds
+the run's fingerprint: a sha256 over what defines the trained model (see `run_identity`):
+
+- the data: the content (sha256) of every data file, the dataset name/config, the split settings and sample limits;
+- the model: where the backbone comes from (hub id, or the resolved local directory), the fine-tuning mode and
+  every setting of the head, the crop, the class weights and LoRA;
+- the seed.
+
+Not part of it: settings that change how long or how fast a run trains, not what it trains on (epochs, steps,
+batch sizes, learning rate, logging, devices), so that a run can be resumed on another machine or extended.
+
+`plan_resume` decides, before anything is loaded: a new directory starts afresh; a directory of the same run resumes
+from its last checkpoint (or, when that run has finished with the same training length, is left alone); a
+directory of another run, or one with no record, is refused with `InputError`, unless `--overwrite_output_dir`
+asks to delete its checkpoints first.
+"""
+
+import dataclasses
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+from transformers import TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+
+from esmloc.cli import InputError
+
+
+RUN_RECORD = "esmloc_run.json"
+FINISHED = "finished"
+# Arguments that do not change what a run trains (where it is published, how features are cached, batch sizes of
+# inference): left out of the fingerprint.
+_NOT_IDENTITY = {"hub_endpoint", "push_adapter", "feature_cache", "feature_cache_dir", "max_tokens_per_batch",
+                 "attn_implementation", "num_examples_to_show"}
+_DATA_FILE_FIELDS = ("train_file", "validation_file", "test_file")
+# Files a finished run leaves in its output directory: a directory holding any of them holds a run.
+_RUN_OUTPUTS = ("model.safetensors", "test_results.json", "trainer_state.json")
+
+
+def file_digest(path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def run_identity(model_args, data_args, seed: int) -> dict:
+    """What defines a run (see the module docstring), with its fingerprint under "fingerprint"."""
+    data = {key: value for key, value in dataclasses.asdict(data_args).items() if key not in _NOT_IDENTITY}
+    for key in _DATA_FILE_FIELDS:
+        if data.get(key):
+            data[key] = {"name": Path(data[key]).name, "sha256": file_digest(data[key])}
+    model = {key: value for key, value in dataclasses.asdict(model_args).items() if key not in _NOT_IDENTITY}
+    source = model.get("model_name_or_path")
+    if source and Path(source).expanduser().is_dir():
+        model["model_name_or_path"] = str(Path(source).expanduser().resolve())
+    components = {"data": data, "model": model, "seed": seed}
+    fingerprint = hashlib.sha256(json.dumps(components, sort_keys=True, default=str).encode()).hexdigest()
+    return {"fingerprint": fingerprint, **components}
+
+
+def training_length(training_args) -> dict:
+    return {"num_train_epochs": training_args.num_train_epochs, "max_steps": training_args.max_steps}
+
+
+def read_record(directory) -> dict | None:
+    path = Path(directory) / RUN_RECORD
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def write_record(directory, identity: dict, **state) -> None:
+    path = Path(directory) / RUN_RECORD
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({**identity, **state}, indent=2, default=str))
+
+
+def _settings(identity: dict, prefix: str = ""):
+    """(dotted key, value) of every setting of an identity; a data file is one setting, shown by name and digest."""
+    for key, value in identity.items():
+        if key in ("fingerprint", FINISHED, "training_length"):
+            continue
+        if isinstance(value, dict) and "sha256" not in value:
+            yield from _settings(value, f"{prefix}{key}.")
+        elif isinstance(value, dict):
+            yield f"{prefix}{key}", f"{value['name']} (content sha256 {value['sha256'][:12]})"
+        else:
+            yield f"{prefix}{key}", value
+
+
+def differences(old: dict, new: dict) -> list[str]:
+    """The settings in which two identities differ, as `section.key: old -> new`."""
+    old, new = dict(_settings(old)), dict(_settings(new))
+    return [f"{key}: {old.get(key)!r} -> {new.get(key)!r}" for key in sorted(old.keys() | new.keys())
+            if old.get(key) != new.get(key)]
+
+
+def _refusal(where, reason: str, output_dir) -> InputError:
+    return InputError(
+        f"{where} {reason}. Nothing was changed there. To train this run, choose another --output_dir, or pass "
+        f"--overwrite_output_dir to delete the checkpoints in {output_dir} and start afresh."
+    )
+
+
+def plan_resume(output_dir, identity: dict, length: dict, resume_from_checkpoint=None, overwrite: bool = False):
+    """The checkpoint to resume from (a path), None to start afresh, or `FINISHED` when this very run has already
+    finished in `output_dir`. Raises InputError when `output_dir` (or the checkpoint asked for) belongs to another
+    run. With `overwrite`, the checkpoints and run record in `output_dir` are deleted first (nothing else)."""
+    output_dir = Path(output_dir)
+    if resume_from_checkpoint:
+        checkpoint = Path(resume_from_checkpoint)
+        record = read_record(checkpoint) or read_record(checkpoint.parent)
+        if record is None:
+            raise _refusal(f"--resume_from_checkpoint {checkpoint}", "has no esmloc run record, so it cannot be "
+                           "checked to belong to this run", output_dir)
+        if record["fingerprint"] != identity["fingerprint"]:
+            changed = "; ".join(differences(record, identity))
+            raise _refusal(f"--resume_from_checkpoint {checkpoint}", f"belongs to another run ({changed})", output_dir)
+        return str(checkpoint)
+    if not output_dir.is_dir():
+        return None
+    checkpoints = [path for path in output_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if path.is_dir()]
+    if overwrite:
+        for path in checkpoints:
+            shutil.rmtree(path)
+        (output_dir / RUN_RECORD).unlink(missing_ok=True)
+        return None
+    record = read_record(output_dir)
+    if record is None:
+        if checkpoints or any((output_dir / name).exists() for name in _RUN_OUTPUTS):
+            raise _refusal(f"--output_dir {output_dir}", "holds a training run without an esmloc run record "
+                           f"({RUN_RECORD}; written by another tool or an older esmloc)", output_dir)
+        return None
+    if record["fingerprint"] != identity["fingerprint"]:
+        changed = "; ".join(differences(record, identity))
+        raise _refusal(f"--output_dir {output_dir}", f"holds another run, which differs in: {changed}", output_dir)
+    if record.get(FINISHED) and record.get("training_length") == length:
+        return FINISHED
+    return get_last_checkpoint(str(output_dir))
+
+
+class RunRecordCallback(TrainerCallback):
+    """Writes the run record into every checkpoint the Trainer saves, so that an explicit
+    --resume_from_checkpoint is checked against the run that saved it."""
+
+    def __init__(self, identity: dict):
+        self.identity = identity
+
+    def on_save(self, args, state, control, **kwargs):
+        checkpoint = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        if args.should_save and checkpoint.is_dir():
+            write_record(checkpoint, self.identity)

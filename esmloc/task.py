@@ -1,0 +1,107 @@
+"""The task rules, decided once: what kind of problem a model solves, what its labels are called, how its logits
+become probabilities and how probabilities become predicted labels.
+
+Every esmloc tool imports these (training, evaluation, the engine, esmloc-predict, the model card); the remote-code
+model files keep their own copies where they must stay self-contained, and the metric module (an `evaluate`
+module, loaded from its file) keeps its own `key_name`, which the tests check against `metric_key`.
+
+Three kinds of problem, told apart by the config (`problem_type`, `num_labels`):
+- binary (the default, Other / Mitochondrion): softmax over two classes; label 1 is predicted when its
+  probability is >= the decision threshold (0.5, or the one tuned for MCC on validation);
+- multi-label (`problem_type="multi_label_classification"`, e.g. DeepLoc's 10 locations): a sigmoid per label;
+  every label at or above its own threshold is predicted (possibly none);
+- multi-class (single-label, more than two classes): softmax; the most probable label is predicted.
+"""
+
+import re
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+
+BINARY_LABELS = ("Other", "Mitochondrion")
+MULTI_LABEL = "multi_label_classification"
+SINGLE_LABEL = "single_label_classification"
+# How several predicted labels of one protein are written in one CSV cell.
+LABEL_SEPARATOR = ";"
+
+
+def is_multi_label(config) -> bool:
+    """Whether the model of `config` (a PreTrainedConfig or its dict) predicts independent labels (sigmoid)."""
+    problem_type = config.get("problem_type") if isinstance(config, dict) else config.problem_type
+    return problem_type == MULTI_LABEL
+
+
+def label_names(config) -> list[str]:
+    """The label names in output order (a PreTrainedConfig or its dict, whose JSON keys are strings)."""
+    id2label = config.get("id2label") if isinstance(config, dict) else config.id2label
+    return [id2label[key] for key in sorted(id2label, key=int)]
+
+
+def is_binary(config) -> bool:
+    return not is_multi_label(config) and len(label_names(config)) == 2
+
+
+def probabilities(logits, multi_label: bool):
+    """Logits (n, num_labels) -> probabilities (n, num_labels): a sigmoid per label for multi-label models, a
+    softmax otherwise. Takes and returns a torch tensor (float32) or a numpy array (float64)."""
+    if isinstance(logits, torch.Tensor):
+        logits = logits.float()
+        return torch.sigmoid(logits) if multi_label else torch.softmax(logits, dim=-1)
+    logits = torch.as_tensor(np.asarray(logits, dtype=np.float64))
+    return (torch.sigmoid(logits) if multi_label else torch.softmax(logits, dim=-1)).numpy()
+
+
+def scores(probabilities_matrix, multi_label: bool) -> np.ndarray:
+    """What the metrics and thresholds work on: for a binary problem the probability of label 1 (n,), otherwise
+    the full (n, num_labels) matrix."""
+    probabilities_matrix = np.asarray(probabilities_matrix)
+    if not multi_label and probabilities_matrix.shape[1] == 2:
+        return probabilities_matrix[:, 1]
+    return probabilities_matrix
+
+
+def predicted(probabilities_matrix, names: Sequence[str], multi_label: bool, thresholds=None) -> list[str]:
+    """The predicted label(s) of each protein, from its (num_labels,) probabilities.
+
+    Binary: `names[1]` when its probability >= `thresholds` (one number, default 0.5), else `names[0]`.
+    Multi-label: the labels at or above their thresholds (one per label, or one for all; default 0.5), joined
+    with `LABEL_SEPARATOR`, "" for none. Multi-class: the most probable label (`thresholds` must be None)."""
+    probabilities_matrix = np.asarray(probabilities_matrix, dtype=np.float64)
+    if multi_label:
+        cuts = np.broadcast_to(np.asarray(0.5 if thresholds is None else thresholds, dtype=np.float64),
+                               (len(names),))
+        return [LABEL_SEPARATOR.join(name for name, on in zip(names, row >= cuts) if on) for row in probabilities_matrix]
+    if len(names) == 2:
+        cut = float(np.asarray(0.5 if thresholds is None else thresholds).reshape(-1)[0])
+        return [names[1] if row[1] >= cut else names[0] for row in probabilities_matrix]
+    if thresholds is not None:
+        raise ValueError("a multi-class model predicts its most probable label: it takes no threshold")
+    return [names[int(index)] for index in probabilities_matrix.argmax(axis=1)]
+
+
+def metric_key(label: str) -> str:
+    """The form a label name takes inside result keys (`mcc_Cell_membrane`); the metric module's `key_name`."""
+    return re.sub(r"\W+", "_", str(label)).strip("_")
+
+
+def tuned_threshold_keys(names: Sequence[str], multi_label: bool, prefix: str = "test") -> list[str]:
+    """The keys of `<prefix>_results.json` that hold the decision thresholds tuned on validation: one for a binary
+    model (`test_threshold_tuned`), one per label for a multi-label model (`test_threshold_<label>_tuned`)."""
+    if multi_label:
+        return [f"{prefix}_threshold_{metric_key(name)}_tuned" for name in names]
+    return [f"{prefix}_threshold_tuned"]
+
+
+def threshold_rule(names: Sequence[str], multi_label: bool, thresholds=None) -> str:
+    """The decision rule in words, for tables and logs (e.g. "Mitochondrion if its probability >= 0.858")."""
+    if not multi_label and len(names) != 2:
+        return "the most probable label"
+    values = np.atleast_1d(np.asarray(0.5 if thresholds is None else thresholds, dtype=np.float64))
+    if not multi_label:
+        return f"{names[1]} if its probability >= {values[0]:.3f}, else {names[0]}"
+    if values.size == 1 or np.all(values == values[0]):
+        return f"every label whose probability >= {values[0]:.3f}"
+    return "every label whose probability >= its threshold (" + ", ".join(
+        f"{name} {value:.3f}" for name, value in zip(names, values)) + ")"
