@@ -479,7 +479,7 @@ class EsmLocDataset(datasets.GeneratorBasedBuilder):
         report = _build_report(config, method, [name for pairs in files.values() for name, _ in pairs], splits)
         report.update(exact_duplicates_merged=merged, normalised=dict(sorted(normalised.items())))
         self.info.description = f"{_DESCRIPTION}\n{_REPORT_MARKER}{json.dumps(report)}\n"
-        logger.info(_format_report(report))
+        logger.debug(_format_report(report))  # callers print format_summary(dataset), cached loads included
         return [
             # A tuple, not a list: datasets would treat a list in gen_kwargs as one shard per element.
             datasets.SplitGenerator(name=split, gen_kwargs={"examples": tuple(examples)})

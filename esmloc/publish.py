@@ -26,6 +26,9 @@ from huggingface_hub import constants as hub_constants
 from huggingface_hub.errors import HfHubHTTPError
 from transformers import HfArgumentParser
 
+from esmloc import loading
+from esmloc.cli import InputError
+
 
 logger = logging.getLogger("esmloc.publish")
 
@@ -599,6 +602,11 @@ def files_to_push(output_dir, what: str = "merged") -> dict[str, Path]:
     output_dir = Path(output_dir)
     if not output_dir.is_dir():
         raise PublishError(f"{output_dir} is not a directory")
+    if what == "merged":
+        try:  # a stock ESM-2 save or a truncated weights file: said before anything is uploaded
+            loading.check_model_dir(output_dir)
+        except InputError as error:
+            raise PublishError(str(error)) from None
     files = {}
     required = (*MODEL_FILES[:1], *REMOTE_CODE_FILES, *TOKENIZER_FILES)
     if what == "merged":

@@ -219,6 +219,11 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments, traini
         raise InputError("--push_to_hub needs --hub_model_id user/name")
     if model_args.push_adapter and model_args.finetune != "lora":
         raise InputError("--push_adapter needs --finetune lora")
+    if model_args.finetune == "full" and model_args.max_residues > 512 and not torch.cuda.is_available():
+        log_main(training_args, "--finetune full on CPU with --max_residues %d: every step runs the whole backbone "
+                 "on up to %d residues; --max_residues 256 makes training many times faster (attention grows with "
+                 "the square of the length).", model_args.max_residues, model_args.max_residues,
+                 level=logging.WARNING)
     files = [data_args.train_file, data_args.validation_file, data_args.test_file]
     if any(files[1:]) and not files[0]:
         raise InputError("--validation_file/--test_file need a --train_file")
@@ -229,7 +234,10 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments, traini
         log_main(training_args, "No --train_file: training on esmloc's synthetic demo set (%s: %d made-up proteins, "
                  "positives with a targeting-peptide-like N-terminus). Pass --train_file proteins.csv for real data.",
                  data_args.train_file, demo.DEMO_ROWS)
-    elif not (model_args.model_name_or_path or model_args.from_scratch):
+    for path in filter(None, files):
+        if not Path(path).is_file():
+            raise InputError(f"{path}: no such data file")
+    if any(files) and not (model_args.model_name_or_path or model_args.from_scratch):
         raise InputError("give --model_name_or_path (an ESM-2 checkpoint: a hub id such as facebook/esm2_t6_8M_UR50D "
                          "or a local directory) or --from_scratch ARCHITECTURE (random weights)")
     if not (model_args.model_name_or_path or model_args.from_scratch):
@@ -239,11 +247,6 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments, traini
                  "facebook/esm2_t6_8M_UR50D.", DEMO_ARCHITECTURE)
     if training_args.learning_rate is None:
         training_args.learning_rate = DEFAULT_LEARNING_RATES[model_args.finetune]
-    if model_args.finetune == "full" and model_args.max_residues > 512 and not torch.cuda.is_available():
-        log_main(training_args, "--finetune full on CPU with --max_residues %d: every step runs the whole backbone "
-                 "on up to %d residues; --max_residues 256 makes training many times faster (attention grows with "
-                 "the square of the length).", model_args.max_residues, model_args.max_residues,
-                 level=logging.WARNING)
 
 
 def log_main(training_args, message: str, *args, level: int = logging.INFO) -> None:
@@ -264,9 +267,6 @@ def load_splits(data_args: DataArguments, seed: int):
                                                   ("validation_partitions", data_args.validation_partitions),
                                                   ("test_partitions", data_args.test_partitions)) if value is not None}
     data_files = files if len(files) == 3 else files["train"]
-    for path in files.values():
-        if not Path(path).is_file():
-            raise InputError(f"{path}: no such data file")
     try:
         return data.load_dataset(data_files, data_args.dataset_config, seed=seed, **split_kwargs)
     except data.DataValidationError:
