@@ -322,7 +322,7 @@ def load_data(data_args: DataArguments, training_args):
         if limit is not None:
             dataset[name] = dataset[name].select(range(min(limit, len(dataset[name]))))
     labels = label_setup(dataset, data_args.dataset_config)
-    check_learnable(dataset, list(labels["id2label"].values()), labels["problem_type"] == task.MULTI_LABEL,
+    check_learnable(dataset, list(labels["id2label"].values()), task.is_multi_label(labels),
                     source=data_args.train_file)
     if training_args.should_log:
         print(data.format_summary(dataset))
@@ -578,7 +578,7 @@ def train(argv=None) -> int:
         log_main(training_args, "Resuming from %s (the same run: data, settings and seed match)", resume_from)
 
     dataset, label_config = load_data(data_args, training_args)
-    multi_label = label_config["problem_type"] == task.MULTI_LABEL
+    multi_label = task.is_multi_label(label_config)
     if model_args.class_weights:
         train_targets = targets(dataset["train"], len(label_config["id2label"]), multi_label)
         label_config["class_weights"] = balanced_class_weights(train_targets, len(label_config["id2label"]),

@@ -25,8 +25,10 @@ from esmloc.evaluation import (
     load_metric,
     mcc_by_threshold,
     plot_curves,
-    write_predictions_csv,
 )
+from esmloc import task
+from esmloc.metrics.esmloc_metrics import key_name
+from esmloc.predictions import write_predictions_csv
 
 from conftest import run_offline
 
@@ -296,10 +298,16 @@ def test_evaluation_report_tunes_on_validation_and_applies_to_test():
     assert multi["validation_macro_mcc_tuned"] == pytest.approx(1.0)
 
 
+BINARY_MATRIX = np.stack([1 - PROBABILITIES, PROBABILITIES], axis=1)
+BINARY_NAMES = list(task.BINARY_LABELS)
+
+
 def test_predictions_csv(tmp_path):
-    path = write_predictions_csv(tmp_path / "out" / "test_predictions.csv", ACCS, LABELS, PROBABILITIES, 0.4)
+    path = write_predictions_csv(tmp_path / "out" / "test_predictions.csv", ACCS, BINARY_MATRIX, BINARY_NAMES,
+                                 multi_label=False, thresholds=0.4, truths=LABELS)
     frame = pd.read_csv(path)
-    assert list(frame.columns) == ["ACC", "true_label", "probability_Mitochondrion", "predicted_label"]
+    assert list(frame.columns) == ["ACC", "true_label", "probability_Other", "probability_Mitochondrion",
+                                   "predicted_label"]
     assert list(frame["ACC"]) == ACCS
     np.testing.assert_allclose(frame["probability_Mitochondrion"], PROBABILITIES)
     assert list(frame["true_label"]) == ["Mitochondrion" if y else "Other" for y in LABELS]
@@ -307,7 +315,8 @@ def test_predictions_csv(tmp_path):
     assert list(frame["predicted_label"]) == ["Mitochondrion"] * 6 + ["Other"] * 4
 
     multi = pd.read_csv(
-        write_predictions_csv(tmp_path / "multi.csv", ACCS[:4], ML_LABELS, ML_PROBABILITIES, [0.55, 0.4], ML_NAMES),
+        write_predictions_csv(tmp_path / "multi.csv", ACCS[:4], ML_PROBABILITIES, ML_NAMES, multi_label=True,
+                              thresholds=[0.55, 0.4], truths=ML_LABELS),
         keep_default_na=False,
     )
     assert list(multi.columns) == [
@@ -317,21 +326,41 @@ def test_predictions_csv(tmp_path):
     assert list(multi["predicted_labels"]) == ["Nucleus;Mitochondrion", "Nucleus", "", ""]
 
 
-def test_examples_table():
-    table = format_examples_table(ACCS, LABELS, PROBABILITIES, threshold=0.4, n=3, seed=0)
+def test_examples_table_says_which_threshold_decided():
+    table = format_examples_table(ACCS, LABELS, BINARY_MATRIX, names=BINARY_NAMES, multi_label=False,
+                                  thresholds=0.4, n=3, seed=0)
     lines = table.splitlines()
-    assert len(lines) == 4 and "ACC" in lines[0] and "probability_Mitochondrion" in lines[0]
-    for line in lines[1:]:
+    assert lines[0] == "Predicted: Mitochondrion if its probability >= 0.400, else Other."
+    assert len(lines) == 5 and "ACC" in lines[1] and "probability_Mitochondrion" in lines[1]
+    for line in lines[2:]:
         acc, true_label, probability, predicted = line.split()
         i = ACCS.index(acc)
         assert true_label == ("Mitochondrion" if LABELS[i] else "Other")
         assert probability == f"{PROBABILITIES[i]:.3f}"
         assert predicted == ("Mitochondrion" if PROBABILITIES[i] >= 0.4 else "Other")
-    assert table == format_examples_table(ACCS, LABELS, PROBABILITIES, threshold=0.4, n=3, seed=0)
-    assert table != format_examples_table(ACCS, LABELS, PROBABILITIES, threshold=0.4, n=3, seed=1)
+    same = dict(names=BINARY_NAMES, multi_label=False, thresholds=0.4, n=3)
+    assert table == format_examples_table(ACCS, LABELS, BINARY_MATRIX, seed=0, **same)
+    assert table != format_examples_table(ACCS, LABELS, BINARY_MATRIX, seed=1, **same)
 
-    multi = format_examples_table(ACCS[:4], ML_LABELS, ML_PROBABILITIES, threshold=[0.55, 0.4], label_names=ML_NAMES)
+    multi = format_examples_table(ACCS[:4], ML_LABELS, ML_PROBABILITIES, names=ML_NAMES, multi_label=True,
+                                  thresholds=[0.55, 0.4])
     assert "Nucleus (0.800)" in multi and "Mitochondrion (0.450)" in multi and "(none)" in multi
+    assert multi.splitlines()[0].startswith("Predicted: every label whose probability >= its threshold (Nucleus 0.550")
+
+
+def test_task_rules():
+    logits = np.array([[2.0, -1.0], [0.0, 3.0]])
+    probabilities = task.probabilities(logits, multi_label=False)
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0)
+    np.testing.assert_allclose(task.scores(probabilities, multi_label=False), probabilities[:, 1])
+    np.testing.assert_allclose(task.probabilities(logits, multi_label=True), 1 / (1 + np.exp(-logits)))
+    assert task.predicted(probabilities, BINARY_NAMES, False, 0.5) == ["Other", "Mitochondrion"]
+    three = np.array([[0.2, 0.5, 0.3]])
+    assert task.predicted(three, ["a", "b", "c"], False) == ["b"]
+    assert task.predicted(three, ["a", "b", "c"], True, [0.1, 0.6, 0.3]) == ["a;c"]
+    # the metric module keeps its own copy of the key rule (it is loaded from its file): both agree
+    for name in ("Cell membrane", "Lysosome/Vacuole", "Endoplasmic reticulum", "Mitochondrion"):
+        assert task.metric_key(name) == key_name(name)
 
 
 def assert_png(path, min_bytes=10_000):

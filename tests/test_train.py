@@ -10,6 +10,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from esmloc.demo import write_demo_csv
 from esmloc.train import balanced_class_weights
@@ -110,7 +111,7 @@ def test_run_leaves_a_loadable_evaluated_model(mode, runs, proteins_csv, tmp_pat
 
     # The predictions CSV covers the test split and matches the saved model, loaded in a fresh offline process.
     rows = read_predictions(output_dir / "test_predictions.csv")
-    assert list(rows[0]) == ["ACC", "true_label", "probability_Mitochondrion", "predicted_label"]
+    assert list(rows[0]) == ["ACC", "true_label", "probability_Other", "probability_Mitochondrion", "predicted_label"]
     sequences_by_acc = {row["ACC"]: row["Sequence"] for row in read_predictions(proteins_csv)}
     assert len(rows) == results["test_tp"] + results["test_fp"] + results["test_tn"] + results["test_fn"]
     sequences = [sequences_by_acc[row["ACC"]] for row in rows]
@@ -131,6 +132,20 @@ def test_best_model_is_chosen_by_validation_mcc(runs):
     evaluations = [entry for entry in state["log_history"] if "eval_mcc_tuned" in entry]
     assert len(evaluations) == 2
     assert state["best_metric"] == max(entry["eval_mcc_tuned"] for entry in evaluations)
+
+
+def test_the_saved_model_is_the_best_checkpoint_tensor_for_tensor(runs):
+    from safetensors.torch import load_file
+
+    output_dir, log = runs["full"]  # full fine-tuning: the encoder's LayerNorms change too
+    best = json.loads((output_dir / "trainer_state.json").read_text())["best_model_checkpoint"]
+    best_weights = load_file(os.path.join(best, "model.safetensors"))
+    final_weights = load_file(output_dir / "model.safetensors")
+    assert set(best_weights) == set(final_weights)
+    assert any(".LayerNorm.weight" in name for name in final_weights)
+    for name, tensor in final_weights.items():
+        assert torch.equal(best_weights[name], tensor), name
+    assert "missing keys" not in log.lower()
 
 
 def test_run_info_records_local_files_by_name_only(runs, proteins_csv):
