@@ -216,6 +216,8 @@ def test_cached_training_resumes_from_its_checkpoint(proteins_csv, tmp_path):
             shutil.rmtree(path)
         else:
             path.unlink()
+    record = json.loads((output_dir / "esmloc_run.json").read_text())
+    (output_dir / "esmloc_run.json").write_text(json.dumps({**record, "finished": False}))  # as a killed run leaves it
     head_checkpoint = load_file(checkpoints[0] / "model.safetensors")
     assert all(key.startswith(("classifier.", "pooler.")) for key in head_checkpoint)  # the head alone
     train(proteins_csv, output_dir, "--feature_cache_dir", str(cache_dir))
