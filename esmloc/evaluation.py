@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 from scipy.special import expit, softmax
-from sklearn.metrics import ConfusionMatrixDisplay, precision_recall_curve, roc_curve
+from sklearn.metrics import ConfusionMatrixDisplay, PrecisionRecallDisplay, RocCurveDisplay
 from transformers import EvalPrediction
 
 
@@ -311,6 +311,14 @@ def _undefined(axes, message: str) -> None:
     axes.text(0.5, 0.5, message, ha="center", va="center", transform=axes.transAxes, wrap=True)
 
 
+def _draw_curve(display, axes, labels, scores, **options) -> None:
+    """Draws scikit-learn's curve `display` (RocCurveDisplay, PrecisionRecallDisplay) into `axes`, keeping the axes'
+    own labels and shape (the display would set "False Positive Rate (Positive label: 1)" and square axes)."""
+    xlabel, ylabel, aspect = axes.get_xlabel(), axes.get_ylabel(), axes.get_aspect()
+    display.from_predictions(labels, scores, ax=axes, **options)
+    axes.set(xlabel=xlabel, ylabel=ylabel, aspect=aspect)
+
+
 def _plot_binary(output_dir: Path, labels, probabilities, threshold, names, split) -> list[Path]:
     at_half = classification_metrics(probabilities, labels, 0.5)
     at_tuned = classification_metrics(probabilities, labels, threshold)
@@ -321,9 +329,9 @@ def _plot_binary(output_dir: Path, labels, probabilities, threshold, names, spli
     if at_half["roc_auc"] is None:
         _undefined(axes, "ROC curve undefined: the labels hold a single class")
     else:
-        fpr, tpr, _ = roc_curve(labels, probabilities)
-        axes.plot(fpr, tpr, label=f"{positive} (AUC = {at_half['roc_auc']:.3f})")
-        axes.plot([0, 1], [0, 1], linestyle="--", color="grey", label="chance (AUC = 0.5)")
+        _draw_curve(RocCurveDisplay, axes, labels, probabilities,
+                    curve_kwargs={"label": f"{positive} (AUC = {at_half['roc_auc']:.3f})"}, plot_chance_level=True,
+                    chance_level_kw={"label": "chance (AUC = 0.5)", "linestyle": "--", "color": "grey"})
         for results, marker, name in points:
             axes.plot(*_operating_point(results), marker, markersize=9, label=f"{name}: MCC {results['mcc']:.3f}")
         axes.legend(loc="lower right")
@@ -333,10 +341,10 @@ def _plot_binary(output_dir: Path, labels, probabilities, threshold, names, spli
     if at_half["pr_auc"] is None:
         _undefined(axes, "Precision-recall curve undefined: no positive label")
     else:
-        precision, recall, _ = precision_recall_curve(labels, probabilities)
-        axes.plot(recall, precision, drawstyle="steps-post", label=f"{positive} (AP = {at_half['pr_auc']:.3f})")
         prevalence = float(np.mean(labels))
-        axes.axhline(prevalence, linestyle="--", color="grey", label=f"chance (AP = {prevalence:.3f})")
+        _draw_curve(PrecisionRecallDisplay, axes, labels, probabilities,
+                    curve_kwargs={"label": f"{positive} (AP = {at_half['pr_auc']:.3f})"}, plot_chance_level=True,
+                    chance_level_kw={"label": f"chance (AP = {prevalence:.3f})", "linestyle": "--", "color": "grey"})
         for results, marker, name in points:
             label = f"{name}: F1 {results['f1']:.3f}"
             axes.plot(results["recall"], results["precision"], marker, markersize=9, label=label)
@@ -374,8 +382,8 @@ def _plot_multilabel(output_dir: Path, labels, probabilities, thresholds, names,
         if at_half["roc_auc"] is None:
             axes.plot([], [], color=colours[j], label=f"{name} (undefined: one class)")
             continue
-        fpr, tpr, _ = roc_curve(labels[:, j], probabilities[:, j])
-        axes.plot(fpr, tpr, color=colours[j], label=f"{name} (AUC = {at_half['roc_auc']:.3f})")
+        _draw_curve(RocCurveDisplay, axes, labels[:, j], probabilities[:, j],
+                    curve_kwargs={"color": colours[j], "label": f"{name} (AUC = {at_half['roc_auc']:.3f})"})
         axes.plot(*_operating_point(at_tuned), "o", color=colours[j])
     axes.plot([0, 1], [0, 1], linestyle="--", color="grey")
     axes.legend(**legend)
@@ -388,9 +396,8 @@ def _plot_multilabel(output_dir: Path, labels, probabilities, thresholds, names,
         if at_half["pr_auc"] is None:
             axes.plot([], [], color=colours[j], label=f"{name} (undefined: no positive)")
             continue
-        precision, recall, _ = precision_recall_curve(labels[:, j], probabilities[:, j])
-        label = f"{name} (AP = {at_half['pr_auc']:.3f})"
-        axes.plot(recall, precision, drawstyle="steps-post", color=colours[j], label=label)
+        _draw_curve(PrecisionRecallDisplay, axes, labels[:, j], probabilities[:, j],
+                    curve_kwargs={"color": colours[j], "label": f"{name} (AP = {at_half['pr_auc']:.3f})"})
         axes.plot(at_tuned["recall"], at_tuned["precision"], "o", color=colours[j])
     axes.legend(**legend)
     figure.savefig(output_dir / "pr_curve.png", dpi=150)

@@ -39,7 +39,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from configuration_esmloc import (CROP_STRATEGIES, DEFAULT_CROP, DEFAULT_MAX_RESIDUES, ESM2_ARCHITECTURES, POOLING_MODES,
                                   EsmLocConfig)
 from esmloc import cache, data, engine, evaluation, publish
-from esmloc.export import save_model, tokenizer_for
+from esmloc.saving import save_model, tokenizer_for
 from modeling_esmloc import EsmForLocalization
 
 

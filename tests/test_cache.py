@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from esmloc import cache
 from esmloc.demo import write_demo_csv
 from esmloc.engine import Engine
-from esmloc.export import tokenizer_for
+from esmloc.saving import tokenizer_for
 from esmloc.train import main as train_main
 from tokenization_esmloc import EsmLocTokenizer
 

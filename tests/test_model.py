@@ -8,7 +8,7 @@ from transformers import EsmConfig, EsmForMaskedLM
 from transformers.models.esm.configuration_esm import get_default_vocab_list
 
 from configuration_esmloc import DEFAULT_CROP, DEFAULT_MAX_RESIDUES, ESM2_ARCHITECTURES, EsmLocConfig
-from esmloc.export import save_model, tokenizer_for
+from esmloc.saving import save_model, tokenizer_for
 from modeling_esmloc import EsmForLocalization
 from tokenization_esmloc import ESM2_VOCAB, EsmLocTokenizer, crop_sequence
 
@@ -346,6 +346,19 @@ def test_model_saved_in_the_previous_layout_loads(tmp_path, elsewhere):
     loaded = load_every_way(saved, tmp_path, cwd=elsewhere)  # a fresh process, offline, through trust_remote_code
     assert (loaded["tokenizer"], loaded["max_residues"], loaded["crop"]) == ("EsmLocTokenizer", 200, "n_terminal")
     torch.testing.assert_close(torch.tensor(loaded["AutoModel"]), expected)
+
+
+def test_esmloc_export_is_a_deprecated_alias_of_esmloc_saving(monkeypatch):
+    import importlib
+    import sys
+
+    from esmloc import saving
+
+    monkeypatch.delitem(sys.modules, "esmloc.export", raising=False)
+    with pytest.warns(DeprecationWarning, match="esmloc.saving"):
+        export = importlib.import_module("esmloc.export")
+    assert (export.save_model, export.tokenizer_for, export.crop_mismatch) == (
+        saving.save_model, saving.tokenizer_for, saving.crop_mismatch)
 
 
 def test_save_model_refuses_a_tokenizer_that_crops_differently(tmp_path):
