@@ -362,6 +362,20 @@ def _plot_binary(output_dir: Path, labels, probabilities, threshold, names, spli
     return [output_dir / name for name in ("roc_curve.png", "pr_curve.png", "confusion_matrix.png")]
 
 
+def _curves_per_location(axes, display, area, area_name, undefined, point, labels, probabilities, names, per_label):
+    """One curve per location, in its own colour, with the `area` result (roc_auc, pr_auc) in its legend entry and
+    its tuned operating point (`point` of its results at the tuned threshold) as a dot; a location whose curve is
+    undefined gets a legend entry saying so."""
+    for j, (name, (at_half, at_tuned)) in enumerate(zip(names, per_label)):
+        colour = f"C{j % 10}"
+        if at_half[area] is None:
+            axes.plot([], [], color=colour, label=f"{name} ({undefined})")
+            continue
+        _draw_curve(display, axes, labels[:, j], probabilities[:, j],
+                    curve_kwargs={"color": colour, "label": f"{name} ({area_name} = {at_half[area]:.3f})"})
+        axes.plot(*point(at_tuned), "o", color=colour)
+
+
 def _plot_multilabel(output_dir: Path, labels, probabilities, thresholds, names, split) -> list[Path]:
     per_label = [
         (
@@ -370,7 +384,6 @@ def _plot_multilabel(output_dir: Path, labels, probabilities, thresholds, names,
         )
         for j in range(len(names))
     ]
-    colours = [f"C{j % 10}" for j in range(len(names))]
     dots = "dots: tuned thresholds"
     # ten curves fill the axes: the legend goes to the right of them
     legend = dict(loc="upper left", bbox_to_anchor=(1.02, 1), fontsize="small")
@@ -378,13 +391,8 @@ def _plot_multilabel(output_dir: Path, labels, probabilities, thresholds, names,
     figure, axes = _new_axes(
         f"ROC curves per location ({split}; {dots})", "False positive rate", "True positive rate", width=9.6
     )
-    for j, (name, (at_half, at_tuned)) in enumerate(zip(names, per_label)):
-        if at_half["roc_auc"] is None:
-            axes.plot([], [], color=colours[j], label=f"{name} (undefined: one class)")
-            continue
-        _draw_curve(RocCurveDisplay, axes, labels[:, j], probabilities[:, j],
-                    curve_kwargs={"color": colours[j], "label": f"{name} (AUC = {at_half['roc_auc']:.3f})"})
-        axes.plot(*_operating_point(at_tuned), "o", color=colours[j])
+    _curves_per_location(axes, RocCurveDisplay, "roc_auc", "AUC", "undefined: one class", _operating_point, labels,
+                         probabilities, names, per_label)
     axes.plot([0, 1], [0, 1], linestyle="--", color="grey")
     axes.legend(**legend)
     figure.savefig(output_dir / "roc_curve.png", dpi=150)
@@ -392,13 +400,9 @@ def _plot_multilabel(output_dir: Path, labels, probabilities, thresholds, names,
     figure, axes = _new_axes(
         f"Precision-recall curves per location ({split}; {dots})", "Recall", "Precision", width=9.6
     )
-    for j, (name, (at_half, at_tuned)) in enumerate(zip(names, per_label)):
-        if at_half["pr_auc"] is None:
-            axes.plot([], [], color=colours[j], label=f"{name} (undefined: no positive)")
-            continue
-        _draw_curve(PrecisionRecallDisplay, axes, labels[:, j], probabilities[:, j],
-                    curve_kwargs={"color": colours[j], "label": f"{name} (AP = {at_half['pr_auc']:.3f})"})
-        axes.plot(at_tuned["recall"], at_tuned["precision"], "o", color=colours[j])
+    _curves_per_location(axes, PrecisionRecallDisplay, "pr_auc", "AP", "undefined: no positive",
+                         lambda results: (results["recall"], results["precision"]), labels, probabilities, names,
+                         per_label)
     axes.legend(**legend)
     figure.savefig(output_dir / "pr_curve.png", dpi=150)
 
