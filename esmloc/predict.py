@@ -41,8 +41,8 @@ from tqdm.auto import tqdm
 
 from esmloc import data
 from esmloc.engine import PRECISIONS, Engine
-from esmloc.saving import crop_mismatch
 from esmloc.files import atomic_file
+from esmloc.saving import crop_mismatch
 from modeling_esmloc import EsmForLocalization
 from tokenization_esmloc import EsmLocTokenizer
 

@@ -125,9 +125,8 @@ def fasta_entries(path) -> Iterator[tuple[int, str, str]]:
                 header_line, chunks = line_number, []
             elif line.strip():
                 if acc is None:
-                    raise DataValidationError(
-                        [f"{describe_row(path, line_number, None)}: sequence before the first '>' header; is this FASTA?"]
-                    )
+                    where = describe_row(path, line_number, None)
+                    raise DataValidationError([f"{where}: sequence before the first '>' header; is this FASTA?"])
                 chunks.append(line.strip())
     if acc is not None:
         yield header_line, acc, "".join(chunks)

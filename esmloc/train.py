@@ -36,8 +36,9 @@ from transformers import (
 )
 from transformers.trainer_utils import get_last_checkpoint
 
-from configuration_esmloc import (CROP_STRATEGIES, DEFAULT_CROP, DEFAULT_MAX_RESIDUES, ESM2_ARCHITECTURES, POOLING_MODES,
-                                  EsmLocConfig)
+from configuration_esmloc import (
+    CROP_STRATEGIES, DEFAULT_CROP, DEFAULT_MAX_RESIDUES, ESM2_ARCHITECTURES, POOLING_MODES, EsmLocConfig,
+)
 from esmloc import cache, data, engine, evaluation, publish
 from esmloc.saving import save_model, tokenizer_for
 from modeling_esmloc import EsmForLocalization
