@@ -4,7 +4,11 @@ from transformers import EsmConfig, PreTrainedConfig
 
 
 POOLING_MODES = ("mean", "cls", "attention")
+# How a protein longer than the model's limit is cropped (the rule itself: tokenization_esmloc.crop_sequence), and the
+# defaults of the config, the tokenizer and train.py: ESM-2 was trained on at most 1022 residues (+ <cls>, <eos>).
 CROP_STRATEGIES = ("middle", "n_terminal")
+DEFAULT_MAX_RESIDUES = 1022
+DEFAULT_CROP = "middle"
 
 # Local entries only: a model loaded from a hub repo and saved again would otherwise carry
 # `user/repo--module.Class` references that reach the network on every later load.
@@ -81,8 +85,8 @@ class EsmLocConfig(PreTrainedConfig):
     esm_config: dict | PreTrainedConfig | None = None
     pooling: str = "mean"
     classifier_dropout: float = 0.1
-    max_residues: int = 1022
-    crop: str = "middle"
+    max_residues: int = DEFAULT_MAX_RESIDUES
+    crop: str = DEFAULT_CROP
     class_weights: list[float] | None = None
     esm_name_or_path: str | None = None
     # ESM-2's <pad> and <eos> ids, as the tokenizer has them; declared so that Trainer finds them here and does not
@@ -124,4 +128,4 @@ class EsmLocConfig(PreTrainedConfig):
 EsmLocConfig.register_for_auto_class()
 
 
-__all__ = ["EsmLocConfig", "ESM2_ARCHITECTURES"]
+__all__ = ["EsmLocConfig", "ESM2_ARCHITECTURES", "CROP_STRATEGIES", "DEFAULT_CROP", "DEFAULT_MAX_RESIDUES"]

@@ -1,24 +1,27 @@
 """EsmLoc tokenizer: the ESM-2 tokenizer with protein normalisation and cropping on every path."""
 
 import re
+import tempfile
+from pathlib import Path
 
-from transformers import EsmTokenizer, PreTrainedTokenizer
-from transformers.models.esm.tokenization_esm import load_vocab_file
+from transformers import EsmTokenizer
+from transformers.models.esm.configuration_esm import get_default_vocab_list
 
 
-# The ESM-2 vocabulary (fair-esm's `Alphabet("ESM-1b")`, as in facebook/esm2_* `vocab.txt`), shipped here so
+try:  # relative as remote code (transformers collects it; it ignores imports inside `try`), absolute as a module
+    from .configuration_esmloc import CROP_STRATEGIES, DEFAULT_CROP, DEFAULT_MAX_RESIDUES
+except ImportError:
+    from configuration_esmloc import CROP_STRATEGIES, DEFAULT_CROP, DEFAULT_MAX_RESIDUES
+
+
+# The ESM-2 vocabulary (fair-esm's `Alphabet("ESM-1b")`, as in facebook/esm2_* `vocab.txt`), from transformers, so
 # that a tokenizer exists with no download.
-ESM2_VOCAB = (
-    "<cls>", "<pad>", "<eos>", "<unk>",
-    "L", "A", "G", "V", "S", "E", "R", "T", "I", "D", "P", "K", "Q", "N", "F", "Y", "M", "H", "W", "C",
-    "X", "B", "U", "Z", "O", ".", "-", "<null_1>", "<mask>",
-)
-CROP_STRATEGIES = ("middle", "n_terminal")
+ESM2_VOCAB = tuple(get_default_vocab_list())
 _SPECIAL_TOKEN = re.compile(r"(<[^<>\s]+>)")
 _WHITESPACE = re.compile(r"\s+")
 
 
-def crop_sequence(sequence: str, max_residues: int, crop: str = "middle") -> str:
+def crop_sequence(sequence: str, max_residues: int = DEFAULT_MAX_RESIDUES, crop: str = DEFAULT_CROP) -> str:
     """Crops a protein to at most `max_residues` residues.
 
     `"middle"` keeps the N-terminal ceil(max/2) and the C-terminal floor(max/2) residues (DeepLoc 2.0's
@@ -46,14 +49,15 @@ class EsmLocTokenizer(EsmTokenizer):
     An ESM-2 tokenizer that normalises each protein (whitespace removed, residues upper-cased; the stock
     `EsmTokenizer` turns `"mktayiak"` into a single `<unk>`) and crops it to `max_residues` residues per `crop`
     (see `crop_sequence`) before tokenising, so that the pipeline, the Trainer and a user's own call all feed the
-    model the same input. `vocab_file=None` uses the ESM-2 vocabulary shipped with this file.
+    model the same input; `normalize_and_crop` is that rule, public for whoever must know what the model sees (the
+    feature cache keys on it). `vocab_file=None` uses transformers' ESM-2 vocabulary.
     """
 
     def __init__(
         self,
         vocab_file=None,
-        max_residues=1022,
-        crop="middle",
+        max_residues=DEFAULT_MAX_RESIDUES,
+        crop=DEFAULT_CROP,
         unk_token="<unk>",
         cls_token="<cls>",
         pad_token="<pad>",
@@ -66,35 +70,39 @@ class EsmLocTokenizer(EsmTokenizer):
         self.max_residues = max_residues
         self.crop = crop
         kwargs.setdefault("model_max_length", max_residues + 2)
-        # EsmTokenizer.__init__ insists on a vocabulary file; this one also takes the shipped vocabulary.
-        self.all_tokens = load_vocab_file(vocab_file) if vocab_file is not None else list(ESM2_VOCAB)
-        self._id_to_token = dict(enumerate(self.all_tokens))
-        self._token_to_id = {token: index for index, token in enumerate(self.all_tokens)}
-        PreTrainedTokenizer.__init__(
-            self,
-            max_residues=max_residues,
-            crop=crop,
-            unk_token=unk_token,
-            cls_token=cls_token,
-            pad_token=pad_token,
-            mask_token=mask_token,
-            eos_token=eos_token,
-            **kwargs,
-        )
-        self.unique_no_split_tokens = self.all_tokens
-        self._update_trie(self.unique_no_split_tokens)
+        with tempfile.TemporaryDirectory() as folder:
+            if vocab_file is None:  # EsmTokenizer reads its vocabulary from a file (as transformers' convert_esm.py)
+                vocab_file = Path(folder, "vocab.txt")
+                vocab_file.write_text("\n".join(ESM2_VOCAB), encoding="utf-8")
+            super().__init__(
+                vocab_file,
+                unk_token=unk_token,
+                cls_token=cls_token,
+                pad_token=pad_token,
+                mask_token=mask_token,
+                eos_token=eos_token,
+                max_residues=max_residues,
+                crop=crop,
+                **kwargs,
+            )
 
-    def prepare_for_tokenization(self, text, is_split_into_words=False, **kwargs):
+    def normalize_and_crop(self, text: str) -> str:
+        """The residues the model sees of `text`: whitespace removed, residues upper-cased (`normalize_sequence`),
+        cropped to `max_residues` per `crop` (`crop_sequence`). Text with special tokens such as `<mask>` is not
+        cropped; it raises `ValueError` when it is longer than `max_residues`."""
         text = normalize_sequence(text)
         residues = _SPECIAL_TOKEN.split(text)
         if len(residues) == 1:
-            text = crop_sequence(text, self.max_residues, self.crop)
-        elif sum(len(part) for part in residues[::2]) + len(residues) // 2 > self.max_residues:
+            return crop_sequence(text, self.max_residues, self.crop)
+        if sum(len(part) for part in residues[::2]) + len(residues) // 2 > self.max_residues:
             raise ValueError(
                 f"cannot crop a sequence that contains special tokens to {self.max_residues} residues; "
                 "crop it before adding special tokens"
             )
-        return text, kwargs
+        return text
+
+    def prepare_for_tokenization(self, text, is_split_into_words=False, **kwargs):
+        return self.normalize_and_crop(text), kwargs
 
     def _residue_fast_path(self):
         """(pattern, token -> id) for the fast path, or None when added tokens could split a plain residue string

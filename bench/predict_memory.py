@@ -43,7 +43,7 @@ def write_fasta(path: Path, n: int, seed: int = 0) -> Path:
 def save_tiny_model(path: Path) -> Path:
     sys.path.insert(0, str(REPO / "tests"))
     from conftest import tiny_model  # the tests' tiny architecture
-    from esmloc.export import save_model
+    from esmloc.saving import save_model
 
     return save_model(tiny_model(max_residues=1022), path)
 

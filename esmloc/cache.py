@@ -47,11 +47,11 @@ import numpy as np
 import torch
 from huggingface_hub import constants as hub_constants
 from torch import nn
+from torch.nn.utils.rnn import pad_sequence
 from transformers import Trainer
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from esmloc.files import TEMPORARY_PREFIX, atomic_file
-from tokenization_esmloc import crop_sequence, normalize_sequence
 
 
 logger = logging.getLogger(__name__)
@@ -92,24 +92,23 @@ def backbone_fingerprint(esm) -> str:
     return digest.hexdigest()
 
 
-def sequence_key(sequence: str, max_residues: int, crop: str) -> str:
-    """sha256 (hex) of the sequence the backbone sees: normalised and cropped as EsmLocTokenizer does."""
-    normalised = normalize_sequence(sequence)
-    if "<" not in normalised:
-        normalised = crop_sequence(normalised, max_residues, crop)
-    return hashlib.sha256(normalised.encode()).hexdigest()
+def sequence_key(sequence: str, tokenizer) -> str:
+    """sha256 (hex) of the sequence the backbone sees: `tokenizer.normalize_and_crop(sequence)` (an EsmLocTokenizer's
+    own rule, so a key can never drift from the tokenizer's input)."""
+    return hashlib.sha256(tokenizer.normalize_and_crop(sequence).encode()).hexdigest()
 
 
 class FeatureCache:
-    """One cache directory: the features of one backbone (by fingerprint), kind, crop setting and precision."""
+    """One cache directory: the features of one backbone (by fingerprint), kind, crop setting (the `tokenizer`'s, an
+    `EsmLocTokenizer`) and precision."""
 
-    def __init__(self, root, fingerprint: str, kind: str, max_residues: int, crop: str, precision: str,
-                 hidden_size: int):
+    def __init__(self, root, fingerprint: str, kind: str, tokenizer, precision: str, hidden_size: int):
         if kind not in POOLED_KINDS + ("residues",):
             raise ValueError(f"unknown feature kind {kind!r}")
         self.root = Path(root).expanduser()
-        self.fingerprint, self.kind = fingerprint, kind
-        self.max_residues, self.crop, self.precision, self.hidden_size = max_residues, crop, precision, hidden_size
+        self.fingerprint, self.kind, self.tokenizer = fingerprint, kind, tokenizer
+        max_residues, crop = tokenizer.max_residues, tokenizer.crop
+        self.precision, self.hidden_size = precision, hidden_size
         self.dtype = np.float16 if kind == "residues" else np.float32
         self.path = self.root / f"{fingerprint[:16]}-{kind}-r{max_residues}-{crop}-{precision}"
         self.meta = {"format": FORMAT_VERSION, "fingerprint": fingerprint, "kind": kind, "max_residues": max_residues,
@@ -121,13 +120,12 @@ class FeatureCache:
 
     @classmethod
     def for_engine(cls, engine, kind: str, root=None, fingerprint: str | None = None) -> "FeatureCache":
-        config = engine.base_model.config
         return cls(root if root is not None else default_cache_dir(),
-                   fingerprint or backbone_fingerprint(engine.esm), kind, config.max_residues, config.crop,
-                   engine.precision_name, engine.esm.config.hidden_size)
+                   fingerprint or backbone_fingerprint(engine.esm), kind, engine.tokenizer, engine.precision_name,
+                   engine.esm.config.hidden_size)
 
     def key(self, sequence: str) -> str:
-        return sequence_key(sequence, self.max_residues, self.crop)
+        return sequence_key(sequence, self.tokenizer)
 
     def refresh(self) -> dict[str, tuple[str, int, int]]:
         """Reads the indexes of shards written since the last call (by this or another process)."""
@@ -289,12 +287,9 @@ def collate_features(items: list[dict]) -> dict:
     features = [item["features"] for item in items]
     if features[0].dim() == 1:
         return {"features": torch.stack(features), "labels": labels}
-    longest = max(1, max(len(feature) for feature in features))
-    padded = features[0].new_zeros(len(features), longest, features[0].shape[-1])
-    mask = torch.zeros(len(features), longest, dtype=torch.bool)
-    for row, feature in enumerate(features):
-        padded[row, :len(feature)] = feature
-        mask[row, :len(feature)] = True
+    padded = pad_sequence(features, batch_first=True)
+    lengths = torch.tensor([len(feature) for feature in features])
+    mask = torch.arange(padded.shape[1]) < lengths[:, None]
     return {"features": padded, "residue_mask": mask, "labels": labels}
 
 

@@ -16,7 +16,7 @@ import sys
 
 import transformers
 
-from esmloc.data import DataValidationError
+from esmloc.sequences import DataValidationError
 
 
 class InputError(Exception):

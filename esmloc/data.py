@@ -1,42 +1,52 @@
-"""The esmloc dataset: reading, validating and splitting protein localisation data.
+"""The esmloc dataset: protein localisation data validated and split for training, as a `datasets` builder.
 
-Everything that turns a user's file into training data lives here, so that `train.py`, the predict CLI and the
-loading script `dataset_script/esmloc.py` share one implementation:
+Everything that turns a user's file into training data lives here, so that `train.py` and the loading script
+`dataset_script/esmloc.py` share one implementation; reading and validating sequences is `esmloc.sequences` (which
+needs no `datasets`; its public names are importable from here too, as they were before it existed):
 
-- `validate_sequence`: the one sequence check (upper case, whitespace removed, a trailing `*` stop codon stripped,
-  residues limited to the ESM-2 alphabet), used by the builder and by the readers.
-- `read_sequences` / `read_fasta`: streaming readers for prediction input (FASTA or CSV), one record at a time.
 - `EsmLocDataset`: the `datasets` builder (configs `mitochondrion` and `deeploc`) that validates a whole file,
   merges exact duplicates and splits it so that identical sequences never straddle two splits.
 - `load_dataset`: that builder instantiated directly, which works on datasets 3.x and on datasets >= 4 (which no
   longer runs loading scripts), from a pip install as well as from a checkout.
 - `format_summary` / `dataset_summary`: split sizes, positives per split and what was normalised or merged.
+
+Longer than most modules (about 560 lines) for one job: a `datasets` builder is one class with its config, features,
+row parsing and splits, and the splitters are a few dozen lines each that only this builder uses.
 """
 
-import csv
 import dataclasses
 import functools
-import gzip
 import hashlib
 import json
 import os
-import re
 from collections import Counter
 from collections.abc import Iterator
 from glob import glob
 from pathlib import Path
-from typing import NamedTuple
 
 import datasets
 from datasets.data_files import DataFilesDict
 
-from tokenization_esmloc import ESM2_VOCAB
+from esmloc import sequences
+from esmloc.sequences import (
+    ALPHABET,
+    FASTA_SUFFIXES,
+    BadValue,
+    DataValidationError,
+    ProteinRecord,
+    SequenceError,
+    csv_rows,
+    describe_row,
+    fasta_entries,
+    is_fasta,
+    read_fasta,
+    read_sequences,
+    validate_sequence,
+)
 
 
 logger = datasets.logging.get_logger(__name__)
 
-# The residue letters of the ESM-2 vocabulary. `.` and `-` are alignment gaps, not residues.
-ALPHABET = "".join(token for token in ESM2_VOCAB if len(token) == 1 and token.isalpha())
 # The 10 DeepLoc 2.0 locations, in the column order of its CSV files.
 LOCATIONS = (
     "Cytoplasm",
@@ -52,7 +62,6 @@ LOCATIONS = (
 )
 LABEL_NAMES = ("Other", "Mitochondrion")
 SPLIT_METHODS = ("stratified", "partition", "given")
-FASTA_SUFFIXES = (".fasta", ".fa", ".faa", ".fas", ".fsa")
 
 _DEEPLOC_URL = "https://services.healthtech.dtu.dk/services/DeepLoc-2.0/data/Swissprot_Train_Validation_dataset.csv"
 _CITATION = """\
@@ -81,171 +90,14 @@ _LICENSE = (
 )
 # The build report rides in DatasetInfo.description, the one free-text field datasets stores with the cache.
 _REPORT_MARKER = "esmloc build report: "
-# Folded into the cache key: a new version of this module must never be served a split made by an old one.
-_CODE_FINGERPRINT = hashlib.sha256(Path(__file__).read_bytes() + ALPHABET.encode()).hexdigest()[:16]
-
-_VALID_SEQUENCE = re.compile(f"[{ALPHABET}]+")
-_INVALID_RESIDUE = re.compile(f"[^{ALPHABET}]")
-_WHITESPACE = re.compile(r"\s+")
-_UNIPROT_HEADER = re.compile(r"(?:sp|tr)\|([^|\s]+)\|")
+# Folded into the cache key: a new version of this module or of the sequence check must never be served a split made by
+# an old one.
+_CODE_FINGERPRINT = hashlib.sha256(
+    Path(__file__).read_bytes() + Path(sequences.__file__).read_bytes() + ALPHABET.encode()
+).hexdigest()[:16]
 _LABEL_SPELLINGS = {"0": 0, "1": 1, "0.0": 0, "1.0": 1, "false": 0, "true": 1}
 _MAX_REPORTED_PROBLEMS = 10
 _SPLITS = ("train", "validation", "test")
-
-
-class DataValidationError(ValueError):
-    """Bad input data. `problems` lists the first few problems found (file, line, ACC, what), `count` all of them."""
-
-    def __init__(self, problems: list[str], count: int | None = None):
-        self.problems = problems
-        self.count = len(problems) if count is None else count
-        shown = f" (the first {len(problems)} below)" if self.count > len(problems) else ""
-        super().__init__(f"{self.count} problem(s) in the data{shown}:\n  " + "\n  ".join(problems))
-
-
-class _BadValue(ValueError):
-    """One bad cell of one row; collected with the file, line and ACC into a DataValidationError."""
-
-
-class SequenceError(_BadValue):
-    """A protein sequence that cannot be used; `position` is the 1-based residue of the first bad character."""
-
-    def __init__(self, message: str, position: int | None = None):
-        super().__init__(message)
-        self.position = position
-
-
-def validate_sequence(raw: str) -> tuple[str, tuple[str, ...]]:
-    """Normalises and checks one protein sequence.
-
-    Removes whitespace, upper-cases, strips one trailing `*` (a stop codon) and checks that every residue is in
-    `ALPHABET`. Returns the sequence and the names of the normalisations applied (empty for a clean sequence).
-    Raises `SequenceError` for an empty sequence or a character outside the alphabet, with its 1-based position
-    counted in the sequence without whitespace.
-    """
-    if _VALID_SEQUENCE.fullmatch(raw):  # the common case: nothing to do
-        return raw, ()
-    changes = []
-    sequence = _WHITESPACE.sub("", raw)
-    if sequence != raw:
-        changes.append("whitespace removed")
-    if sequence != sequence.upper():
-        sequence = sequence.upper()
-        changes.append("lower case upper-cased")
-    if sequence.endswith("*"):
-        sequence = sequence[:-1]
-        changes.append("stop codon '*' stripped")
-    if not sequence:
-        raise SequenceError("empty sequence")
-    bad = _INVALID_RESIDUE.search(sequence)
-    if bad:
-        raise SequenceError(
-            f"character {bad.group()!r} at position {bad.start() + 1} is not a residue of the ESM-2 alphabet "
-            f"({ALPHABET})",
-            position=bad.start() + 1,
-        )
-    return sequence, tuple(changes)
-
-
-class ProteinRecord(NamedTuple):
-    """One protein read from a file: accession, normalised sequence and the file line where the record starts."""
-
-    acc: str
-    sequence: str
-    line: int
-
-
-def _open_text(path):
-    # utf-8-sig: spreadsheet programs start CSV exports with a byte-order mark, which must not end up in "ACC".
-    if str(path).endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8-sig", newline="")
-    return open(path, encoding="utf-8-sig", newline="")
-
-
-def _is_fasta(path) -> bool:
-    return str(path).removesuffix(".gz").lower().endswith(FASTA_SUFFIXES)
-
-
-def _where(path, line, acc) -> str:
-    return f"{path}, line {line}, ACC {acc!r}" if acc else f"{path}, line {line}"
-
-
-def _fasta_entries(path) -> Iterator[tuple[int, str, str]]:
-    """Yields (header line, ACC, raw sequence) per FASTA record, holding one record in memory at a time."""
-    line_number, acc, header_line, chunks = 0, None, 0, []
-    with _open_text(path) as handle:
-        for line_number, line in enumerate(handle, start=1):
-            if line.startswith(">"):
-                if acc is not None:
-                    yield header_line, acc, "".join(chunks)
-                header = line[1:].strip()
-                uniprot = _UNIPROT_HEADER.match(header)
-                acc = uniprot.group(1) if uniprot else (header.split() or [""])[0]
-                if not acc:
-                    raise DataValidationError([f"{_where(path, line_number, None)}: empty FASTA header"])
-                header_line, chunks = line_number, []
-            elif line.strip():
-                if acc is None:
-                    raise DataValidationError(
-                        [f"{_where(path, line_number, None)}: sequence before the first '>' header; is this FASTA?"]
-                    )
-                chunks.append(line.strip())
-    if acc is not None:
-        yield header_line, acc, "".join(chunks)
-
-
-def _csv_rows(path, required: tuple[str, ...]) -> Iterator[tuple[int, dict[str, str]]]:
-    """Yields (file line, {column: cell}) for the `required` columns; the header is line 1."""
-    with _open_text(path) as handle:
-        reader = csv.reader(handle, delimiter="\t" if str(path).removesuffix(".gz").endswith(".tsv") else ",")
-        header = [name.strip() for name in next(reader, [])]
-        missing = [name for name in required if name not in header]
-        if missing:
-            raise DataValidationError(
-                [f"{_where(path, 1, None)}: missing column(s) {missing}; found {header}, need {list(required)}"]
-            )
-        index = {name: header.index(name) for name in required}
-        line = reader.line_num
-        for row in reader:
-            start, line = line + 1, reader.line_num  # a quoted cell may span lines: report where the row starts
-            if not any(cell.strip() for cell in row):
-                continue
-            yield start, {name: (row[i] if i < len(row) else "") for name, i in index.items()}
-
-
-def read_fasta(path) -> Iterator[ProteinRecord]:
-    """Streams the proteins of a FASTA file (optionally .gz).
-
-    The ACC is the accession of a UniProt header (`>sp|P12345|NAME_HUMAN ...` gives `P12345`), else the first word
-    of the header. Raises `DataValidationError` naming the file, line and ACC at the first bad record.
-    """
-    for line, acc, raw in _fasta_entries(path):
-        try:
-            sequence, _ = validate_sequence(raw)
-        except SequenceError as error:
-            raise DataValidationError([f"{_where(path, line, acc)}: {error}"]) from None
-        yield ProteinRecord(acc, sequence, line)
-
-
-def read_sequences(path) -> Iterator[ProteinRecord]:
-    """Streams the proteins of a FASTA file or of a CSV/TSV file with at least the columns ACC and Sequence.
-
-    The format follows the file name: `.fasta`, `.fa`, `.faa`, `.fas`, `.fsa` (optionally `.gz`) are FASTA,
-    anything else is CSV (TSV for `.tsv`). One record is held in memory at a time. Raises `DataValidationError`
-    naming the file, line and ACC at the first bad record.
-    """
-    if _is_fasta(path):
-        yield from read_fasta(path)
-        return
-    for line, row in _csv_rows(path, ("ACC", "Sequence")):
-        acc = row["ACC"].strip()
-        try:
-            if not acc:
-                raise _BadValue("empty ACC")
-            sequence, _ = validate_sequence(row["Sequence"])
-        except _BadValue as error:
-            raise DataValidationError([f"{_where(path, line, acc)}: {error}"]) from None
-        yield ProteinRecord(acc, sequence, line)
 
 
 @dataclasses.dataclass
@@ -296,7 +148,7 @@ def _labelled_columns(config_name: str, need_partition: bool) -> tuple[str, ...]
 def _parse_label(value: str, normalised: Counter) -> int:
     label = _LABEL_SPELLINGS.get(value.strip().lower())
     if label is None:
-        raise _BadValue(f"label {value!r} is not one of 0, 1, 0.0, 1.0, True, False")
+        raise BadValue(f"label {value!r} is not one of 0, 1, 0.0, 1.0, True, False")
     if value not in ("0", "1"):
         normalised["label spelled 0.0/1.0/True/False"] += 1
     return label
@@ -310,7 +162,7 @@ def _parse_unlabelled(row: dict[str, str], normalised: Counter) -> dict:
 
 
 def _parse_row(config_name: str, row: dict[str, str], normalised: Counter) -> dict:
-    """Turns one CSV row into an example (plus `Partition` when present); raises _BadValue on bad values."""
+    """Turns one CSV row into an example (plus `Partition` when present); raises BadValue on bad values."""
     sequence, changes = validate_sequence(row["Sequence"])
     normalised.update(changes)
     example = {"Sequence": sequence}
@@ -318,10 +170,10 @@ def _parse_row(config_name: str, row: dict[str, str], normalised: Counter) -> di
         try:
             example["Partition"] = int(row["Partition"])
         except ValueError:
-            raise _BadValue(f"Partition {row['Partition']!r} is not an integer") from None
+            raise BadValue(f"Partition {row['Partition']!r} is not an integer") from None
     if config_name == "deeploc":
         if not row["Kingdom"].strip():
-            raise _BadValue("empty Kingdom")
+            raise BadValue("empty Kingdom")
         example["Kingdom"] = row["Kingdom"].strip()
         example["Membrane"] = _parse_label(row["Membrane"], normalised)
         flags = [_parse_label(row[location], normalised) for location in LOCATIONS]
@@ -437,7 +289,7 @@ class EsmLocDataset(datasets.GeneratorBasedBuilder):
                 "pass it as data_files"
             ) from error
         files = {split: list(zip(sources[split], local[split], strict=True)) for split in sources}
-        fasta = [_is_fasta(name) for pairs in files.values() for name, _ in pairs]
+        fasta = [is_fasta(name) for pairs in files.values() for name, _ in pairs]
         method = config.split_method or ("given" if len(files) > 1 or all(fasta) else "stratified")
         if method != "given" and any(fasta):
             raise ValueError(f"split_method={method!r} needs labels: FASTA files have none; use split_method='given'")
@@ -449,7 +301,7 @@ class EsmLocDataset(datasets.GeneratorBasedBuilder):
             pools[split] = []
             for name, path in pairs:
                 for line, acc, parsed in self._read_file(name, path, method, normalised, problems):
-                    where = _where(name, line, acc)
+                    where = describe_row(name, line, acc)
                     if acc in seen:
                         first_split, first_where, first = seen[acc]
                         if first != parsed:
@@ -488,14 +340,14 @@ class EsmLocDataset(datasets.GeneratorBasedBuilder):
 
     def _read_file(self, name, path, method, normalised, problems) -> Iterator[tuple[int, str, dict]]:
         """Yields (line, ACC, example) for the valid rows of one file and appends a message per bad row."""
-        if _is_fasta(name):
+        if is_fasta(name):
             if self.config.name == "deeploc":
                 raise ValueError(f"{name}: the deeploc config needs CSV input with its columns; FASTA has none")
-            rows = ((line, acc, {"Sequence": raw}) for line, acc, raw in _fasta_entries(path))
+            rows = ((line, acc, {"Sequence": raw}) for line, acc, raw in fasta_entries(path))
             parse = _parse_unlabelled
         else:
             columns = _labelled_columns(self.config.name, need_partition=method == "partition")
-            rows = ((line, row["ACC"], row) for line, row in _csv_rows(path, columns))
+            rows = ((line, row["ACC"], row) for line, row in csv_rows(path, columns))
             parse = functools.partial(_parse_row, self.config.name)
         for line, acc, row in rows:
             try:
@@ -503,10 +355,10 @@ class EsmLocDataset(datasets.GeneratorBasedBuilder):
                     normalised["ACC whitespace stripped"] += 1
                     acc = acc.strip()
                 if not acc:
-                    raise _BadValue("empty ACC")
+                    raise BadValue("empty ACC")
                 yield line, acc, parse(row, normalised)
-            except _BadValue as error:
-                problems.append(f"{_where(name, line, acc)}: {error}")
+            except BadValue as error:
+                problems.append(f"{describe_row(name, line, acc)}: {error}")
 
     def _generate_examples(self, examples):
         columns = self.info.features.keys()
@@ -690,6 +542,7 @@ def format_summary(dataset: datasets.DatasetDict) -> str:
 
 __all__ = [
     "ALPHABET",
+    "FASTA_SUFFIXES",
     "LABEL_NAMES",
     "LOCATIONS",
     "DataValidationError",

@@ -21,7 +21,7 @@ import evaluate
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
-from sklearn.metrics import ConfusionMatrixDisplay, precision_recall_curve, roc_curve
+from sklearn.metrics import ConfusionMatrixDisplay, PrecisionRecallDisplay, RocCurveDisplay
 from transformers import EvalPrediction
 
 from esmloc import task
@@ -249,6 +249,14 @@ def _undefined(axes, message: str) -> None:
     axes.text(0.5, 0.5, message, ha="center", va="center", transform=axes.transAxes, wrap=True)
 
 
+def _draw_curve(display, axes, labels, scores, **options) -> None:
+    """Draws scikit-learn's curve `display` (RocCurveDisplay, PrecisionRecallDisplay) into `axes`, keeping the axes'
+    own labels and shape (the display would set "False Positive Rate (Positive label: 1)" and square axes)."""
+    xlabel, ylabel, aspect = axes.get_xlabel(), axes.get_ylabel(), axes.get_aspect()
+    display.from_predictions(labels, scores, ax=axes, **options)
+    axes.set(xlabel=xlabel, ylabel=ylabel, aspect=aspect)
+
+
 def _plot_binary(output_dir: Path, labels, probabilities, threshold, names, split) -> list[Path]:
     at_half = classification_metrics(probabilities, labels, 0.5)
     at_tuned = classification_metrics(probabilities, labels, threshold)
@@ -259,9 +267,9 @@ def _plot_binary(output_dir: Path, labels, probabilities, threshold, names, spli
     if at_half["roc_auc"] is None:
         _undefined(axes, "ROC curve undefined: the labels hold a single class")
     else:
-        fpr, tpr, _ = roc_curve(labels, probabilities)
-        axes.plot(fpr, tpr, label=f"{positive} (AUC = {at_half['roc_auc']:.3f})")
-        axes.plot([0, 1], [0, 1], linestyle="--", color="grey", label="chance (AUC = 0.5)")
+        _draw_curve(RocCurveDisplay, axes, labels, probabilities,
+                    curve_kwargs={"label": f"{positive} (AUC = {at_half['roc_auc']:.3f})"}, plot_chance_level=True,
+                    chance_level_kw={"label": "chance (AUC = 0.5)", "linestyle": "--", "color": "grey"})
         for results, marker, name in points:
             axes.plot(*_operating_point(results), marker, markersize=9, label=f"{name}: MCC {results['mcc']:.3f}")
         axes.legend(loc="lower right")
@@ -271,10 +279,10 @@ def _plot_binary(output_dir: Path, labels, probabilities, threshold, names, spli
     if at_half["pr_auc"] is None:
         _undefined(axes, "Precision-recall curve undefined: no positive label")
     else:
-        precision, recall, _ = precision_recall_curve(labels, probabilities)
-        axes.plot(recall, precision, drawstyle="steps-post", label=f"{positive} (AP = {at_half['pr_auc']:.3f})")
         prevalence = float(np.mean(labels))
-        axes.axhline(prevalence, linestyle="--", color="grey", label=f"chance (AP = {prevalence:.3f})")
+        _draw_curve(PrecisionRecallDisplay, axes, labels, probabilities,
+                    curve_kwargs={"label": f"{positive} (AP = {at_half['pr_auc']:.3f})"}, plot_chance_level=True,
+                    chance_level_kw={"label": f"chance (AP = {prevalence:.3f})", "linestyle": "--", "color": "grey"})
         for results, marker, name in points:
             label = f"{name}: F1 {results['f1']:.3f}"
             axes.plot(results["recall"], results["precision"], marker, markersize=9, label=label)
@@ -292,6 +300,20 @@ def _plot_binary(output_dir: Path, labels, probabilities, threshold, names, spli
     return [output_dir / name for name in ("roc_curve.png", "pr_curve.png", "confusion_matrix.png")]
 
 
+def _curves_per_location(axes, display, area, area_name, undefined, point, labels, probabilities, names, per_label):
+    """One curve per location, in its own colour, with the `area` result (roc_auc, pr_auc) in its legend entry and
+    its tuned operating point (`point` of its results at the tuned threshold) as a dot; a location whose curve is
+    undefined gets a legend entry saying so."""
+    for j, (name, (at_half, at_tuned)) in enumerate(zip(names, per_label)):
+        colour = f"C{j % 10}"
+        if at_half[area] is None:
+            axes.plot([], [], color=colour, label=f"{name} ({undefined})")
+            continue
+        _draw_curve(display, axes, labels[:, j], probabilities[:, j],
+                    curve_kwargs={"color": colour, "label": f"{name} ({area_name} = {at_half[area]:.3f})"})
+        axes.plot(*point(at_tuned), "o", color=colour)
+
+
 def _plot_multilabel(output_dir: Path, labels, probabilities, thresholds, names, split) -> list[Path]:
     per_label = [
         (
@@ -300,7 +322,6 @@ def _plot_multilabel(output_dir: Path, labels, probabilities, thresholds, names,
         )
         for j in range(len(names))
     ]
-    colours = [f"C{j % 10}" for j in range(len(names))]
     dots = "dots: tuned thresholds"
     # ten curves fill the axes: the legend goes to the right of them
     legend = dict(loc="upper left", bbox_to_anchor=(1.02, 1), fontsize="small")
@@ -308,13 +329,8 @@ def _plot_multilabel(output_dir: Path, labels, probabilities, thresholds, names,
     figure, axes = _new_axes(
         f"ROC curves per location ({split}; {dots})", "False positive rate", "True positive rate", width=9.6
     )
-    for j, (name, (at_half, at_tuned)) in enumerate(zip(names, per_label)):
-        if at_half["roc_auc"] is None:
-            axes.plot([], [], color=colours[j], label=f"{name} (undefined: one class)")
-            continue
-        fpr, tpr, _ = roc_curve(labels[:, j], probabilities[:, j])
-        axes.plot(fpr, tpr, color=colours[j], label=f"{name} (AUC = {at_half['roc_auc']:.3f})")
-        axes.plot(*_operating_point(at_tuned), "o", color=colours[j])
+    _curves_per_location(axes, RocCurveDisplay, "roc_auc", "AUC", "undefined: one class", _operating_point, labels,
+                         probabilities, names, per_label)
     axes.plot([0, 1], [0, 1], linestyle="--", color="grey")
     axes.legend(**legend)
     figure.savefig(output_dir / "roc_curve.png", dpi=150)
@@ -322,14 +338,9 @@ def _plot_multilabel(output_dir: Path, labels, probabilities, thresholds, names,
     figure, axes = _new_axes(
         f"Precision-recall curves per location ({split}; {dots})", "Recall", "Precision", width=9.6
     )
-    for j, (name, (at_half, at_tuned)) in enumerate(zip(names, per_label)):
-        if at_half["pr_auc"] is None:
-            axes.plot([], [], color=colours[j], label=f"{name} (undefined: no positive)")
-            continue
-        precision, recall, _ = precision_recall_curve(labels[:, j], probabilities[:, j])
-        label = f"{name} (AP = {at_half['pr_auc']:.3f})"
-        axes.plot(recall, precision, drawstyle="steps-post", color=colours[j], label=label)
-        axes.plot(at_tuned["recall"], at_tuned["precision"], "o", color=colours[j])
+    _curves_per_location(axes, PrecisionRecallDisplay, "pr_auc", "AP", "undefined: no positive",
+                         lambda results: (results["recall"], results["precision"]), labels, probabilities, names,
+                         per_label)
     axes.legend(**legend)
     figure.savefig(output_dir / "pr_curve.png", dpi=150)
 

@@ -1,35 +1,14 @@
-"""Saving a model directory that loads anywhere: weights, config, remote code and a matching tokenizer."""
+"""Deprecated: the old name of `esmloc.saving` (saving a model directory that loads anywhere); importing it warns.
 
-from pathlib import Path
+It re-exports `save_model`, `tokenizer_for` and `crop_mismatch` for one release; import them from `esmloc.saving`.
+"""
 
-from tokenization_esmloc import EsmLocTokenizer
+import warnings
 
-
-def tokenizer_for(config) -> EsmLocTokenizer:
-    """The tokenizer that crops exactly as `config` says (the shipped ESM-2 vocabulary)."""
-    return EsmLocTokenizer(max_residues=config.max_residues, crop=config.crop)
+from esmloc.saving import crop_mismatch, save_model, tokenizer_for
 
 
-def crop_mismatch(tokenizer: EsmLocTokenizer, config) -> str | None:
-    """Why `tokenizer` would feed the model of `config` inputs it was not trained on (it crops differently), or
-    None."""
-    if (tokenizer.max_residues, tokenizer.crop) == (config.max_residues, config.crop):
-        return None
-    return (f"the tokenizer crops to {tokenizer.max_residues} residues ({tokenizer.crop}) but the model config says "
-            f"{config.max_residues} ({config.crop})")
+warnings.warn("esmloc.export is deprecated and will be removed in the next release: import save_model, tokenizer_for "
+              "and crop_mismatch from esmloc.saving", DeprecationWarning, stacklevel=2)
 
-
-def save_model(model, output_dir, tokenizer: EsmLocTokenizer | None = None) -> Path:
-    """Saves `model` (safetensors, config with a local `auto_map`, the three `.py` files) and its tokenizer.
-
-    A tokenizer that would crop differently from the model's config is refused: the model would then see
-    inputs it was not trained on.
-    """
-    tokenizer = tokenizer if tokenizer is not None else tokenizer_for(model.config)
-    mismatch = crop_mismatch(tokenizer, model.config)
-    if mismatch:
-        raise ValueError(mismatch)
-    output_dir = Path(output_dir)
-    model.save_pretrained(output_dir)
-    tokenizer.save_pretrained(output_dir)
-    return output_dir
+__all__ = ["crop_mismatch", "save_model", "tokenizer_for"]

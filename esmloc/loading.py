@@ -8,7 +8,7 @@ from pathlib import Path
 from safetensors import SafetensorError, safe_open
 
 from esmloc.cli import InputError
-from esmloc.export import crop_mismatch
+from esmloc.saving import crop_mismatch
 from modeling_esmloc import EsmForLocalization
 from tokenization_esmloc import EsmLocTokenizer
 
@@ -65,7 +65,7 @@ def check_model_dir(path, need_tokenizer: bool = True) -> None:
     missing = [name for name in TOKENIZER_FILES if not (Path(path) / name).is_file()]
     if need_tokenizer and missing:
         raise InputError(f"{path}: the tokenizer is missing ({', '.join(missing)}); save the model with "
-                         "esmloc.export.save_model(model, directory), which writes it")
+                         "esmloc.saving.save_model(model, directory), which writes it")
 
 
 def load_model_dir(path, device="cpu") -> tuple[EsmForLocalization, EsmLocTokenizer]:

@@ -47,7 +47,7 @@ from tqdm.auto import tqdm
 
 from esmloc import cli, loading, task
 from esmloc.cli import InputError
-from esmloc.data import read_sequences
+from esmloc.sequences import read_sequences
 from esmloc.engine import PRECISIONS, Engine
 from esmloc.files import atomic_file
 from esmloc.predictions import PredictionsWriter

@@ -35,12 +35,14 @@ from transformers import (
     set_seed,
 )
 
-from configuration_esmloc import CROP_STRATEGIES, ESM2_ARCHITECTURES, POOLING_MODES, EsmLocConfig
+from configuration_esmloc import (
+    CROP_STRATEGIES, DEFAULT_CROP, DEFAULT_MAX_RESIDUES, ESM2_ARCHITECTURES, POOLING_MODES, EsmLocConfig,
+)
 from esmloc import cache, cli, data, demo, engine, evaluation, loading, publish, runs, task
 from esmloc.cli import EnvironmentProblem, InputError
-from esmloc.export import save_model, tokenizer_for
 from esmloc.files import atomic_file
 from esmloc.predictions import write_predictions_csv
+from esmloc.saving import save_model, tokenizer_for
 from modeling_esmloc import EsmForLocalization
 
 
@@ -75,8 +77,8 @@ class ModelArguments:
     )
     pooling: str = field(default="mean", metadata={"choices": list(POOLING_MODES)})
     classifier_dropout: float = field(default=0.1)
-    max_residues: int = field(default=1022, metadata={"help": "Proteins longer than this are cropped."})
-    crop: str = field(default="middle", metadata={"choices": list(CROP_STRATEGIES)})
+    max_residues: int = field(default=DEFAULT_MAX_RESIDUES, metadata={"help": "Proteins longer than this are cropped."})
+    crop: str = field(default=DEFAULT_CROP, metadata={"choices": list(CROP_STRATEGIES)})
     class_weights: bool = field(
         default=True,
         metadata={"help": "Weight the loss by class frequencies of the training split (balanced cross-entropy, "

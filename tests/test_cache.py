@@ -14,8 +14,9 @@ from safetensors.torch import load_file
 from esmloc import cache
 from esmloc.demo import write_demo_csv
 from esmloc.engine import Engine
-from esmloc.export import tokenizer_for
+from esmloc.saving import tokenizer_for
 from esmloc.train import main as train_main
+from tokenization_esmloc import EsmLocTokenizer
 
 from conftest import PROTEINS, tiny_model
 
@@ -121,6 +122,17 @@ def test_crop_settings_and_sequences_key_the_cache(tmp_path):
     engine = make_engine(model)
     cache.cached_features(engine, SEQUENCES, "mean", tmp_path)
     assert engine.proteins_run == len(set(SEQUENCES))
+
+
+def test_sequence_key_is_the_tokenizers_rule():
+    class KeepsFive(EsmLocTokenizer):  # another rule: the key must follow it, never re-implement the default one
+        def normalize_and_crop(self, text):
+            return super().normalize_and_crop(text)[:5]
+
+    tokenizer, five = EsmLocTokenizer(max_residues=8, crop="n_terminal"), KeepsFive(max_residues=8)
+    assert cache.sequence_key(" mktAYiakQ", tokenizer) == cache.sequence_key("MKTAYIAKQR", tokenizer)
+    assert cache.sequence_key("MKTAYIAK", tokenizer) != cache.sequence_key("MKTAYIAQ", tokenizer)
+    assert cache.sequence_key("MKTAYIAK", five) == cache.sequence_key("MKTAYWWW", five)
 
 
 def test_interrupted_run_resumes_with_what_is_missing(tmp_path):

@@ -7,8 +7,11 @@ to use, and `test_runs_on_the_datasets_major_ci_asked_for` fails if the environm
 import csv
 import gzip
 import hashlib
+import json
 import os
 import random
+import subprocess
+import sys
 import time
 import tracemalloc
 from pathlib import Path
@@ -16,14 +19,12 @@ from pathlib import Path
 import datasets
 import pytest
 
-from esmloc.data import (
+from esmloc import data, sequences
+from esmloc.data import LOCATIONS, dataset_summary, format_summary, load_dataset
+from esmloc.sequences import (
     ALPHABET,
-    LOCATIONS,
     DataValidationError,
     SequenceError,
-    dataset_summary,
-    format_summary,
-    load_dataset,
     read_fasta,
     read_sequences,
     validate_sequence,
@@ -115,6 +116,38 @@ def test_validate_sequence_rejects_empty_sequences(raw):
 
 
 # --- streaming readers ------------------------------------------------------------------------------------------
+
+
+def test_reading_sequences_needs_no_datasets(tmp_path):
+    """esmloc-predict reads its input with esmloc.sequences: that must work where `datasets` cannot be imported."""
+    path = tmp_path / "proteins.fasta"
+    path.write_text(">sp|P12345|ABC_HUMAN\nmktayiak\n>bad\nMKJ\n")
+    code = (
+        "import json, sys\n"
+        "sys.modules['datasets'] = None  # `import datasets` raises ImportError from here on\n"
+        "from esmloc.sequences import DataValidationError, read_sequences\n"
+        "records = []\n"
+        "try:\n"
+        f"    records.extend(read_sequences({str(path)!r}))\n"
+        "except DataValidationError as error:\n"
+        "    records.append(str(error))\n"
+        "try:\n"
+        "    import datasets\n"
+        "except ImportError:\n"
+        "    blocked = True\n"
+        "print(json.dumps({'records': records, 'blocked': blocked, 'builder': 'esmloc.data' in sys.modules}))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, check=True)
+    output = json.loads(result.stdout.splitlines()[-1])
+    assert output["blocked"] and not output["builder"]
+    assert output["records"][0] == ["P12345", "MKTAYIAK", 1]
+    assert "line 3, ACC 'bad'" in output["records"][1] and "'J' at position 3" in output["records"][1]
+
+
+def test_reading_names_are_still_importable_from_esmloc_data():
+    for name in ("ALPHABET", "DataValidationError", "ProteinRecord", "SequenceError", "read_fasta", "read_sequences",
+                 "validate_sequence"):
+        assert getattr(data, name) is getattr(sequences, name)
 
 
 def test_read_fasta_takes_uniprot_accessions_and_first_words(tmp_path):

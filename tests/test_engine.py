@@ -9,7 +9,7 @@ import torch
 
 from configuration_esmloc import ESM2_ARCHITECTURES, EsmLocConfig
 from esmloc.engine import Engine, PackedEsm, length_batches, onednn_linear_available, predict_probabilities
-from esmloc.export import tokenizer_for
+from esmloc.saving import tokenizer_for
 from modeling_esmloc import EsmForLocalization
 from tokenization_esmloc import EsmLocTokenizer
 

@@ -7,8 +7,8 @@ import torch
 from transformers import EsmConfig, EsmForMaskedLM
 from transformers.models.esm.configuration_esm import get_default_vocab_list
 
-from configuration_esmloc import ESM2_ARCHITECTURES, EsmLocConfig
-from esmloc.export import save_model, tokenizer_for
+from configuration_esmloc import DEFAULT_CROP, DEFAULT_MAX_RESIDUES, ESM2_ARCHITECTURES, EsmLocConfig
+from esmloc.saving import save_model, tokenizer_for
 from modeling_esmloc import EsmForLocalization
 from tokenization_esmloc import ESM2_VOCAB, EsmLocTokenizer, crop_sequence
 
@@ -70,6 +70,26 @@ def test_shipped_vocabulary_is_the_esm2_vocabulary():
     assert list(ESM2_VOCAB) == list(get_default_vocab_list())
     tokenizer = EsmLocTokenizer()
     assert tokenizer.convert_ids_to_tokens(list(range(33))) == list(ESM2_VOCAB)
+    assert tokenizer.get_vocab() == {token: index for index, token in enumerate(get_default_vocab_list())}
+
+
+def test_crop_defaults_are_the_configs():
+    from esmloc.train import ModelArguments
+
+    config, tokenizer = EsmLocConfig(), EsmLocTokenizer()
+    arguments = ModelArguments(from_scratch="tiny")
+    assert (config.max_residues, config.crop) == (DEFAULT_MAX_RESIDUES, DEFAULT_CROP) == (1022, "middle")
+    assert (tokenizer.max_residues, tokenizer.crop) == (arguments.max_residues, arguments.crop) == (1022, "middle")
+
+
+def test_normalize_and_crop_is_what_the_tokenizer_encodes():
+    tokenizer = EsmLocTokenizer(max_residues=10, crop="middle")
+    raw = " mlrtss\tLFTRRVQPSLFSRN\n"
+    assert tokenizer.normalize_and_crop(raw) == "MLRTSLFSRN"
+    assert tokenizer(raw)["input_ids"] == tokenizer(tokenizer.normalize_and_crop(raw))["input_ids"]
+    assert tokenizer.normalize_and_crop("mk<mask>t") == "MK<mask>T"
+    with pytest.raises(ValueError, match="special tokens"):
+        tokenizer.normalize_and_crop("M" * 10 + "<mask>")
 
 
 def test_tokenizer_normalises_case_and_whitespace():
@@ -288,6 +308,57 @@ def test_resaved_model_keeps_local_auto_map_and_loads_offline(tmp_path, elsewher
     save_model(EsmForLocalization.from_pretrained(resaved), resaved)  # tokenizer files as before
     second = load_every_way(resaved, tmp_path, cwd=elsewhere)
     assert second["AutoModel"] == first["AutoModel"]
+
+
+# The tokenizer files as esmloc 0.1.0 wrote them (before the tokenizer took its vocabulary from transformers).
+PREVIOUS_TOKENIZER_CONFIG = {
+    "added_tokens_decoder": {
+        str(index): {"content": token, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False,
+                     "special": True}
+        for index, token in ((0, "<cls>"), (1, "<pad>"), (2, "<eos>"), (3, "<unk>"), (32, "<mask>"))
+    },
+    "auto_map": {"AutoTokenizer": ["tokenization_esmloc.EsmLocTokenizer", None]},
+    "backend": "custom",
+    "cls_token": "<cls>",
+    "crop": "n_terminal",
+    "eos_token": "<eos>",
+    "mask_token": "<mask>",
+    "max_residues": 200,
+    "model_max_length": 202,
+    "pad_token": "<pad>",
+    "tokenizer_class": "EsmLocTokenizer",
+    "unk_token": "<unk>",
+}
+PREVIOUS_VOCAB = ("<cls>\n<pad>\n<eos>\n<unk>\nL\nA\nG\nV\nS\nE\nR\nT\nI\nD\nP\nK\nQ\nN\nF\nY\nM\nH\nW\nC\nX\nB\nU\nZ\n"
+                  "O\n.\n-\n<null_1>\n<mask>")
+
+
+def test_model_saved_in_the_previous_layout_loads(tmp_path, elsewhere):
+    model = tiny_model(max_residues=200, crop="n_terminal")
+    saved = save_model(model, tmp_path / "saved")
+    (saved / "tokenizer_config.json").write_text(json.dumps(PREVIOUS_TOKENIZER_CONFIG, indent=2))
+    (saved / "vocab.txt").write_text(PREVIOUS_VOCAB)
+    expected = logits_of(model, tokenizer_for(model.config), PROTEINS)
+
+    tokenizer = EsmLocTokenizer.from_pretrained(saved)
+    assert (tokenizer.max_residues, tokenizer.crop) == (200, "n_terminal")
+    assert tokenizer(PROTEINS)["input_ids"] == tokenizer_for(model.config)(PROTEINS)["input_ids"]
+    loaded = load_every_way(saved, tmp_path, cwd=elsewhere)  # a fresh process, offline, through trust_remote_code
+    assert (loaded["tokenizer"], loaded["max_residues"], loaded["crop"]) == ("EsmLocTokenizer", 200, "n_terminal")
+    torch.testing.assert_close(torch.tensor(loaded["AutoModel"]), expected)
+
+
+def test_esmloc_export_is_a_deprecated_alias_of_esmloc_saving(monkeypatch):
+    import importlib
+    import sys
+
+    from esmloc import saving
+
+    monkeypatch.delitem(sys.modules, "esmloc.export", raising=False)
+    with pytest.warns(DeprecationWarning, match="esmloc.saving"):
+        export = importlib.import_module("esmloc.export")
+    assert (export.save_model, export.tokenizer_for, export.crop_mismatch) == (
+        saving.save_model, saving.tokenizer_for, saving.crop_mismatch)
 
 
 def test_save_model_refuses_a_tokenizer_that_crops_differently(tmp_path):

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from esmloc.export import save_model, tokenizer_for
+from esmloc.saving import save_model, tokenizer_for
 from esmloc.predict import main as predict_main
 
 from conftest import PROTEINS, tiny_model

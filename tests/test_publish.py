@@ -12,7 +12,9 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
+from http import server as http_server
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -431,9 +433,10 @@ def calls_named(hub, name):
 def test_push_sends_one_commit_with_exactly_the_allow_listed_files(frozen_run, hub, monkeypatch, capsys, caplog):
     monkeypatch.setenv("HF_ENDPOINT", "https://hub.example.test")
     before = directory_digest(frozen_run)
-    url = publish.main([str(frozen_run), "--hub_model_id", REPO_ID])
+    assert publish.main([str(frozen_run), "--hub_model_id", REPO_ID]) == 0  # the exit status of esmloc-push
 
-    assert url == f"https://hub.example.test/{REPO_ID}"
+    printed = capsys.readouterr()
+    assert printed.out.strip().splitlines()[-1] == f"https://hub.example.test/{REPO_ID}"
     (init,) = calls_named(hub, "init")
     assert init == {"endpoint": "https://hub.example.test", "token": None}  # None: the standard login / HF_TOKEN
     (create,) = calls_named(hub, "create_repo")
@@ -451,7 +454,7 @@ def test_push_sends_one_commit_with_exactly_the_allow_listed_files(frozen_run, h
     assert front_matter(readme)[0]["model-index"][0]["name"] == "esmloc-mito"
     assert directory_digest(frozen_run) == before  # the local card keeps its folder-relative loading code
     captured = capsys.readouterr()
-    assert_no_token(captured.out, captured.err, caplog.text, directories=[frozen_run])
+    assert_no_token(printed.out + captured.out, printed.err + captured.err, caplog.text, directories=[frozen_run])
 
 
 def test_explicit_endpoint_wins_and_private_is_passed(frozen_run, hub, monkeypatch):
@@ -511,9 +514,21 @@ def test_adapter_of_a_random_backbone_is_not_pushed(lora_run, hub, tmp_path):
 
 def _http_error(status: int) -> HfHubHTTPError:
     request = http.Request("POST", "https://hub.example.test/api/repos/create",
-                             headers={"authorization": f"Bearer {FAKE_TOKEN}"})
+                           headers={"authorization": f"Bearer {FAKE_TOKEN}"})
     response = http.Response(status, request=request, json={"error": "nope"})
-    return HfHubHTTPError(f"{status} Client Error for token {FAKE_TOKEN}", response=response, server_message="nope")
+    return HfHubHTTPError(f"{status} Client Error for url {request.url}", response=response, server_message="nope")
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("alice/esmloc-mito", "alice/esmloc-mito"),
+    ("facebook/esm2_t6_8M_UR50D", "facebook/esm2_t6_8M_UR50D"),
+    ("esmloc-mito", None),  # a bare name: the repository's namespace would be guessed
+    ("random:tiny", None), ("./runs/mito", None), ("/home/alice/esm2", None), ("~/esm2", None), ("a/b/c", None),
+    ("alice/esmloc--mito", None), ("alice/esmloc-mito.git", None), ("alice/" + "x" * 100, None),  # the hub's rules
+    (None, None),
+])
+def test_hub_model_ids_follow_huggingface_hubs_rules(name, expected):
+    assert publish.as_hub_model_id(name) == expected
 
 
 @pytest.mark.parametrize(
@@ -522,7 +537,7 @@ def _http_error(status: int) -> HfHubHTTPError:
         ("create_repo", _http_error(401), "hf auth login"),
         ("create_commit", _http_error(403), "read-only"),
         ("create_repo", _http_error(404), "mirrors such as hf-mirror.com are read-only"),
-        ("create_commit", http.ConnectError(f"connection refused (Bearer {FAKE_TOKEN})"), "could not be reached"),
+        ("create_commit", http.ConnectError("[Errno 111] Connection refused"), "could not be reached"),
         ("create_repo", OSError("network is unreachable"), "could not be reached"),
     ],
 )
@@ -552,6 +567,47 @@ def test_push_to_an_unreachable_endpoint_with_the_real_client(frozen_run, tmp_pa
     assert f"pushing to http://127.0.0.1:{port}/{REPO_ID} failed" in result.stderr
     assert "could not be reached" in result.stderr and "Traceback" not in result.stderr
     assert directory_digest(frozen_run) == before
+    assert_no_token(result.stdout, result.stderr, directories=[frozen_run])
+
+
+class RefusingHub(http_server.BaseHTTPRequestHandler):
+    """A hub endpoint that answers every request with the server's status and a JSON error, as the Hub does."""
+
+    def answer(self):
+        body = json.dumps({"error": "Invalid credentials in Authorization header"}).encode()
+        self.send_response(self.server.status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_GET = do_POST = do_PUT = do_HEAD = answer
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.mark.parametrize("status, expected, debug", [(401, "hf auth login", False), (500, "check the endpoint", True)])
+def test_refused_push_with_the_real_client_never_shows_the_token(frozen_run, tmp_path, status, expected, debug):
+    """The real HfApi, in a fresh process with a token (and with huggingface_hub's debug output, which prints every
+    request, for one of them), against a local server that answers `status`: huggingface_hub's own errors and output
+    carry no token, so esmloc-push has none to hide."""
+    server = http_server.ThreadingHTTPServer(("127.0.0.1", 0), RefusingHub)
+    server.status = status
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        env = {**clean_env(tmp_path), "HF_TOKEN": FAKE_TOKEN, **({"HF_DEBUG": "1"} if debug else {})}
+        endpoint = f"http://127.0.0.1:{server.server_address[1]}"
+        result = subprocess.run([sys.executable, "-m", "esmloc.publish", str(frozen_run), "--hub_model_id", REPO_ID,
+                                 "--hub_endpoint", endpoint],
+                                check=False, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert f"pushing to {endpoint}/{REPO_ID} failed (HTTP {status}: Invalid credentials" in result.stderr
+    assert expected in result.stderr and (debug or "Traceback" not in result.stderr)
     assert_no_token(result.stdout, result.stderr, directories=[frozen_run])
 
 

@@ -21,7 +21,7 @@ from configuration_esmloc import ESM2_ARCHITECTURES
 from esmloc import publish
 from esmloc.demo import demo_rows, write_demo_csv
 from esmloc.engine import Engine
-from esmloc.export import save_model, tokenizer_for
+from esmloc.saving import save_model, tokenizer_for
 from esmloc.predict import main as predict_main
 
 from conftest import PROTEINS, REPO, tiny_model, write_deeploc_layout_csv

@@ -1,0 +1,569 @@
+"""The model card of a trained model, rendered from the run's own files.
+
+`write_model_card` renders the template `model_card.md` (the repository's root file; the package ships it as
+`esmloc/model_card.md`) into the output directory's `README.md` from the run's own files (config.json,
+run_info.json, *_results.json, trainer_state.json), so every number in a card is a number the run wrote; what they
+lack is left out, never made up. `esmloc.publish` sends the card with the model.
+
+This module is longer than most (about 570 lines) because it is one job: the variables of one template, each a few
+lines of reading the run's record; split, the template's variables would be scattered over several modules.
+"""
+
+import json
+import math
+import re
+from importlib import resources
+from pathlib import Path
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from huggingface_hub import constants as hub_constants
+from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+
+TEMPLATE_NAME = "model_card.md"
+CARD_FILE = "README.md"
+# In every card the template renders (an HTML comment, invisible on the Hub): how a push recognises an esmloc card.
+# The text names the function's place before esmloc.card existed; kept, so that cards rendered then are recognised.
+CARD_MARKER = "rendered by esmloc.publish.render_model_card"
+ADAPTER_DIR = "adapter"
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+CARD_KINDS = ("merged", "adapter")
+DEFAULT_LICENSE = "apache-2.0"
+TAGS = ["protein", "esm", "esm2", "biology", "subcellular-localization", "mitochondrion"]
+PLOT_TITLES = {
+    "roc_curve.png": "ROC curve (test)",
+    "pr_curve.png": "Precision-recall curve (test)",
+    "confusion_matrix.png": "Confusion matrices (test)",
+    "mcc_per_location.png": "MCC per location (test)",
+}
+
+# Result keys, in the order the card shows them, with their display names. Multi-label keys are handled too:
+# `<metric>_<Location>` (per-location table) and `<metric>_Mitochondrion` (summary table).
+METRIC_NAMES = {
+    "accuracy": "Accuracy",
+    "precision": "Precision",
+    "recall": "Recall",
+    "f1": "F1",
+    "mcc": "MCC",
+    "roc_auc": "ROC-AUC",
+    "pr_auc": "PR-AUC (average precision)",
+    "macro_mcc": "Macro MCC (mean over locations)",
+    "micro_f1": "Micro F1",
+    "macro_f1": "Macro F1",
+    "subset_accuracy": "Subset accuracy (all locations right)",
+    "jaccard": "Jaccard (samples)",
+    "micro_roc_auc": "Micro ROC-AUC",
+    "macro_roc_auc": "Macro ROC-AUC",
+    "tp": "True positives",
+    "fp": "False positives",
+    "tn": "True negatives",
+    "fn": "False negatives",
+    "threshold": "Threshold",
+}
+THRESHOLD_FREE = ("roc_auc", "pr_auc", "micro_roc_auc", "macro_roc_auc")
+# model-index metric types (the `evaluate` metric ids) and arguments, for the metrics that go there.
+MODEL_INDEX_TYPES = {
+    "accuracy": ("accuracy", None),
+    "precision": ("precision", None),
+    "recall": ("recall", None),
+    "f1": ("f1", None),
+    "mcc": ("matthews_correlation", None),
+    "roc_auc": ("roc_auc", None),
+    "pr_auc": ("average_precision", None),
+    "macro_mcc": ("matthews_correlation", {"average": "macro"}),
+    "micro_f1": ("f1", {"average": "micro"}),
+    "macro_f1": ("f1", {"average": "macro"}),
+    "subset_accuracy": ("accuracy", {"subset": True}),
+    "jaccard": ("jaccard", {"average": "samples"}),
+    "micro_roc_auc": ("roc_auc", {"average": "micro"}),
+    "macro_roc_auc": ("roc_auc", {"average": "macro"}),
+}
+DEFAULT_THRESHOLD_CONFIG = "threshold 0.5"
+THRESHOLD_SPEC = ".3f"
+HUB_URL = "https://huggingface.co"
+TUNED_THRESHOLD_CONFIG = "tuned threshold"
+
+
+class PublishError(RuntimeError):
+    """A card or a push (or the preparation of one) failed; the message says why and what to check. Never holds a
+    token."""
+
+
+# --- reading a run -------------------------------------------------------------------------------------------------
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    with path.open(encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _fmt(value, spec: str = ".3f") -> str:
+    """A number as the card shows it: integers with thousands separators, floats per `spec`."""
+    if isinstance(value, bool) or not _number(value):
+        return str(value)
+    if isinstance(value, int):
+        return f"{value:,}"
+    return format(value, spec)
+
+
+def as_hub_model_id(name) -> str | None:
+    """`name` if it is a hub model id `namespace/name` by huggingface_hub's own rules (`validate_repo_id`), else None
+    (a local path, `random:...`, a bare name, nothing)."""
+    if not isinstance(name, str) or name.count("/") != 1:
+        return None
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return None
+    return name
+
+
+def _display_path(path) -> str | None:
+    """A data file as the card names it: its file name only (absolute paths would leak a user's directories)."""
+    return None if not path else Path(str(path)).name
+
+
+def template_path() -> Path:
+    """The model card template shipped with the package (`esmloc/model_card.md`, the root `model_card.md`)."""
+    return Path(str(resources.files("esmloc").joinpath(TEMPLATE_NAME)))
+
+
+class RunRecord:
+    """The files of one output directory that a card is made from."""
+
+    def __init__(self, output_dir: Path):
+        self.dir = output_dir
+        self.config = _read_json(output_dir / "config.json")
+        self.info = _read_json(output_dir / "run_info.json")
+        self.test = {k: v for k, v in _read_json(output_dir / "test_results.json").items() if _number(v)}
+        all_results = _read_json(output_dir / "all_results.json")
+        self.train = _read_json(output_dir / "train_results.json") or {
+            key: value for key, value in all_results.items() if not key.startswith(("test_", "validation_"))
+        }
+        self.state = _read_json(output_dir / "trainer_state.json")
+        self.adapter_config = _read_json(output_dir / ADAPTER_DIR / "adapter_config.json")
+        self.model = self.info.get("model", {})
+        self.data = self.info.get("data", {})
+        self.training = self.info.get("training", {})
+
+    @property
+    def labels(self) -> list[str]:
+        id2label = self.config.get("id2label") or {"0": "Other", "1": "Mitochondrion"}
+        return [id2label[key] for key in sorted(id2label, key=int)]
+
+    @property
+    def multi_label(self) -> bool:
+        return self.config.get("problem_type") == "multi_label_classification"
+
+    @property
+    def base_model(self) -> str | None:
+        return self.model.get("base_model") or self.config.get("esm_name_or_path")
+
+    @property
+    def finetune(self) -> str | None:
+        if self.model.get("finetune"):
+            return self.model["finetune"]
+        return "lora" if self.adapter_config else None
+
+    @property
+    def split_method(self) -> str | None:
+        if not self.data:
+            return None
+        # train.py's rule when --split_method is not given.
+        given = self.data.get("validation_file") and self.data.get("test_file")
+        return self.data.get("split_method") or ("given" if given else "stratified")
+
+
+# --- the card ------------------------------------------------------------------------------------------------------
+
+
+def _metric_parts(run: RunRecord) -> tuple[list[str], list[tuple[str, str]]]:
+    """(summary metrics, per-location (metric, location) pairs) present in test_results.json, in display order.
+
+    A metric is a result key without its `test_` prefix and `_tuned` suffix: `mcc`, `macro_mcc`, `f1_Mitochondrion`,
+    and, for multi-label runs, the per-location `mcc_<Location>` and `threshold_<Location>`."""
+    bases = []
+    for key in run.test:
+        if key.startswith("test_"):
+            base = key[len("test_"):].removesuffix("_tuned")
+            if base not in bases:
+                bases.append(base)
+    locations = [_key_name(label) for label in run.labels] if run.multi_label else []
+    per_location = [(metric, location) for location in locations for metric in ("mcc", "threshold")
+                    if f"{metric}_{location}" in bases]
+    located = {f"{metric}_{location}" for metric, location in per_location}
+    order = list(METRIC_NAMES)
+
+    def rank(base):  # METRIC_NAMES order, the _Mitochondrion variants of a multi-label run after the others
+        metric = base.removesuffix("_Mitochondrion") if base not in METRIC_NAMES else base
+        return (metric != base, order.index(metric) if metric in order else len(order), base)
+
+    return sorted((base for base in bases if base not in located), key=rank), per_location
+
+
+def _key_name(label: str) -> str:
+    # The form a label takes inside result keys (esmloc.metrics.esmloc_metrics.key_name).
+    return re.sub(r"\W+", "_", str(label)).strip("_")
+
+
+def _metric_display(base: str) -> str:
+    if base not in METRIC_NAMES and base.endswith("_Mitochondrion"):
+        metric = base.removesuffix("_Mitochondrion")
+        return f"{METRIC_NAMES.get(metric, metric)} (Mitochondrion)"
+    return METRIC_NAMES.get(base, base)
+
+
+def _cell(run: RunRecord, key: str, base: str) -> str:
+    if key not in run.test:
+        return "–"
+    return _fmt(run.test[key], THRESHOLD_SPEC if base == "threshold" else ".3f")
+
+
+Rows = list[tuple[str, list[str]]]
+
+
+def _evaluation_table(run: RunRecord) -> tuple[list[str], Rows, list[str], Rows]:
+    summary, per_location = _metric_parts(run)
+    default = run.test.get("test_threshold")
+    default_text = f"threshold {_fmt(default, 'g')}" if _number(default) else "threshold 0.5"
+    header = [f"Test, {default_text}", "Test, tuned threshold", "Validation, tuned threshold"]
+    rows = [
+        (_metric_display(base), [_cell(run, f"test_{base}", base), _cell(run, f"test_{base}_tuned", base),
+                                 _cell(run, f"validation_{base}_tuned", base)])
+        for base in summary
+    ]
+    location_header, location_rows = [], []
+    if per_location:
+        location_header = ["MCC, threshold 0.5", "MCC, tuned threshold", "Tuned threshold", "Validation MCC, tuned"]
+        for label in run.labels:
+            name = _key_name(label)
+            location_rows.append((label, [
+                _cell(run, f"test_mcc_{name}", "mcc"),
+                _cell(run, f"test_mcc_{name}_tuned", "mcc"),
+                _cell(run, f"test_threshold_{name}_tuned", "threshold"),
+                _cell(run, f"validation_mcc_{name}_tuned", "mcc"),
+            ]))
+    return header, rows, location_header, location_rows
+
+
+def _eval_results(run: RunRecord, task_name: str, dataset_name: str, dataset_type: str) -> list[EvalResult]:
+    """model-index entries: every threshold-dependent metric at 0.5 and tuned, threshold-free ones once."""
+    summary, per_location = _metric_parts(run)
+    bases = [base for base in summary if base in MODEL_INDEX_TYPES
+             or (base.endswith("_Mitochondrion") and base[: -len("_Mitochondrion")] in MODEL_INDEX_TYPES)]
+    bases += [f"mcc_{location}" for metric, location in per_location if metric == "mcc"]
+    results = []
+    common = {"task_type": "text-classification", "task_name": task_name, "dataset_type": dataset_type,
+              "dataset_name": dataset_name, "dataset_config": run.data.get("dataset_config"), "dataset_split": "test"}
+    for base in bases:
+        metric = base
+        args = None
+        suffix = ""
+        if base.startswith("mcc_") and base not in MODEL_INDEX_TYPES:
+            metric, suffix = "mcc", f" ({base[len('mcc_'):]})"
+        elif base.endswith("_Mitochondrion"):
+            metric, suffix = base[: -len("_Mitochondrion")], " (Mitochondrion)"
+        metric_type, args = MODEL_INDEX_TYPES[metric]
+        variants = [("", DEFAULT_THRESHOLD_CONFIG)]
+        if metric not in THRESHOLD_FREE:
+            variants.append(("_tuned", TUNED_THRESHOLD_CONFIG))
+        for key_suffix, config in variants:
+            key = f"test_{base}{key_suffix}"
+            if key not in run.test:
+                continue
+            threshold_free = metric in THRESHOLD_FREE
+            name = f"Test {METRIC_NAMES[metric]}{suffix}" + ("" if threshold_free else f", {config}")
+            results.append(EvalResult(**common, metric_type=metric_type, metric_value=run.test[key], metric_name=name,
+                                      metric_config=None if threshold_free else config, metric_args=args))
+    return results
+
+
+def _epoch_log(run: RunRecord) -> tuple[list[str], list[list[str]]]:
+    history = run.state.get("log_history") or []
+    evaluations = [entry for entry in history if "eval_loss" in entry]
+    if not evaluations:
+        return [], []
+    mcc = "eval_macro_mcc" if run.multi_label else "eval_mcc"
+    train_loss = {entry.get("epoch"): entry["loss"] for entry in history if "loss" in entry}
+    header = ["Epoch", "Step", "Training loss", "Validation loss", "Validation MCC, 0.5", "Validation MCC, tuned"]
+    rows = []
+    for entry in evaluations:
+        values = [entry.get("epoch"), entry.get("step"), train_loss.get(entry.get("epoch")), entry.get("eval_loss"),
+                  entry.get(mcc), entry.get(f"{mcc}_tuned")]
+        rows.append([("–" if value is None else _fmt(value, "g" if column == 0 else ".3f"))
+                     for column, value in enumerate(values)])
+    return header, rows
+
+
+def _plots(run: RunRecord) -> list[tuple[str, str]]:
+    present = sorted(path.name for path in run.dir.glob("*.png") if path.is_file())
+    known = [name for name in PLOT_TITLES if name in present]
+    return [(PLOT_TITLES.get(name, Path(name).stem.replace("_", " ")), name)
+            for name in known + [name for name in present if name not in known]]
+
+
+def _base_model_text(run: RunRecord, base_id: str | None) -> tuple[str, bool]:
+    """(how the card names the base model, whether its weights can be loaded by that name)."""
+    base = run.base_model
+    if base_id:
+        return f"[`{base_id}`]({HUB_URL}/{base_id})", True
+    if base and base.startswith("random:"):
+        return f"none: an ESM-2 `{base[len('random:'):]}` architecture with random initial weights", False
+    if base:  # a local folder: only its name (a path would show the publisher's directories)
+        return (f"`{Path(base).name}`, a local ESM-2 checkpoint (esmloc-push --base_model names its hub id)",
+                Path(base).expanduser().is_dir())
+    return "not recorded", False
+
+
+def _head_text(run: RunRecord) -> str:
+    parts = [f"{run.config.get('pooling', 'mean')} pooling"]
+    esm = run.config.get("esm_config") or {}
+    if esm.get("num_hidden_layers") and esm.get("hidden_size"):
+        parts.append(f"over the {esm['num_hidden_layers']}-layer, {esm['hidden_size']}-dimensional ESM-2 encoder")
+    if _number(run.config.get("classifier_dropout")):
+        parts.append(f"dropout {_fmt(run.config['classifier_dropout'], 'g')}")
+    return ", ".join(parts)
+
+
+def _crop_text(crop: str | None) -> str:
+    return {"middle": "middle cropping: the N- and C-terminal halves are kept, as in DeepLoc 2.0",
+            "n_terminal": "the N-terminal residues are kept, where mitochondrial targeting peptides sit"}.get(
+        crop, f"crop strategy {crop!r}")
+
+
+def _training_rows(run: RunRecord) -> list[tuple[str, str]]:
+    rows = []
+    finetune = run.finetune
+    descriptions = {"frozen": "frozen backbone, only the head trained", "lora": "LoRA adapters + head",
+                    "full": "full fine-tuning (backbone and head)"}
+    if finetune:
+        rows.append(("Fine-tuning mode", f"`{finetune}` ({descriptions.get(finetune, finetune)})"))
+    if _number(run.model.get("trainable_parameters")) and _number(run.model.get("total_parameters")):
+        counts = f"{_fmt(run.model['trainable_parameters'])} of {_fmt(run.model['total_parameters'])}"
+        rows.append(("Trainable parameters", counts))
+    if _number(run.training.get("num_train_epochs")):
+        trained = run.train.get("epoch")
+        text = _fmt(run.training["num_train_epochs"], "g")
+        if _number(trained) and trained != run.training["num_train_epochs"]:
+            text += f" requested, {_fmt(trained, '.3g')} trained"
+        rows.append(("Epochs", text))
+    elif _number(run.train.get("epoch")):
+        rows.append(("Epochs", _fmt(run.train["epoch"], "g")))
+    for key, name, spec in (("learning_rate", "Learning rate", "g"), ("per_device_train_batch_size",
+                            "Batch size per device", "g"), ("world_size", "Processes", "g"), ("seed", "Seed", "g")):
+        if _number(run.training.get(key)):
+            rows.append((name, _fmt(run.training[key], spec)))
+    if isinstance(run.model.get("class_weights"), bool) or run.config.get("class_weights") is not None:
+        weights = run.config.get("class_weights")
+        name = "Loss weights (BCE pos_weight per location)" if run.multi_label else "Class-weighted loss"
+        rows.append((name, "yes: " + ", ".join(
+            f"{label} {_fmt(weight)}" for label, weight in zip(run.labels, weights)) if weights else "no"))
+    if _number(run.train.get("train_loss")):
+        rows.append(("Final training loss", _fmt(run.train["train_loss"])))
+    if _number(run.train.get("train_runtime")):
+        rows.append(("Training loop runtime (train_runtime)", f"{_fmt(run.train['train_runtime'], '.1f')} s"))
+    best = run.training.get("metric_for_best_model")
+    if best and _number(run.state.get("best_metric")):
+        step = run.state.get("best_global_step")
+        rows.append(("Model kept", f"the checkpoint with the best validation `{best}`: {_fmt(run.state['best_metric'])}"
+                                   + (f" (step {_fmt(step, 'g')})" if _number(step) else "")))
+    return rows
+
+
+def _lora_rows(run: RunRecord) -> list[tuple[str, str]]:
+    if run.finetune != "lora":
+        return []
+    source = run.adapter_config or {}
+    rows = []
+    for key, adapter_key, name in (("lora_r", "r", "Rank r"), ("lora_alpha", "lora_alpha", "Alpha"),
+                                   ("lora_dropout", "lora_dropout", "Dropout")):
+        value = run.model.get(key, source.get(adapter_key))
+        if _number(value):
+            rows.append((name, _fmt(value, "g")))
+    targets = run.model.get("lora_target_modules") or source.get("target_modules")
+    if targets:
+        rows.append(("Target modules", ", ".join(f"`{t}`" for t in targets)))
+    saved = source.get("modules_to_save")
+    if saved:
+        rows.append(("Trained in full and saved with the adapter", ", ".join(f"`{m}`" for m in saved)))
+    return rows
+
+
+def _split_text(run: RunRecord) -> str | None:
+    method = run.split_method
+    if method == "stratified":
+        return "stratified random split of one file (seeded; identical sequences kept in one split)"
+    if method == "partition":
+        parts = []
+        for key, name in (("validation_partitions", "validation"), ("test_partitions", "test")):
+            if run.data.get(key) is not None:
+                parts.append(f"{name} partitions {', '.join(str(p) for p in run.data[key])}")
+        detail = f" ({'; '.join(parts)})" if parts else ""
+        return f"by the homology partitions of the data's `Partition` column{detail}"
+    if method == "given":
+        return "three given files (train, validation, test)"
+    return method
+
+
+def _data_rows(run: RunRecord) -> list[tuple[str, str]]:
+    if not run.data:
+        return []
+    rows = []
+    files = [(name, _display_path(run.data.get(key))) for key, name in (("train_file", "train"),
+             ("validation_file", "validation"), ("test_file", "test"))]
+    files = [(name, file) for name, file in files if file]
+    if files:
+        rows.append(("Data files", ", ".join(f"`{file}` ({name})" for name, file in files)))
+    elif run.data.get("dataset_config") == "deeploc":
+        rows.append(("Data", "the DeepLoc 2.0 SwissProt training set (public download)"))
+    if run.data.get("dataset_config"):
+        rows.append(("Task (dataset config)", f"`{run.data['dataset_config']}`"))
+    if run.split_method:
+        rows.append(("Split", _split_text(run)))
+    sizes = run.data.get("split_sizes") or {}
+    if sizes:
+        rows.append(("Proteins per split", ", ".join(f"{name} {_fmt(size, 'g')}" for name, size in sizes.items())))
+    for key, name in (("max_train_samples", "train"), ("max_eval_samples", "validation"),
+                      ("max_test_samples", "test")):
+        if _number(run.data.get(key)):
+            rows.append((f"Truncated {name} split", f"to at most {_fmt(run.data[key], 'g')} proteins"))
+    return rows
+
+
+def _class_weights_text(run: RunRecord) -> str | None:
+    weights = run.config.get("class_weights")
+    return ", ".join(f"{label} {_fmt(w)}" for label, w in zip(run.labels, weights)) if weights else None
+
+
+def render_model_card(
+    output_dir,
+    *,
+    what: str = "merged",
+    repo_id: str | None = None,
+    endpoint: str | None = None,
+    license: str = DEFAULT_LICENSE,
+    base_model: str | None = None,
+    datasets: list[str] | None = None,
+) -> ModelCard:
+    """The model card of a run's output directory, rendered from the template `model_card.md`.
+
+    Every number comes from the run's files (test_results.json, run_info.json, train_results.json or
+    all_results.json, trainer_state.json, config.json); what they lack is left out, never made up. Plots are
+    referenced only when their PNG exists. `what="adapter"` renders the card of the LoRA adapter (library `peft`,
+    loading code that names the base model). `repo_id` (and `endpoint`, for the clone URL) make the loading code use
+    the repository; without them it uses the folder's name. `base_model` and `datasets` set the metadata the run
+    cannot know (hub ids); by default `base_model` is the run's ESM-2 checkpoint when that is a hub id.
+    """
+    if what not in CARD_KINDS:
+        raise ValueError(f"what must be one of {CARD_KINDS}, got {what!r}")
+    output_dir = Path(output_dir)
+    run = RunRecord(output_dir)
+    if not run.config:
+        raise PublishError(f"{output_dir} holds no config.json: not a saved esmloc model")
+    if base_model is not None and as_hub_model_id(base_model) is None:
+        raise ValueError(f"base_model must be a hub model id such as facebook/esm2_t6_8M_UR50D, got {base_model!r}")
+    base_id = base_model or as_hub_model_id(run.base_model)
+    base_text, base_loadable = _base_model_text(run, base_id)
+    is_adapter = what == "adapter"
+    multi_label = run.multi_label
+    labels = run.labels
+    name = repo_id.split("/")[-1] if repo_id else output_dir.resolve().name
+
+    if multi_label:
+        task_name = "Protein subcellular localisation (multi-label)"
+        title = f"{name}: protein subcellular localisation with ESM-2"
+        summary = (f"Predicts where in the cell a protein lives from its amino-acid sequence alone: one independent "
+                   f"probability for each location ({', '.join(labels)}). An ESM-2 protein "
+                   "language model encodes the sequence; a pooling layer and a classifier turn it into the scores.")
+        output_description = "one sigmoid probability per location: " + ", ".join(f"`{label}`" for label in labels)
+    else:
+        positive = labels[-1]
+        task_name = f"Protein subcellular localisation ({positive} vs {', '.join(labels[:-1])})"
+        title = f"{name}: is this protein in the {positive.lower()}?"
+        summary = (f"Predicts from its amino-acid sequence alone whether a protein is located in the "
+                   f"**{positive.lower()}** (`{positive}`) or not (`{labels[0]}`). An ESM-2 protein language model "
+                   "encodes the sequence; a pooling layer and a classifier turn it into the probability.")
+        output_description = f"probabilities of {' and '.join(f'`{label}`' for label in labels)} (softmax)"
+
+    finetune = run.finetune
+    targets = run.model.get("lora_target_modules") or run.adapter_config.get("target_modules") or []
+    finetune_text = {"frozen": "frozen ESM-2 backbone, trained head",
+                     "lora": "LoRA adapters" + (f" on {', '.join(f'`{t}`' for t in targets)}" if targets else "")
+                             + ", trained head",
+                     "full": "the whole model (backbone and head)"}.get(finetune, "not recorded")
+    train_file = _display_path(run.data.get("train_file"))
+    source = train_file or ("DeepLoc 2.0" if run.data.get("dataset_config") == "deeploc" else "esmloc data")
+    dataset_name = f"{source} (test split" + (f", {run.split_method} split)" if run.split_method else ")")
+    eval_results = _eval_results(run, task_name, dataset_name, (datasets or ["esmloc"])[0]) if run.test else None
+
+    card_data = ModelCardData(
+        library_name="peft" if is_adapter else "transformers",
+        pipeline_tag="text-classification",
+        tags=TAGS + (["lora", "peft"] if finetune == "lora" else []) + (["multi-label"] if multi_label else []),
+        base_model=base_id,
+        datasets=list(datasets) if datasets else None,
+        license=license,
+        model_name=name if eval_results else None,
+        eval_results=eval_results or None,
+    )
+    evaluation_header, evaluation_rows, location_header, location_rows = _evaluation_table(run)
+    epoch_header, epoch_rows = _epoch_log(run)
+    load_ref = repo_id or name
+    hub_url = (endpoint or hub_constants.ENDPOINT).rstrip("/")
+    return ModelCard.from_template(
+        card_data,
+        template_path=str(template_path()),
+        title=title,
+        summary=summary,
+        is_adapter=is_adapter,
+        multi_label=multi_label,
+        output_description=output_description,
+        base_model=base_id or (Path(run.base_model).name if run.base_model else None),
+        base_model_id=base_id,
+        base_model_text=base_text,
+        base_loadable=base_loadable,
+        base_random=bool(run.base_model and run.base_model.startswith("random:")),
+        adapter_saves=", ".join(f"`{m}`" for m in run.adapter_config.get("modules_to_save") or []),
+        finetune_text=finetune_text,
+        head_text=_head_text(run),
+        max_residues=run.config.get("max_residues", "(not recorded)"),
+        crop_text=_crop_text(run.config.get("crop")),
+        load_ref=load_ref,
+        clone_url=f"{hub_url}/{repo_id}" if repo_id else f"{hub_url}/<user>/{name}",
+        clone_dir=name,
+        positive_label=labels[-1],
+        negative_label=labels[0],
+        tuned_threshold=(_fmt(run.test["test_threshold_tuned"], THRESHOLD_SPEC) if "test_threshold_tuned" in run.test
+                         else None),
+        training_rows=_training_rows(run),
+        lora_rows=_lora_rows(run),
+        data_rows=_data_rows(run),
+        epoch_header=epoch_header,
+        epoch_rows=epoch_rows,
+        evaluation_header=evaluation_header,
+        evaluation_rows=evaluation_rows if run.test else [],
+        location_header=location_header,
+        location_rows=location_rows,
+        plots=_plots(run),
+        split_method=run.split_method,
+        class_weights=_class_weights_text(run),
+    )
+
+
+def write_model_card(output_dir, **card_options) -> Path:
+    """Writes the card into `output_dir/README.md` (and `adapter/README.md` for a LoRA run, replacing PEFT's blank
+    template); returns the README path. Called by train.py at the end of every run, before any push."""
+    output_dir = Path(output_dir)
+    path = output_dir / CARD_FILE
+    render_model_card(output_dir, **card_options).save(path)
+    if (output_dir / ADAPTER_DIR / ADAPTER_FILES[0]).is_file():
+        render_model_card(output_dir, what="adapter", **card_options).save(output_dir / ADAPTER_DIR / CARD_FILE)
+    return path
+
+
