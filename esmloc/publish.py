@@ -101,6 +101,8 @@ DEFAULT_THRESHOLD_CONFIG = "threshold 0.5"
 THRESHOLD_SPEC = ".3f"
 HUB_URL = "https://huggingface.co"
 TUNED_THRESHOLD_CONFIG = "tuned threshold"
+# What a failed model push leaves as it was, and how to retry (the end of every failure message).
+MODEL_UNCHANGED = "The local output directory is unchanged: push it again with esmloc-push."
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -189,6 +191,8 @@ class _Run:
     def split_method(self) -> str | None:
         if not self.data:
             return None
+        if self.data.get("dataset_name"):  # train.py --dataset_name uses the dataset's own splits
+            return "dataset"
         # train.py's rule when --split_method is not given.
         given = self.data.get("validation_file") and self.data.get("test_file")
         return self.data.get("split_method") or ("given" if given else "stratified")
@@ -422,6 +426,8 @@ def _split_text(run: _Run) -> str | None:
         return f"by the homology partitions of the data's `Partition` column{detail}"
     if method == "given":
         return "three given files (train, validation, test)"
+    if method == "dataset":
+        return "the dataset's own train, validation and test splits, as published"
     return method
 
 
@@ -432,6 +438,8 @@ def _data_rows(run: _Run) -> list[tuple[str, str]]:
     files = [(name, _display_path(run.data.get(key))) for key, name in (("train_file", "train"),
              ("validation_file", "validation"), ("test_file", "test"))]
     files = [(name, file) for name, file in files if file]
+    if run.data.get("dataset_name"):
+        rows.append(("Dataset", f"`{run.data['dataset_name']}`"))
     if files:
         rows.append(("Data files", ", ".join(f"`{file}` ({name})" for name, file in files)))
     elif run.data.get("dataset_config") == "deeploc":
@@ -511,8 +519,11 @@ def render_model_card(
                      "lora": "LoRA adapters" + (f" on {', '.join(f'`{t}`' for t in targets)}" if targets else "")
                              + ", trained head",
                      "full": "the whole model (backbone and head)"}.get(finetune, "not recorded")
+    # A hub dataset train.py --dataset_name read (a local folder is recorded by its name only, no hub id).
+    datasets = datasets or ([run.data["dataset_name"]] if as_hub_model_id(run.data.get("dataset_name")) else None)
     train_file = _display_path(run.data.get("train_file"))
-    source = train_file or ("DeepLoc 2.0" if run.data.get("dataset_config") == "deeploc" else "esmloc data")
+    source = run.data.get("dataset_name") or train_file or (
+        "DeepLoc 2.0" if run.data.get("dataset_config") == "deeploc" else "esmloc data")
     dataset_name = f"{source} (test split" + (f", {run.split_method} split)" if run.split_method else ")")
     eval_results = _eval_results(run, task_name, dataset_name, (datasets or ["esmloc"])[0]) if run.test else None
 
@@ -683,7 +694,7 @@ def _transport_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
-def _failure_message(error: Exception, endpoint: str, repo_id: str, secrets: list[str]) -> str:
+def _failure_message(error: Exception, endpoint: str, repo_id: str, secrets: list[str], unchanged: str) -> str:
     where = f"pushing to {endpoint}/{repo_id} failed"
     status = getattr(getattr(error, "response", None), "status_code", None)
     if isinstance(status, int):
@@ -708,8 +719,7 @@ def _failure_message(error: Exception, endpoint: str, repo_id: str, secrets: lis
     else:
         detail = type(error).__name__
         hint = "check the endpoint, the repository id and the token's write access"
-    message = (f"{where} ({detail}); {hint}. The token is never shown. The local output directory is unchanged: "
-               "push it again with esmloc-push.")
+    message = f"{where} ({detail}); {hint}. The token is never shown. {unchanged}"
     return _scrub(message, secrets)
 
 
@@ -755,28 +765,45 @@ def push_output_dir(
     operations.sort(key=lambda operation: operation.path_in_repo)
     logger.info("Pushing %d files of %s (%s) to %s/%s", len(operations), output_dir, what, endpoint, repo_id)
 
+    commit_message = commit_message or f"Upload esmloc {'LoRA adapter' if what == 'adapter' else 'model'}"
+    return commit_to_hub(repo_id, operations, commit_message, private=private, endpoint=endpoint, token=token, api=api)
+
+
+def commit_to_hub(
+    repo_id: str,
+    operations: list[CommitOperationAdd],
+    commit_message: str,
+    *,
+    repo_type: str = "model",
+    private: bool | None = False,
+    endpoint: str | None = None,
+    token: str | None = None,
+    api: HfApi | None = None,
+    unchanged: str = MODEL_UNCHANGED,
+) -> str:
+    """Creates the repository if needed and makes ONE commit of `operations`; returns the repository URL.
+
+    The push of both a model (`push_output_dir`) and a dataset (`esmloc.dataset_hub.push_dataset_dir`). The
+    endpoint is `endpoint`, else `HF_ENDPOINT`, else the Hub. `private` applies to a new repository; a private push
+    into an existing public one is refused. Any failure raises `PublishError` naming the endpoint and repository,
+    what to check and `unchanged` (what was left as it was, how to retry), never the token."""
+    endpoint = resolve_endpoint(endpoint)
     secrets = _secrets(token)
+    url = f"{endpoint}/{'' if repo_type == 'model' else f'{repo_type}s/'}{repo_id}"
     try:
         api = api if api is not None else HfApi(endpoint=endpoint, token=token or None)
-        api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+        api.create_repo(repo_id, repo_type=repo_type, private=private, exist_ok=True)
         if private:
-            visibility = api.repo_info(repo_id, repo_type="model")
+            visibility = api.repo_info(repo_id, repo_type=repo_type)
             if getattr(visibility, "private", None) is False:
                 raise PublishError(
-                    f"{endpoint}/{repo_id} already exists and is public, but a private push was asked for: make it "
-                    "private first (or choose another --hub_model_id). Nothing was pushed; the local output "
-                    "directory is unchanged.")
-        api.create_commit(
-            repo_id,
-            operations=operations,
-            commit_message=commit_message or f"Upload esmloc {'LoRA adapter' if what == 'adapter' else 'model'}",
-            repo_type="model",
-        )
+                    f"{url} already exists and is public, but a private push was asked for: make it private first "
+                    f"(or choose another repository id). Nothing was pushed. {unchanged}")
+        api.create_commit(repo_id, operations=operations, commit_message=commit_message, repo_type=repo_type)
     except PublishError:
         raise
     except (HfHubHTTPError, *_transport_errors(), OSError, ValueError) as error:
-        raise PublishError(_failure_message(error, endpoint, repo_id, secrets)) from None
-    url = f"{endpoint}/{repo_id}"
+        raise PublishError(_failure_message(error, endpoint, repo_id, secrets, unchanged)) from None
     logger.info("Pushed to %s", url)
     return url
 

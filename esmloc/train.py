@@ -37,7 +37,7 @@ from transformers import (
 from transformers.trainer_utils import get_last_checkpoint
 
 from configuration_esmloc import CROP_STRATEGIES, ESM2_ARCHITECTURES, POOLING_MODES, EsmLocConfig
-from esmloc import cache, data, engine, evaluation, publish
+from esmloc import cache, data, dataset_hub, engine, evaluation, publish
 from esmloc.export import save_model, tokenizer_for
 from modeling_esmloc import EsmForLocalization
 
@@ -120,6 +120,11 @@ class DataArguments:
         default="mitochondrion",
         metadata={"help": "mitochondrion: binary ACC/Mitochondrion/Sequence CSVs; deeploc: DeepLoc 2.0's 10 "
                   "locations, multi-label.", "choices": ["mitochondrion", "deeploc"]},
+    )
+    dataset_name: str | None = field(
+        default=None,
+        metadata={"help": "A dataset shared with esmloc-dataset: a hub dataset id (honours HF_ENDPOINT) or its local "
+                  "folder, with --dataset_config; its train/validation/test splits are used as they are."},
     )
     train_file: str | None = field(
         default=None,
@@ -260,7 +265,16 @@ def count_parameters(model) -> tuple[int, int]:
 
 def load_splits(data_args: DataArguments, seed: int):
     """Train/validation/test through the esmloc dataset builder (validated, split, identical sequences kept
-    together)."""
+    together), or the splits of a shared dataset (--dataset_name) as they are."""
+    if data_args.dataset_name:
+        given = [name for name in ("train_file", "validation_file", "test_file", "split_method", "validation_partitions",
+                                   "test_partitions") if getattr(data_args, name) is not None]
+        if given:
+            raise SystemExit(f"--dataset_name brings its own splits: drop --{', --'.join(given)}")
+        try:
+            return dataset_hub.load_splits(data_args.dataset_name, data_args.dataset_config)
+        except dataset_hub.DatasetError as error:
+            raise SystemExit(f"--dataset_name: {error}") from None
     files = {split: path for split, path in (("train", data_args.train_file), ("validation", data_args.validation_file),
                                              ("test", data_args.test_file)) if path}
     if files and "train" not in files:
