@@ -1,7 +1,6 @@
 """esmloc: protein subcellular localisation data (ACC, Sequence, label), validated and split without sequence leaks.
 
-The loading script for datasets 3.x ONLY, and ONLY where esmloc is installed (configs `mitochondrion`, the default,
-and `deeploc`):
+The loading script (configs `mitochondrion`, the default, and `deeploc`) needs esmloc installed and datasets 3.x:
 
     datasets.load_dataset("dataset_script/esmloc.py", data_files="proteins.csv", trust_remote_code=True)
 
