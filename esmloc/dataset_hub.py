@@ -288,8 +288,8 @@ def files_to_push(dataset_dir) -> dict[str, Path]:
     dataset_dir = Path(dataset_dir)
     if not dataset_dir.is_dir():
         raise DatasetError(f"{dataset_dir} is not a directory")
-    files = {path.relative_to(dataset_dir).as_posix(): path for path in sorted((dataset_dir / DATA_DIR).rglob("*.parquet"))
-             if path.is_file()}
+    parquet = sorted(path for path in (dataset_dir / DATA_DIR).rglob("*.parquet") if path.is_file())
+    files = {path.relative_to(dataset_dir).as_posix(): path for path in parquet}
     if not (dataset_dir / CARD_FILE).is_file() or not files:
         raise DatasetError(f"{dataset_dir} is not an exported dataset (a {CARD_FILE} and {DATA_DIR}/*/*.parquet): "
                            "write one with esmloc-dataset export")
@@ -329,7 +329,7 @@ def load_splits(name: str, config_name: str = "mitochondrion") -> datasets.Datas
     `config_name`. Raises `DatasetError` saying what is wrong."""
     try:
         dataset = datasets.load_dataset(name, config_name)
-    except (OSError, ValueError, ConnectionError) as error:  # not found, unreachable, no such config
+    except (OSError, ValueError) as error:  # not found, unreachable (ConnectionError), no such config
         where = "" if Path(name).expanduser().is_dir() else f" (from {publish.resolve_endpoint()})"
         raise DatasetError(f"could not load the dataset {name!r}, config {config_name!r}{where}: "
                            f"{type(error).__name__}: {error}") from error
@@ -343,8 +343,8 @@ def load_splits(name: str, config_name: str = "mitochondrion") -> datasets.Datas
         if wrong:
             found = {column: str(rows.features.get(column)) for column in wrong}
             wanted = {column: str(expected[column]) for column in wrong}
-            raise DatasetError(f"the {split} split of {name!r} ({config_name}) does not have the features of the esmloc "
-                               f"{config_name!r} config: found {found}, expected {wanted} (pass the right "
+            raise DatasetError(f"the {split} split of {name!r} ({config_name}) does not have the features of the "
+                               f"esmloc {config_name!r} config: found {found}, expected {wanted} (pass the right "
                                "--dataset_config, or export the data with esmloc-dataset export)")
     return dataset
 

@@ -267,8 +267,8 @@ def load_splits(data_args: DataArguments, seed: int):
     """Train/validation/test through the esmloc dataset builder (validated, split, identical sequences kept
     together), or the splits of a shared dataset (--dataset_name) as they are."""
     if data_args.dataset_name:
-        given = [name for name in ("train_file", "validation_file", "test_file", "split_method", "validation_partitions",
-                                   "test_partitions") if getattr(data_args, name) is not None]
+        given = [name for name in ("train_file", "validation_file", "test_file", "split_method",
+                                   "validation_partitions", "test_partitions") if getattr(data_args, name) is not None]
         if given:
             raise SystemExit(f"--dataset_name brings its own splits: drop --{', --'.join(given)}")
         try:
