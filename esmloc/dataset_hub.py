@@ -161,10 +161,10 @@ def _split_text(report: dict) -> str:
                 f"(train / validation / test), seed {report['seed']}: proteins are ranked by a seeded hash of their "
                 "sequence, so the split is the same on every platform and library version")
     if method == "partition":
-        return (f"by the homology partitions of the `Partition` column: partitions "
-                f"{', '.join(map(str, report['validation_partitions']))} are validation, "
-                f"{', '.join(map(str, report['test_partitions']))} test, the others train (DeepLoc 2.0's partitions "
-                "share < 30% sequence identity)")
+        return (f"by the homology partitions of the `Partition` column: validation "
+                f"{', '.join(map(str, report['validation_partitions']))}, test "
+                f"{', '.join(map(str, report['test_partitions']))}, train all others (DeepLoc 2.0's partitions share "
+                "< 30% sequence identity)")
     return "the files given for each split, kept as they are"
 
 
@@ -401,7 +401,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv=None) -> str:
+def main(argv=None) -> None:
+    """The `esmloc-dataset` command; prints the folder written or the repository URL pushed to."""
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO,
                         handlers=[logging.StreamHandler(sys.stdout)])
@@ -420,8 +421,7 @@ def main(argv=None) -> str:
     # DatasetError, DataValidationError, bad split options, a data file that is not there
     except (publish.PublishError, ValueError, OSError) as error:
         raise SystemExit(f"esmloc-dataset {args.command}: {error}") from None
-    print(result)
-    return result
+    print(result)  # returning it would make the console script's sys.exit(main()) exit with status 1
 
 
 if __name__ == "__main__":

@@ -141,10 +141,15 @@ def demo_csv(workdir) -> Path:
 
 @pytest.fixture(scope="module")
 def demo_export(workdir, demo_csv) -> Path:
-    """The demo set through the command line, the way the README shows it."""
+    """The demo set through the installed command, the way the README shows it."""
     output = workdir / "demo_dataset"
-    dataset_hub.main(["export", str(demo_csv), "--output_dir", str(output), "--license", "apache-2.0", "--source",
-                      "synthetic proteins made by python -m esmloc.demo", "--cache_dir", str(workdir / "cache")])
+    command = [str(Path(sys.executable).with_name("esmloc-dataset")), "export", str(demo_csv), "--output_dir",
+               str(output), "--license", "apache-2.0", "--source", "synthetic proteins made by python -m esmloc.demo",
+               "--cache_dir", str(workdir / "cache")]
+    result = subprocess.run(command, check=False, cwd=workdir, env=clean_env(workdir), capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == str(output)
     return output
 
 
@@ -196,6 +201,9 @@ def test_card_metadata_declares_configs_features_and_split_sizes(deeploc_export,
         names = data.LABEL_NAMES if config == "mitochondrion" else data.LOCATIONS
         assert class_label["names"] == {str(index): name for index, name in enumerate(names)}
     assert metadata["task_categories"] == ["text-classification"] and "biology" in metadata["tags"]
+    card = (deeploc_export / "README.md").read_text()
+    assert card.count("by the homology partitions of the `Partition` column: validation 3, test 4, train all") == 2
+    assert "| Peroxisome |" in card and "`label` lists every location the protein is in" in card
 
 
 def test_card_shows_counts_per_class_and_split_validation_and_the_source(demo_export, demo_csv, workdir):
@@ -329,9 +337,10 @@ def test_push_sends_one_commit_of_the_card_and_the_parquet_files(demo_export, hu
     (folder / ".cache" / "x.parquet").write_text("stays local")
     monkeypatch.setenv("HF_ENDPOINT", "https://hub.example.test")
     before = directory_digest(folder)
-    url = dataset_hub.main(["push", str(folder), "--hub_dataset_id", REPO_ID])
+    dataset_hub.main(["push", str(folder), "--hub_dataset_id", REPO_ID])
 
-    assert url == f"https://hub.example.test/datasets/{REPO_ID}"
+    captured = capsys.readouterr()
+    assert captured.out.strip().splitlines()[-1] == f"https://hub.example.test/datasets/{REPO_ID}"
     assert calls_named(hub, "init") == [{"endpoint": "https://hub.example.test", "token": None}]
     assert calls_named(hub, "create_repo") == [{"repo_id": REPO_ID, "repo_type": "dataset", "private": False,
                                                 "exist_ok": True}]
@@ -342,16 +351,15 @@ def test_push_sends_one_commit_of_the_card_and_the_parquet_files(demo_export, hu
     for name, content in commit["files"].items():
         assert content == (folder / name).read_bytes(), name
     assert directory_digest(folder) == before
-    captured = capsys.readouterr()
     assert_no_token(captured.out, captured.err, caplog.text, directories=[folder])
 
 
-def test_push_private_with_an_explicit_endpoint(demo_export, hub, monkeypatch):
+def test_push_private_with_an_explicit_endpoint(demo_export, hub, monkeypatch, capsys):
     monkeypatch.setenv("HF_ENDPOINT", "https://from-env.example.test")
     hub.existing_private = True
-    url = dataset_hub.main(["push", str(demo_export), "--hub_dataset_id", REPO_ID, "--private", "--hub_endpoint",
-                            "https://explicit.example.test"])
-    assert url == f"https://explicit.example.test/datasets/{REPO_ID}"
+    dataset_hub.main(["push", str(demo_export), "--hub_dataset_id", REPO_ID, "--private", "--hub_endpoint",
+                      "https://explicit.example.test"])
+    assert capsys.readouterr().out.strip().splitlines()[-1] == f"https://explicit.example.test/datasets/{REPO_ID}"
     assert calls_named(hub, "init")[0]["endpoint"] == "https://explicit.example.test"
     assert calls_named(hub, "create_repo")[0]["private"] is True
     assert calls_named(hub, "create_repo")[0]["repo_type"] == "dataset"
