@@ -175,6 +175,8 @@ class RunRecord:
     def split_method(self) -> str | None:
         if not self.data:
             return None
+        if self.data.get("dataset_name"):  # train.py --dataset_name uses the dataset's own splits
+            return "dataset"
         # train.py's rule when --split_method is not given.
         given = self.data.get("validation_file") and self.data.get("test_file")
         return self.data.get("split_method") or ("given" if given else "stratified")
@@ -408,6 +410,8 @@ def _split_text(run: RunRecord) -> str | None:
         return f"by the homology partitions of the data's `Partition` column{detail}"
     if method == "given":
         return "three given files (train, validation, test)"
+    if method == "dataset":
+        return "the dataset's own train, validation and test splits, as published"
     return method
 
 
@@ -418,6 +422,8 @@ def _data_rows(run: RunRecord) -> list[tuple[str, str]]:
     files = [(name, _display_path(run.data.get(key))) for key, name in (("train_file", "train"),
              ("validation_file", "validation"), ("test_file", "test"))]
     files = [(name, file) for name, file in files if file]
+    if run.data.get("dataset_name"):
+        rows.append(("Dataset", f"`{run.data['dataset_name']}`"))
     if files:
         rows.append(("Data files", ", ".join(f"`{file}` ({name})" for name, file in files)))
     elif run.data.get("dataset_config") == "deeploc":
@@ -497,8 +503,11 @@ def render_model_card(
                      "lora": "LoRA adapters" + (f" on {', '.join(f'`{t}`' for t in targets)}" if targets else "")
                              + ", trained head",
                      "full": "the whole model (backbone and head)"}.get(finetune, "not recorded")
+    # A hub dataset train.py --dataset_name read (a local folder is recorded by its name only, no hub id).
+    datasets = datasets or ([run.data["dataset_name"]] if as_hub_model_id(run.data.get("dataset_name")) else None)
     train_file = _display_path(run.data.get("train_file"))
-    source = train_file or ("DeepLoc 2.0" if run.data.get("dataset_config") == "deeploc" else "esmloc data")
+    source = run.data.get("dataset_name") or train_file or (
+        "DeepLoc 2.0" if run.data.get("dataset_config") == "deeploc" else "esmloc data")
     dataset_name = f"{source} (test split" + (f", {run.split_method} split)" if run.split_method else ")")
     eval_results = _eval_results(run, task_name, dataset_name, (datasets or ["esmloc"])[0]) if run.test else None
 

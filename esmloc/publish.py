@@ -137,7 +137,11 @@ def resolve_endpoint(endpoint: str | None = None) -> str:
     return (endpoint or os.environ.get("HF_ENDPOINT") or hub_constants.ENDPOINT).rstrip("/")
 
 
-def _failure_message(error: Exception, endpoint: str, repo_id: str) -> str:
+# What a failed model push leaves as it was, and how to retry (the end of every failure message).
+MODEL_UNCHANGED = "The local output directory is unchanged: push it again with esmloc-push."
+
+
+def _failure_message(error: Exception, endpoint: str, repo_id: str, unchanged: str) -> str:
     where = f"pushing to {endpoint}/{repo_id} failed"
     status = getattr(getattr(error, "response", None), "status_code", None)
     if isinstance(status, int):
@@ -162,8 +166,7 @@ def _failure_message(error: Exception, endpoint: str, repo_id: str) -> str:
     else:
         detail = type(error).__name__
         hint = "check the endpoint, the repository id and the token's write access"
-    return (f"{where} ({detail}); {hint}. The token is never shown. The local output directory is unchanged: "
-            "push it again with esmloc-push.")
+    return f"{where} ({detail}); {hint}. The token is never shown. {unchanged}"
 
 
 def push_output_dir(
@@ -208,27 +211,44 @@ def push_output_dir(
     operations.sort(key=lambda operation: operation.path_in_repo)
     logger.info("Pushing %d files of %s (%s) to %s/%s", len(operations), output_dir, what, endpoint, repo_id)
 
+    commit_message = commit_message or f"Upload esmloc {'LoRA adapter' if what == 'adapter' else 'model'}"
+    return commit_to_hub(repo_id, operations, commit_message, private=private, endpoint=endpoint, token=token, api=api)
+
+
+def commit_to_hub(
+    repo_id: str,
+    operations: list[CommitOperationAdd],
+    commit_message: str,
+    *,
+    repo_type: str = "model",
+    private: bool | None = False,
+    endpoint: str | None = None,
+    token: str | None = None,
+    api: HfApi | None = None,
+    unchanged: str = MODEL_UNCHANGED,
+) -> str:
+    """Creates the repository if needed and makes ONE commit of `operations`; returns the repository URL.
+
+    The push of both a model (`push_output_dir`) and a dataset (`esmloc.dataset_hub.push_dataset_dir`). The
+    endpoint is `endpoint`, else `HF_ENDPOINT`, else the Hub. `private` applies to a new repository; a private push
+    into an existing public one is refused. Any failure raises `PublishError` naming the endpoint and repository,
+    what to check and `unchanged` (what was left as it was, how to retry), never the token."""
+    endpoint = resolve_endpoint(endpoint)
+    url = f"{endpoint}/{'' if repo_type == 'model' else f'{repo_type}s/'}{repo_id}"
     try:
         api = api if api is not None else HfApi(endpoint=endpoint, token=token or None)
-        api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+        api.create_repo(repo_id, repo_type=repo_type, private=private, exist_ok=True)
         if private:
-            visibility = api.repo_info(repo_id, repo_type="model")
+            visibility = api.repo_info(repo_id, repo_type=repo_type)
             if getattr(visibility, "private", None) is False:
                 raise PublishError(
-                    f"{endpoint}/{repo_id} already exists and is public, but a private push was asked for: make it "
-                    "private first (or choose another --hub_model_id). Nothing was pushed; the local output "
-                    "directory is unchanged.")
-        api.create_commit(
-            repo_id,
-            operations=operations,
-            commit_message=commit_message or f"Upload esmloc {'LoRA adapter' if what == 'adapter' else 'model'}",
-            repo_type="model",
-        )
+                    f"{url} already exists and is public, but a private push was asked for: make it private first "
+                    f"(or choose another repository id). Nothing was pushed. {unchanged}")
+        api.create_commit(repo_id, operations=operations, commit_message=commit_message, repo_type=repo_type)
     except PublishError:
         raise
     except (httpx2.HTTPError, OSError, ValueError) as error:
-        raise PublishError(_failure_message(error, endpoint, repo_id)) from None
-    url = f"{endpoint}/{repo_id}"
+        raise PublishError(_failure_message(error, endpoint, repo_id, unchanged)) from None
     logger.info("Pushed to %s", url)
     return url
 

@@ -38,7 +38,7 @@ from transformers import (
 from configuration_esmloc import (
     CROP_STRATEGIES, DEFAULT_CROP, DEFAULT_MAX_RESIDUES, ESM2_ARCHITECTURES, POOLING_MODES, EsmLocConfig,
 )
-from esmloc import cache, cli, data, demo, engine, evaluation, loading, publish, runs, task
+from esmloc import cache, cli, data, dataset_hub, demo, engine, evaluation, loading, publish, runs, task
 from esmloc.cli import EnvironmentProblem, InputError
 from esmloc.files import atomic_file
 from esmloc.predictions import write_predictions_csv
@@ -123,6 +123,11 @@ class DataArguments:
         default="mitochondrion",
         metadata={"help": "mitochondrion: binary ACC/Mitochondrion/Sequence CSVs; deeploc: DeepLoc 2.0's 10 "
                   "locations, multi-label.", "choices": ["mitochondrion", "deeploc"]},
+    )
+    dataset_name: str | None = field(
+        default=None,
+        metadata={"help": "A dataset shared with esmloc-dataset: a hub dataset id (honours HF_ENDPOINT) or its local "
+                  "folder, with --dataset_config; its train/validation/test splits are used as they are."},
     )
     train_file: str | None = field(
         default=None,
@@ -227,11 +232,16 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments, traini
                  "the square of the length).", model_args.max_residues, model_args.max_residues,
                  level=logging.WARNING)
     files = [data_args.train_file, data_args.validation_file, data_args.test_file]
+    if data_args.dataset_name:
+        given = [name for name in ("train_file", "validation_file", "test_file", "split_method",
+                                   "validation_partitions", "test_partitions") if getattr(data_args, name) is not None]
+        if given:
+            raise InputError(f"--dataset_name brings its own splits: drop --{', --'.join(given)}")
     if any(files[1:]) and not files[0]:
         raise InputError("--validation_file/--test_file need a --train_file")
     if any(files[1:]) and not all(files):
         raise InputError("give --train_file alone (it is split) or all of --train_file, --validation_file, --test_file")
-    if not any(files):
+    if not any(files) and not data_args.dataset_name:
         data_args.train_file = str(demo.demo_file())
         log_main(training_args, "No --train_file: training on esmloc's synthetic demo set (%s: %d made-up proteins, "
                  "positives with a targeting-peptide-like N-terminus). Pass --train_file proteins.csv for real data.",
@@ -239,7 +249,7 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments, traini
     for path in filter(None, files):
         if not Path(path).is_file():
             raise InputError(f"{path}: no such data file")
-    if any(files) and not (model_args.model_name_or_path or model_args.from_scratch):
+    if (any(files) or data_args.dataset_name) and not (model_args.model_name_or_path or model_args.from_scratch):
         raise InputError("give --model_name_or_path (an ESM-2 checkpoint: a hub id such as facebook/esm2_t6_8M_UR50D "
                          "or a local directory) or --from_scratch ARCHITECTURE (random weights)")
     if not (model_args.model_name_or_path or model_args.from_scratch):
@@ -262,7 +272,12 @@ def log_main(training_args, message: str, *args, level: int = logging.INFO) -> N
 
 def load_splits(data_args: DataArguments, seed: int):
     """Train/validation/test through the esmloc dataset builder (validated, split, identical sequences kept
-    together)."""
+    together), or the splits of a shared dataset (--dataset_name) as they are."""
+    if data_args.dataset_name:
+        try:
+            return dataset_hub.load_splits(data_args.dataset_name, data_args.dataset_config)
+        except dataset_hub.DatasetError as error:
+            raise InputError(f"--dataset_name: {error}") from None
     files = {split: path for split, path in (("train", data_args.train_file), ("validation", data_args.validation_file),
                                              ("test", data_args.test_file)) if path}
     split_kwargs = {key: value for key, value in (("split_method", data_args.split_method),
@@ -325,7 +340,7 @@ def load_data(data_args: DataArguments, training_args):
             dataset[name] = dataset[name].select(range(min(limit, len(dataset[name]))))
     labels = label_setup(dataset, data_args.dataset_config)
     check_learnable(dataset, list(labels["id2label"].values()), task.is_multi_label(labels),
-                    source=data_args.train_file)
+                    source=data_args.dataset_name or data_args.train_file)
     if training_args.should_log:
         print(data.format_summary(dataset))
     return dataset, labels
