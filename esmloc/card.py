@@ -19,6 +19,8 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from huggingface_hub import constants as hub_constants
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
+from esmloc import task
+
 
 TEMPLATE_NAME = "model_card.md"
 CARD_FILE = "README.md"
@@ -154,12 +156,11 @@ class RunRecord:
 
     @property
     def labels(self) -> list[str]:
-        id2label = self.config.get("id2label") or {"0": "Other", "1": "Mitochondrion"}
-        return [id2label[key] for key in sorted(id2label, key=int)]
+        return task.label_names(self.config) if self.config.get("id2label") else list(task.BINARY_LABELS)
 
     @property
     def multi_label(self) -> bool:
-        return self.config.get("problem_type") == "multi_label_classification"
+        return task.is_multi_label(self.config)
 
     @property
     def base_model(self) -> str | None:
@@ -173,13 +174,8 @@ class RunRecord:
 
     @property
     def split_method(self) -> str | None:
-        if not self.data:
-            return None
-        if self.data.get("dataset_name"):  # train.py --dataset_name uses the dataset's own splits
-            return "dataset"
-        # train.py's rule when --split_method is not given.
-        given = self.data.get("validation_file") and self.data.get("test_file")
-        return self.data.get("split_method") or ("given" if given else "stratified")
+        # How the splits were made, as the run recorded it (train.py writes the builder's own account).
+        return self.data.get("split_method")
 
 
 # --- the card ------------------------------------------------------------------------------------------------------
@@ -196,7 +192,7 @@ def _metric_parts(run: RunRecord) -> tuple[list[str], list[tuple[str, str]]]:
             base = key[len("test_"):].removesuffix("_tuned")
             if base not in bases:
                 bases.append(base)
-    locations = [_key_name(label) for label in run.labels] if run.multi_label else []
+    locations = [task.metric_key(label) for label in run.labels] if run.multi_label else []
     per_location = [(metric, location) for location in locations for metric in ("mcc", "threshold")
                     if f"{metric}_{location}" in bases]
     located = {f"{metric}_{location}" for metric, location in per_location}
@@ -207,11 +203,6 @@ def _metric_parts(run: RunRecord) -> tuple[list[str], list[tuple[str, str]]]:
         return (metric != base, order.index(metric) if metric in order else len(order), base)
 
     return sorted((base for base in bases if base not in located), key=rank), per_location
-
-
-def _key_name(label: str) -> str:
-    # The form a label takes inside result keys (esmloc.metrics.esmloc_metrics.key_name).
-    return re.sub(r"\W+", "_", str(label)).strip("_")
 
 
 def _metric_display(base: str) -> str:
@@ -244,7 +235,7 @@ def _evaluation_table(run: RunRecord) -> tuple[list[str], Rows, list[str], Rows]
     if per_location:
         location_header = ["MCC, threshold 0.5", "MCC, tuned threshold", "Tuned threshold", "Validation MCC, tuned"]
         for label in run.labels:
-            name = _key_name(label)
+            name = task.metric_key(label)
             location_rows.append((label, [
                 _cell(run, f"test_mcc_{name}", "mcc"),
                 _cell(run, f"test_mcc_{name}_tuned", "mcc"),

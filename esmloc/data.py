@@ -27,7 +27,7 @@ from pathlib import Path
 import datasets
 from datasets.data_files import DataFilesDict
 
-from esmloc import sequences
+from esmloc import sequences, task
 from esmloc.sequences import (
     ALPHABET,
     FASTA_SUFFIXES,
@@ -60,7 +60,7 @@ LOCATIONS = (
     "Golgi apparatus",
     "Peroxisome",
 )
-LABEL_NAMES = ("Other", "Mitochondrion")
+LABEL_NAMES = task.BINARY_LABELS
 SPLIT_METHODS = ("stratified", "partition", "given")
 
 _DEEPLOC_URL = "https://services.healthtech.dtu.dk/services/DeepLoc-2.0/data/Swissprot_Train_Validation_dataset.csv"

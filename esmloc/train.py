@@ -156,6 +156,7 @@ class EsmLocTrainingArguments(TrainingArguments):
     """`TrainingArguments` with defaults for this task: evaluate and save every epoch, keep the model with the
     best validation MCC, group batches by length, report to nobody."""
 
+    output_dir: str | None = field(default="esmloc_output", metadata={"help": "Where the model and results go."})
     learning_rate: float | None = field(
         default=None, metadata={"help": f"Default per --finetune mode: {DEFAULT_LEARNING_RATES}."}
     )
@@ -546,9 +547,12 @@ def evaluate_and_save(trainer, final_model, tokenizer, dataset, model_args, data
         print(evaluation.format_examples_table(accs, truth["test"], probabilities["test"], names=names,
                                                multi_label=multi_label, thresholds=threshold,
                                                n=data_args.num_examples_to_show, seed=training_args.seed))
+    # How the splits were made, in the builder's own words (the card reads it; "dataset": a shared dataset's own).
+    split_method = "dataset" if data_args.dataset_name else data.dataset_summary(dataset).get("split_method")
+    split_sizes = {name: len(split) for name, split in dataset.items()}
     with atomic_file(output_dir / RUN_INFO_FILE, "w") as handle:
-        handle.write(json.dumps({**run_record, "data": {**run_record["data"], "split_sizes": {
-            name: len(split) for name, split in dataset.items()}}}, indent=2))
+        handle.write(json.dumps({**run_record, "data": {**run_record["data"], "split_method": split_method,
+                                                        "split_sizes": split_sizes}}, indent=2))
     publish.write_model_card(output_dir)
 
 

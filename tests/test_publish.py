@@ -373,7 +373,7 @@ def test_files_to_push_ignores_pickles_and_strays_and_refuses_incomplete_models(
     (run / "README.md").unlink()
     assert set(publish.files_to_push(run)) == MERGED_FILES - {"README.md"}  # the push renders it
     (run / "model.safetensors").unlink()
-    with pytest.raises(publish.PublishError, match="missing model.safetensors"):
+    with pytest.raises(publish.PublishError, match="no model.safetensors"):
         publish.files_to_push(run)
     with pytest.raises(publish.PublishError, match="only --finetune lora runs have an adapter"):
         publish.files_to_push(frozen_run, what="adapter")

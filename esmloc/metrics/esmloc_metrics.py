@@ -64,16 +64,6 @@ Examples:
 """
 
 _CITATION = """
-@article{thumuluri2022deeploc,
-  title={DeepLoc 2.0: multi-label subcellular localization prediction using protein language models},
-  author={Thumuluri, Vineet and Almagro Armenteros, Jos{\\'e} Juan and Johansen, Alexander Rosenberg and
-          Nielsen, Henrik and Winther, Ole},
-  journal={Nucleic Acids Research},
-  volume={50},
-  number={W1},
-  pages={W228--W234},
-  year={2022}
-}
 @article{pedregosa2011scikit,
   title={Scikit-learn: Machine Learning in {P}ython},
   author={Pedregosa, F. and others},
