@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import sys
+import warnings
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -416,7 +417,10 @@ def prepare_finetuning(model: EsmForLocalization, model_args: ModelArguments):
         # The head is trained in full and saved with the adapter.
         modules_to_save=["pooler", "classifier"],
     )
-    return get_peft_model(model, lora_config)
+    with warnings.catch_warnings():
+        # peft (0.21) reads transformers' deprecated `is_gradient_checkpointing` alias: a warning for peft, not users.
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        return get_peft_model(model, lora_config)
 
 
 # --- training -----------------------------------------------------------------------------------------------------
