@@ -119,6 +119,10 @@ def decision_thresholds(model_dir, config, override: float | None) -> tuple[np.n
     return np.full(count, 0.5), f"0.5 (default: no tuned threshold in {results_path})"
 
 
+def prediction_header(names, multi_label: bool) -> list[str]:
+    return ["ACC"] + [f"probability_{name}" for name in names] + ["predicted_labels" if multi_label else "predicted_label"]
+
+
 def prediction_rows(accs, probabilities: np.ndarray, thresholds, names, multi_label: bool):
     for acc, row in zip(accs, probabilities, strict=True):
         cells = [acc] + [f"{value:.6g}" for value in row]
@@ -162,8 +166,7 @@ def predict_file(model, tokenizer, input_path, output_path, thresholds, chunk_si
     with atomic_file(output_path, "w", newline="") as handle, tqdm(total=total, unit="protein", desc="Predicting",
                                                                   disable=not progress) as bar:
         writer = csv.writer(handle)
-        writer.writerow(["ACC"] + [f"probability_{name}" for name in names]
-                        + ["predicted_labels" if multi_label else "predicted_label"])
+        writer.writerow(prediction_header(names, multi_label))
         for chunk in chunks(data.read_sequences(input_path), chunk_size):
             probabilities = engine.predict_probabilities([record.sequence for record in chunk])
             writer.writerows(prediction_rows([record.acc for record in chunk], probabilities, thresholds,

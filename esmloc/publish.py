@@ -464,6 +464,7 @@ def render_model_card(
     license: str = DEFAULT_LICENSE,
     base_model: str | None = None,
     datasets: list[str] | None = None,
+    space_id: str | None = None,
 ) -> ModelCard:
     """The model card of a run's output directory, rendered from the template `model_card.md`.
 
@@ -472,7 +473,8 @@ def render_model_card(
     referenced only when their PNG exists. `what="adapter"` renders the card of the LoRA adapter (library `peft`,
     loading code that names the base model). `repo_id` (and `endpoint`, for the clone URL) make the loading code use
     the repository; without them it uses the folder's name. `base_model` and `datasets` set the metadata the run
-    cannot know (hub ids); by default `base_model` is the run's ESM-2 checkpoint when that is a hub id.
+    cannot know (hub ids); by default `base_model` is the run's ESM-2 checkpoint when that is a hub id. `space_id`: a
+    demo Space of the model (esmloc.space) that the card links to.
     """
     if what not in PUSH_TARGETS:
         raise ValueError(f"what must be one of {PUSH_TARGETS}, got {what!r}")
@@ -551,6 +553,7 @@ def render_model_card(
         load_ref=load_ref,
         clone_url=f"{hub_url}/{repo_id}" if repo_id else f"{hub_url}/<user>/{name}",
         clone_dir=name,
+        space_url=f"{hub_url}/spaces/{space_id}" if space_id else None,
         positive_label=labels[-1],
         negative_label=labels[0],
         tuned_threshold=(_fmt(run.test["test_threshold_tuned"], THRESHOLD_SPEC) if "test_threshold_tuned" in run.test
@@ -804,6 +807,11 @@ class PushArguments:
     )
     datasets: list[str] | None = field(default=None, metadata={"help": "Hub dataset ids for the card's metadata."})
     commit_message: str | None = field(default=None)
+    space: str | None = field(
+        default=None,
+        metadata={"help": "Also create or update this Gradio Space (user/name) serving the pushed model "
+                  "(esmloc.space); the model card links to it."},
+    )
 
 
 def parse_arguments(argv=None) -> tuple[Path, PushArguments]:
@@ -821,7 +829,10 @@ def main(argv=None) -> str:
     for name in ("httpx", "httpx2", "httpcore", "httpcore2", "urllib3"):  # request lines add nothing to our messages
         logging.getLogger(name).setLevel(logging.WARNING)
     what = "adapter" if args.push_adapter else "merged"
-    card_options = {"license": args.license, "base_model": args.base_model, "datasets": args.datasets}
+    card_options = {"license": args.license, "base_model": args.base_model, "datasets": args.datasets,
+                    "space_id": args.space}
+    if args.space is not None and as_hub_model_id(args.space) != args.space:
+        raise SystemExit(f"esmloc-push: --space must be a full Space id, user/name or org/name, got {args.space!r}")
     try:
         url = push_output_dir(output_dir, args.hub_model_id, private=args.hub_private_repo,
                               endpoint=args.hub_endpoint, what=what, commit_message=args.commit_message,
@@ -829,6 +840,16 @@ def main(argv=None) -> str:
     except (PublishError, ValueError) as error:
         raise SystemExit(f"esmloc-push: {error}") from None
     print(url)
+    if args.space:
+        from esmloc.space import push_space
+
+        endpoint = resolve_endpoint(args.hub_endpoint)
+        try:
+            print(push_space(args.space, args.hub_model_id, HfApi(endpoint=endpoint), endpoint,
+                             private=args.hub_private_repo))
+        except (HfHubHTTPError, *_transport_errors(), OSError, ValueError) as error:
+            raise SystemExit(f"esmloc-push: the model is at {url}, but the Space failed: "
+                             + _failure_message(error, endpoint, args.space, _secrets(None))) from None
     return url
 
 
