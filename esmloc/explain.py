@@ -199,7 +199,7 @@ def plot_explanation(explanation: Explanation, path=None, max_letters: int = 120
     colours = np.where(explanation.attributions >= 0, "#c0392b", "#2c7fb8")
     axes[0, 0].bar(positions, explanation.attributions, width=1.0, color=colours)
     axes[0, 0].axhline(0, color="black", linewidth=0.5)
-    axes[0, 0].set_ylabel(f"attribution\n(log-odds {explanation.label})")
+    axes[0, 0].set_ylabel(f"occlusion score\n(drop in log-odds of\n{explanation.label})", fontsize=8)
     if explanation.pooling_weights is not None:
         axes[1, 0].plot(positions, explanation.pooling_weights, color="#7b3294", linewidth=1)
         axes[1, 0].set_ylabel("attention-pooling\nweight")

@@ -28,7 +28,7 @@ import numpy as np
 from esmloc import data
 from esmloc.engine import Engine
 from esmloc.explain import Explainer, seen_positions
-from esmloc.predict import decision_thresholds, load_model, prediction_header, prediction_rows
+from esmloc.predict import RESULTS_FILE, decision_thresholds, load_model, prediction_header, prediction_rows
 
 
 logger = logging.getLogger("esmloc.webapp")
@@ -113,6 +113,8 @@ class DemoModel:
         self.names = [config.id2label[i] for i in range(config.num_labels)]
         self.multi_label = config.problem_type == "multi_label_classification"
         self.thresholds, self.threshold_source = decision_thresholds(self.model_dir, config, None)
+        # esmloc-predict's own words for where the threshold came from, naming the results file but not its folder.
+        self.threshold_text = self.threshold_source.replace(str(self.model_dir / RESULTS_FILE), RESULTS_FILE)
         self.engine = Engine(self.model, self.tokenizer, progress=False)
         self.explainer = Explainer(self.model, self.tokenizer)
         self.header = prediction_header(self.names, self.multi_label)
@@ -197,7 +199,7 @@ def build_app(model, device: str = "cpu"):
             header = header[:-1] + [f"threshold_{demo_model.names[1]}"] + header[-1:]
             rows = [row[:-1] + [demo_model.threshold_column] + row[-1:] for row in rows]
         notes = [note for acc, sequence in proteins if (note := demo_model.crop_note(acc, sequence))]
-        message = f"Predicted {len(proteins)} protein(s). " + " ".join(notes)
+        message = "\n".join([f"Predicted {len(proteins)} protein(s)."] + [f"- {note}" for note in notes])
         accs = [acc for acc, _ in proteins]
         return (message, pd.DataFrame(rows, columns=header),
                 gr.update(choices=accs, value=accs[0]), proteins)
@@ -218,9 +220,8 @@ def build_app(model, device: str = "cpu"):
 
     with gr.Blocks(title=TITLE) as app:
         gr.Markdown(f"# {TITLE}\n\nModel `{demo_model.model_dir.name}` ({demo_model.model.config.pooling} pooling; "
-                    f"labels {labels}). Decision threshold: {demo_model.threshold_source.split(' (')[0]} "
-                    f"({'tuned on validation' if 'tuned' in demo_model.threshold_source else 'default'}). "
-                    f"Up to {MAX_SEQUENCES} proteins per request; esmloc-predict handles files of any size.")
+                    f"labels {labels}). Decision threshold: {demo_model.threshold_text}. Up to {MAX_SEQUENCES} "
+                    "proteins per request; esmloc-predict handles files of any size.")
         with gr.Row():
             text = gr.Textbox(label="Sequences: raw (one per line) or FASTA", lines=8, elem_id="sequences")
             upload = gr.File(label="... or a FASTA / CSV file (ACC, Sequence)", type="filepath",
