@@ -14,7 +14,7 @@ from esmloc.export import save_model
 from esmloc.space import MODEL_LINE, app_source, space_files, write_space
 
 from conftest import REPO, tiny_model
-from test_publish import FAKE_TOKEN, RecordingHfApi, calls_named
+from test_publish import calls_named, hub  # noqa: F401 (hub: the stand-in HfApi fixture)
 
 
 MODEL_ID, SPACE_ID = "alice/esmloc-mito", "alice/esmloc-mito-demo"
@@ -64,15 +64,6 @@ def test_the_written_space_runs_its_app_from_its_own_files(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     module, kind, endpoints = yaml.safe_load(result.stdout.strip().splitlines()[-1])
     assert module == str(space / "esmloc" / "__init__.py") and kind == "Blocks" and "predict" in endpoints
-
-
-@pytest.fixture
-def hub(monkeypatch):
-    api = type("Hub", (RecordingHfApi,), {"calls": []})
-    monkeypatch.setattr(publish, "HfApi", api)
-    monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
-    monkeypatch.delenv("HF_ENDPOINT", raising=False)
-    return api
 
 
 def test_push_with_space_pushes_the_model_then_its_space_and_the_card_links_it(tmp_path, hub, capsys):
