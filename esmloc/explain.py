@@ -115,7 +115,7 @@ class Explainer:
         self.multi_label = config.problem_type == "multi_label_classification"
         self.binary = not self.multi_label and config.num_labels == 2
         self.attention_pooling = config.pooling == "attention"
-        self.mask_id = tokenizer.convert_tokens_to_ids(OCCLUDING_RESIDUE)
+        self.occluding_id = tokenizer.convert_tokens_to_ids(OCCLUDING_RESIDUE)
 
     def _logits(self, encoded) -> np.ndarray:
         logits = np.zeros((len(encoded), len(self.names)), dtype=np.float64)
@@ -148,7 +148,7 @@ class Explainer:
         for centre in range(residues):
             variant = list(ids)
             variant[1 + max(0, centre - half):1 + min(residues, centre + half + 1)] = \
-                [self.mask_id] * (min(residues, centre + half + 1) - max(0, centre - half))
+                [self.occluding_id] * (min(residues, centre + half + 1) - max(0, centre - half))
             variants.append(variant)
         return variants
 
