@@ -447,6 +447,7 @@ def render_model_card(
     license: str = DEFAULT_LICENSE,
     base_model: str | None = None,
     datasets: list[str] | None = None,
+    space_id: str | None = None,
 ) -> ModelCard:
     """The model card of a run's output directory, rendered from the template `model_card.md`.
 
@@ -537,6 +538,7 @@ def render_model_card(
         load_ref=load_ref,
         clone_url=f"{hub_url}/{repo_id}" if repo_id else f"{hub_url}/<user>/{name}",
         clone_dir=name,
+        space_url=f"{hub_url}/spaces/{space_id}" if space_id else None,
         positive_label=labels[-1],
         negative_label=labels[0],
         tuned_threshold=(_fmt(run.test["test_threshold_tuned"], THRESHOLD_SPEC) if "test_threshold_tuned" in run.test

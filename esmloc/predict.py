@@ -79,6 +79,11 @@ def parse_arguments(argv=None) -> argparse.Namespace:
                         help="auto: fp32 on CPU, bf16 (or fp16) autocast on CUDA")
     parser.add_argument("--no_progress", action="store_true",
                         help="no progress bar (default: a bar when stderr is a terminal)")
+    parser.add_argument("--explain", metavar="DIR", default=None,
+                        help="also write per-residue explanations into DIR: explanations.csv (occlusion scores, and "
+                             "attention-pooling weights, for every residue) and a PNG per protein for the first "
+                             "--explain_plots (esmloc.explain; a second pass, one forward pass per residue)")
+    parser.add_argument("--explain_plots", type=int, default=10, help="proteins drawn by --explain (default 10)")
     args = parser.parse_args(argv)
     if args.chunk_size < 1:
         parser.error("--chunk_size must be positive")
@@ -191,6 +196,13 @@ def predict(argv=None) -> int:
         shown = ", ".join(f"{acc} (x{count})" for acc, count in repeated.most_common(10))
         logger.warning("Repeated record IDs: %s%s", shown, " ..." if len(repeated) > 10 else "")
     logger.info("Wrote %d predictions to %s in %.1f s", written, args.output, time.perf_counter() - started)
+    if args.explain:
+        from esmloc.explain import explain_records
+
+        path = explain_records(model, tokenizer, read_sequences(input_path), args.explain, plots=args.explain_plots,
+                               progress=not args.no_progress and cli.progress_bars_wanted(), total=total,
+                               device=device, precision=args.precision, max_tokens_per_batch=args.max_tokens_per_batch)
+        logger.info("Wrote per-residue explanations to %s", path)
     return 0
 
 

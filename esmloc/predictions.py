@@ -34,6 +34,18 @@ def truth_cell(truth, names: Sequence[str], multi_label: bool) -> str:
     return names[int(truth)]
 
 
+def rows(accs: Sequence[str], probabilities, names: Sequence[str], multi_label: bool, thresholds=None,
+         truths=None) -> list[list[str]]:
+    """The CSV cells of each protein, as `columns` names them (`truths` given: with the true label(s)).
+    `probabilities`: (n, num_labels), every label's."""
+    probabilities = np.asarray(probabilities)
+    labels = task.predicted(probabilities, names, multi_label, thresholds)
+    truth = ([[truth_cell(value, names, multi_label)] for value in truths] if truths is not None
+             else [[]] * len(labels))
+    return [[acc, *cells, *(f"{value:.6g}" for value in row), label]
+            for acc, cells, row, label in zip(accs, truth, probabilities, labels, strict=True)]
+
+
 class PredictionsWriter:
     """Writes the header, then rows batch by batch, to an open text handle (see the module docstring)."""
 
@@ -43,14 +55,9 @@ class PredictionsWriter:
         self.writer.writerow(columns(self.names, multi_label, with_truth))
 
     def write(self, accs: Sequence[str], probabilities, truths=None) -> None:
-        """`probabilities`: (n, num_labels), every label's probability; `truths`: n true labels when with_truth."""
-        probabilities = np.asarray(probabilities)
-        labels = task.predicted(probabilities, self.names, self.multi_label, self.thresholds)
-        if self.with_truth:
-            truths = [truth_cell(truth, self.names, self.multi_label) for truth in truths]
-        for index, (acc, row, label) in enumerate(zip(accs, probabilities, labels, strict=True)):
-            truth = [truths[index]] if self.with_truth else []
-            self.writer.writerow([acc, *truth, *(f"{value:.6g}" for value in row), label])
+        """`probabilities`: (n, num_labels), every label's; `truths`: n true labels when with_truth."""
+        self.writer.writerows(rows(accs, probabilities, self.names, self.multi_label, self.thresholds,
+                                   truths if self.with_truth else None))
 
 
 def write_predictions_csv(path, accs, probabilities, names: Sequence[str], multi_label: bool, thresholds=None,

@@ -276,6 +276,11 @@ class PushArguments:
     )
     datasets: list[str] | None = field(default=None, metadata={"help": "Hub dataset ids for the card's metadata."})
     commit_message: str | None = field(default=None)
+    space: str | None = field(
+        default=None,
+        metadata={"help": "Also create or update this Gradio Space (user/name) serving the pushed model "
+                  "(esmloc.space); the model card links to it."},
+    )
 
 
 def parse_arguments(argv=None) -> tuple[Path, PushArguments]:
@@ -291,7 +296,10 @@ def main(argv=None) -> int:
     output_dir, args = parse_arguments(argv)
     cli.setup_logging()
     what = "adapter" if args.push_adapter else "merged"
-    card_options = {"license": args.license, "base_model": args.base_model, "datasets": args.datasets}
+    card_options = {"license": args.license, "base_model": args.base_model, "datasets": args.datasets,
+                    "space_id": args.space}
+    if args.space is not None and as_hub_model_id(args.space) != args.space:
+        raise SystemExit(f"esmloc-push: --space must be a full Space id, user/name or org/name, got {args.space!r}")
     try:
         url = push_output_dir(output_dir, args.hub_model_id, private=args.hub_private_repo,
                               endpoint=args.hub_endpoint, what=what, commit_message=args.commit_message,
@@ -299,6 +307,16 @@ def main(argv=None) -> int:
     except (PublishError, ValueError) as error:
         raise SystemExit(f"esmloc-push: {error}") from None
     print(url)
+    if args.space:
+        from esmloc.space import push_space
+
+        endpoint = resolve_endpoint(args.hub_endpoint)
+        try:
+            print(push_space(args.space, args.hub_model_id, HfApi(endpoint=endpoint), endpoint,
+                             private=args.hub_private_repo))
+        except (httpx2.HTTPError, OSError, ValueError) as error:
+            raise SystemExit(f"esmloc-push: the model is at {url}, but the Space failed: "
+                             + _failure_message(error, endpoint, args.space, "")) from None
     return 0
 
 

@@ -1,0 +1,248 @@
+"""The demo app (esmloc/webapp.py): input parsing, and the running app driven through its API (gradio_client) and in
+a real headless Chromium (Debian's chromium + chromium-driver through Selenium): the table equals esmloc-predict's
+output, the explanation plot is drawn, bad input gets a message naming the record."""
+
+import csv
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from esmloc.demo import demo_rows
+from esmloc.webapp import MAX_SEQUENCES, InputError, parse_proteins
+
+from conftest import REPO
+
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
+ROWS = demo_rows(400, seed=0)
+LONG = next(row for row in ROWS if len(row["Sequence"]) > 1022)
+POSITIVE = next(row for row in ROWS if row["Mitochondrion"] and len(row["Sequence"]) < 300)
+NEGATIVE = next(row for row in ROWS if not row["Mitochondrion"] and len(row["Sequence"]) < 300)
+PROTEINS = [(row["ACC"], row["Sequence"]) for row in (POSITIVE, NEGATIVE, LONG)]
+FASTA = "\n".join(f">{acc}\n{sequence}" for acc, sequence in PROTEINS)
+SCREENSHOTS = os.environ.get("ESMLOC_SCREENSHOT_DIR")  # also keep the screenshots there (the README's come so)
+
+
+# --- input parsing --------------------------------------------------------------------------------------------------
+
+
+def test_raw_and_fasta_text_are_read_and_bad_records_are_named(tmp_path):
+    assert parse_proteins("MKTAYIAK\n\n  mlrtsslf \n") == [("sequence_1", "MKTAYIAK"), ("sequence_2", "MLRTSSLF")]
+    assert parse_proteins(">sp|P12345|X_HUMAN one\nMKTA\nYIAK\n>two\nMLR") == [("P12345", "MKTAYIAK"),
+                                                                                ("two", "MLR")]
+    with pytest.raises(InputError, match=r"pasted text, line 2 \(sequence_2\): character 'J' at position 3"):
+        parse_proteins("MKT\nMKJL")
+    with pytest.raises(InputError, match=r"pasted text, line 3, ACC 'P2': empty sequence"):
+        parse_proteins(">P1\nMKT\n>P2\n>P3\nMKL")
+    with pytest.raises(InputError, match=f"more than {MAX_SEQUENCES} sequences"):
+        parse_proteins("\n".join(["MKT"] * (MAX_SEQUENCES + 1)))
+    with pytest.raises(InputError, match="no sequence"):
+        parse_proteins("  \n")
+    upload = tmp_path / "mine.csv"
+    upload.write_text("ACC,Seq\nP1,MKT\n")
+    with pytest.raises(InputError, match=r"uploaded file mine.csv, line 1: missing column\(s\) \['Sequence'\]"):
+        parse_proteins("", str(upload))
+    assert str(tmp_path) not in str(pytest.raises(InputError, parse_proteins, "", str(upload)).value)
+
+
+# --- a trained model, esmloc-predict's answer, and the running app ------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trained_model(tmp_path_factory) -> Path:
+    """A real train.py run (tiny backbone, frozen, cropped to 128 residues in the middle): test_results.json holds
+    the tuned threshold the app must use."""
+    workdir = tmp_path_factory.mktemp("webapp")
+    data = workdir / "proteins.csv"
+    with data.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["ACC", "Mitochondrion", "Sequence"])
+        writer.writeheader()
+        writer.writerows(demo_rows(80, seed=1))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(workdir / "hf_home"),
+           "PYTHONPATH": ""}
+    output_dir = workdir / "model"
+    result = subprocess.run([sys.executable, str(REPO / "train.py"), "--from_scratch", "tiny", "--train_file",
+                             str(data), "--output_dir", str(output_dir), "--max_residues", "128", "--num_train_epochs",
+                             "2", "--num_examples_to_show", "0"], cwd=workdir, env=env, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "test_threshold_tuned" in (output_dir / "test_results.json").read_text()
+    return output_dir
+
+
+@pytest.fixture(scope="module")
+def predicted(trained_model, tmp_path_factory) -> list[dict]:
+    """esmloc-predict's rows for PROTEINS."""
+    workdir = tmp_path_factory.mktemp("predict")
+    fasta = workdir / "proteins.fasta"
+    fasta.write_text(FASTA + "\n")
+    output = workdir / "predictions.csv"
+    result = subprocess.run([sys.executable, "-m", "esmloc.predict", str(trained_model), str(fasta), "-o",
+                             str(output), "--no_progress"], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr
+    with output.open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app_url(trained_model, tmp_path_factory):
+    """`esmloc-demo MODEL_DIR --host 127.0.0.1 --port P` as its own process; stopped at the end."""
+    pytest.importorskip("gradio", reason="the demo needs the demo extra: pip install -e '.[demo]'")
+    port = free_port()
+    log = (tmp_path_factory.mktemp("server") / "server.log").open("w")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False", "no_proxy": "127.0.0.1"}
+    server = subprocess.Popen([sys.executable, "-m", "esmloc.webapp", str(trained_model), "--host", "127.0.0.1",
+                               "--port", str(port)], stdout=log, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                with urllib.request.urlopen(url, timeout=5) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if server.poll() is not None or time.monotonic() > deadline:
+                log.flush()
+                pytest.fail(f"the demo did not start:\n{Path(log.name).read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+        log.close()
+    assert server.returncode is not None
+
+
+def test_api_endpoint_returns_esmloc_predicts_numbers(app_url, predicted):
+    from gradio_client import Client
+
+    client = Client(app_url, verbose=False)
+    rows = client.predict(FASTA, api_name="/predict")
+    assert [row["ACC"] for row in rows] == [row["ACC"] for row in predicted]
+    for mine, theirs in zip(rows, predicted, strict=True):
+        assert set(mine) == set(theirs)
+        assert mine["predicted_label"] == theirs["predicted_label"]
+        for column in ("probability_Other", "probability_Mitochondrion"):
+            assert isinstance(mine[column], float) and mine[column] == pytest.approx(float(theirs[column]), abs=1e-6)
+    with pytest.raises(Exception, match=r"line 1 \(sequence_1\): character 'J' at position 3"):
+        client.predict("MKJ", api_name="/predict")
+
+
+# --- in a real browser -----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    webdriver = pytest.importorskip("selenium.webdriver", reason="the browser tests need selenium (the test extra)")
+    from selenium.webdriver.chrome.service import Service
+
+    if not (Path(CHROMIUM).is_file() and Path(CHROMEDRIVER).is_file()):
+        pytest.skip(f"no Chromium here ({CHROMIUM}, {CHROMEDRIVER}): apt-get install chromium chromium-driver "
+                    "(.ci/run does)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                     "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1280,1500",
+                     f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}"):
+        options.add_argument(argument)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def submit(browser, url, text):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.get(url)
+    box = WebDriverWait(browser, 60).until(lambda page: page.find_element(By.CSS_SELECTOR, "#sequences textarea"))
+    box.clear()
+    box.send_keys(text)
+    browser.find_element(By.CSS_SELECTOR, "#predict").click()
+    return WebDriverWait(browser, 120).until(
+        lambda page: page.find_element(By.CSS_SELECTOR, "#message").text.strip() or None)
+
+
+HEADER = ["ACC", "probability_Other", "probability_Mitochondrion", "threshold_Mitochondrion", "predicted_label"]
+
+
+def table_rows(browser) -> list[list[str]]:
+    """The prediction table's cells as the page shows them (its text, one cell a line after the header)."""
+    from selenium.webdriver.common.by import By
+
+    lines = [line.strip() for line in browser.find_element(By.CSS_SELECTOR, "#predictions").text.splitlines()]
+    lines = [line for line in lines if line]
+    if lines[-len(HEADER) - 1:] == HEADER or HEADER[-1] not in lines:
+        return []
+    cells = lines[lines.index(HEADER[-1]) + 1:]
+    assert lines[lines.index(HEADER[0]):lines.index(HEADER[-1]) + 1] == HEADER
+    return [cells[start:start + len(HEADER)] for start in range(0, len(cells), len(HEADER))]
+
+
+def save_screenshot(browser, tmp_path, name) -> Path:
+    path = tmp_path / name
+    browser.save_screenshot(str(path))
+    if SCREENSHOTS:
+        Path(SCREENSHOTS).mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, Path(SCREENSHOTS) / name)
+    return path
+
+
+def test_browser_shows_esmloc_predicts_table_and_the_explanation_plot(app_url, browser, predicted, trained_model,
+                                                                     tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    message = submit(browser, app_url, FASTA)
+    assert message.startswith("Predicted 3 protein(s).")
+    acc, sequence = PROTEINS[2]
+    assert f"{acc}: {len(sequence)} residues; the model sees 128 (middle crop): residues 65-{len(sequence) - 64} " \
+           "are cropped away" in message
+    rows = WebDriverWait(browser, 30).until(lambda page: len(table_rows(page)) == 3 and table_rows(page))
+    threshold = json.loads((trained_model / "test_results.json").read_text())["test_threshold_tuned"]
+    for shown, theirs in zip(rows, predicted, strict=True):
+        # The very strings esmloc-predict wrote (6 significant digits), the tuned threshold, the same label.
+        assert shown == [theirs["ACC"], theirs["probability_Other"], theirs["probability_Mitochondrion"],
+                         f"{threshold:.4g}", theirs["predicted_label"]]
+    # The first protein is explained at once: its residues, and the plot of the scores (drawn by Vega).
+    residues = WebDriverWait(browser, 60).until(
+        lambda page: page.find_elements(By.CSS_SELECTOR, "#residues .token .text") or None)
+    assert "".join(span.text.strip() for span in residues) == PROTEINS[0][1]
+    plot = WebDriverWait(browser, 60).until(
+        lambda page: page.find_elements(By.CSS_SELECTOR, "#scores canvas, #scores svg.marks") or None)[0]
+    assert plot.size["width"] > 200 and plot.size["height"] > 100
+    path = save_screenshot(browser, tmp_path, "demo_app.png")
+    assert path.stat().st_size > 20_000
+
+
+def test_browser_shows_a_message_naming_the_bad_record(app_url, browser, tmp_path):
+    message = submit(browser, app_url, ">P1\nMKTAYIAK\n>P2\n>P3\nMKJL")
+    assert "Cannot predict" in message and "ACC 'P2': empty sequence" in message
+    assert "Traceback" not in browser.page_source
+    message = submit(browser, app_url, ">P1\nMKTAYIAK\n>P3\nMKJL")
+    assert "ACC 'P3': character 'J' at position 3" in message
+    save_screenshot(browser, tmp_path, "demo_app_bad_input.png")
