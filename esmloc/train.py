@@ -221,7 +221,7 @@ def parse_arguments(argv=None) -> tuple[ModelArguments, DataArguments, EsmLocTra
 
 
 def check_arguments(model_args: ModelArguments, data_args: DataArguments, training_args) -> None:
-    """Refuses contradictory arguments and fills in the demo defaults (saying so)."""
+    """Refuses contradictory arguments, fills in the demo defaults (saying so) and the learning rate."""
     if model_args.model_name_or_path and model_args.from_scratch:
         raise InputError("give one of --model_name_or_path (an ESM-2 checkpoint) or --from_scratch, not both")
     if training_args.push_to_hub and publish.as_hub_model_id(training_args.hub_model_id or "") is None:
@@ -234,27 +234,25 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments, traini
                  "the square of the length).", model_args.max_residues, model_args.max_residues,
                  level=logging.WARNING)
     files = [data_args.train_file, data_args.validation_file, data_args.test_file]
-    if data_args.dataset_name:
-        given = [name for name in ("train_file", "validation_file", "test_file", "split_method",
-                                   "validation_partitions", "test_partitions") if getattr(data_args, name) is not None]
-        if given:
-            raise InputError(f"--dataset_name brings its own splits: drop --{', --'.join(given)}")
-    if any(files[1:]) and not files[0]:
-        raise InputError("--validation_file/--test_file need a --train_file")
+    given = [name for name in ("train_file", "validation_file", "test_file", "split_method", "validation_partitions",
+                               "test_partitions") if getattr(data_args, name) is not None]
+    if data_args.dataset_name and given:
+        raise InputError(f"--dataset_name brings its own splits: drop --{', --'.join(given)}")
     if any(files[1:]) and not all(files):
         raise InputError("give --train_file alone (it is split) or all of --train_file, --validation_file, --test_file")
-    if not any(files) and not data_args.dataset_name:
+    for path in filter(None, files):
+        if not Path(path).is_file():
+            raise InputError(f"{path}: no such data file")
+    has_data, has_model = any(files) or data_args.dataset_name, model_args.model_name_or_path or model_args.from_scratch
+    if has_data and not has_model:
+        raise InputError("give --model_name_or_path (an ESM-2 checkpoint: a hub id such as facebook/esm2_t6_8M_UR50D "
+                         "or a local directory) or --from_scratch ARCHITECTURE (random weights)")
+    if not has_data:
         data_args.train_file = str(demo.demo_file())
         log_main(training_args, "No --train_file: training on esmloc's synthetic demo set (%s: %d made-up proteins, "
                  "positives with a targeting-peptide-like N-terminus). Pass --train_file proteins.csv for real data.",
                  data_args.train_file, demo.DEMO_ROWS)
-    for path in filter(None, files):
-        if not Path(path).is_file():
-            raise InputError(f"{path}: no such data file")
-    if (any(files) or data_args.dataset_name) and not (model_args.model_name_or_path or model_args.from_scratch):
-        raise InputError("give --model_name_or_path (an ESM-2 checkpoint: a hub id such as facebook/esm2_t6_8M_UR50D "
-                         "or a local directory) or --from_scratch ARCHITECTURE (random weights)")
-    if not (model_args.model_name_or_path or model_args.from_scratch):
+    if not has_model:
         model_args.from_scratch = DEMO_ARCHITECTURE
         log_main(training_args, "No --model_name_or_path: an ESM-2 backbone with RANDOM weights (--from_scratch %s); "
                  "for useful predictions start from pretrained weights, e.g. --model_name_or_path "
