@@ -44,12 +44,17 @@ def setup_logging(level: int = logging.INFO) -> None:
                         stream=sys.stderr, force=True)
     logging.getLogger("esmloc").setLevel(level)
     transformers.utils.logging.set_verbosity(max(level, logging.WARNING))
-    bars = progress_bars_wanted()
-    transformers.utils.logging.enable_progress_bar() if bars else transformers.utils.logging.disable_progress_bar()
     datasets = sys.modules.get("datasets")  # configured only where it is used: esmloc-predict never imports it
     if datasets is not None:
         datasets.utils.logging.set_verbosity(max(level, logging.WARNING))
-        datasets.enable_progress_bars() if bars else datasets.disable_progress_bars()
+    if progress_bars_wanted():
+        transformers.utils.logging.enable_progress_bar()
+        if datasets is not None:
+            datasets.enable_progress_bars()
+    else:
+        transformers.utils.logging.disable_progress_bar()
+        if datasets is not None:
+            datasets.disable_progress_bars()
 
 
 def run(prog: str, function, argv=None) -> int:
