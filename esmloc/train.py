@@ -12,6 +12,10 @@ With `--finetune frozen` (the default) the backbone never changes, so every spli
 engine, the features are cached on disk (`--feature_cache_dir`, default $HF_HOME/esmloc/features; see
 esmloc/cache.py) and the Trainer trains the head on them; `--no_feature_cache` runs the whole model in every epoch
 instead. Both save the same `EsmForLocalization`.
+
+The module reads like transformers' run_classification.py: the argument dataclasses (a third of its length, the
+documented command line), then one function per phase of a run (arguments, data, model, training, evaluation and
+the saved run, the push), and `train` calling them in order.
 """
 
 import json
