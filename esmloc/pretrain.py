@@ -38,7 +38,6 @@ import numpy as np
 import torch
 import transformers
 from transformers import (
-    DataCollatorForLanguageModeling,
     DataCollatorForTokenClassification,
     EsmConfig,
     EsmForMaskedLM,
@@ -255,14 +254,51 @@ def crop_window(sequence: str, max_residues: int, rng: np.random.Generator) -> s
     return sequence[start:start + max_residues]
 
 
-class RandomCropDataset(torch.utils.data.Dataset):
-    """Tokenised proteins, each cropped to a window drawn from (seed, epoch, index): a new window every epoch, the
-    same windows in a resumed run (the crop does not depend on the order proteins are drawn in or on global RNG
-    state). `EpochCallback` tells it the epoch."""
+@dataclass
+class ResidueMasking:
+    """ESM-2's masking of one tokenised protein: `mlm_probability` of its non-special tokens are selected; each
+    selected one becomes `<mask>` (`mask_replace_prob`), one of the 20 standard amino acids (`random_replace_prob`)
+    or stays as it is (the rest). Labels hold the original token where selected, -100 elsewhere.
 
-    def __init__(self, sequences: list[str], tokenizer, max_residues: int, seed: int):
-        self.sequences, self.tokenizer, self.max_residues, self.seed = sequences, tokenizer, max_residues, seed
-        self.epoch = 0
+    Why not transformers' `DataCollatorForLanguageModeling` (same parameters): it draws its random replacements
+    from the whole vocabulary (`torch.randint(len(tokenizer))`), so a tenth of ESM-2's "random residues" would be
+    `<cls>`, `<pad>`, `<eos>`, `<unk>`, `<mask>`, `<null_1>`, gaps or X/B/U/Z/O; and it masks with the global random
+    state at collation time, which `Trainer` restores only after collating the first batch of a resumed epoch, so a
+    resumed run would not mask as the uninterrupted one. Here the masks come from the generator each protein is
+    given (see `MaskedProteinDataset`), and padding is added afterwards by `DataCollatorForTokenClassification`.
+    """
+
+    tokenizer: object
+    mlm_probability: float = 0.15
+    mask_replace_prob: float = 0.8
+    random_replace_prob: float = 0.1
+
+    def __post_init__(self):
+        self.residue_ids = np.array(self.tokenizer.convert_tokens_to_ids(list(STANDARD_AMINO_ACIDS)))
+        self.special_ids = np.array(sorted(set(self.tokenizer.all_special_ids)))
+
+    def __call__(self, input_ids, rng: np.random.Generator) -> tuple[list[int], list[int]]:
+        """(masked input ids, labels) of one protein."""
+        ids = np.asarray(input_ids)
+        selected = (rng.random(ids.shape) < self.mlm_probability) & ~np.isin(ids, self.special_ids)
+        choice = rng.random(ids.shape)
+        to_mask = selected & (choice < self.mask_replace_prob)
+        to_random = selected & ~to_mask & (choice < self.mask_replace_prob + self.random_replace_prob)
+        masked = ids.copy()
+        masked[to_mask] = self.tokenizer.mask_token_id
+        masked[to_random] = self.residue_ids[rng.integers(len(self.residue_ids), size=int(to_random.sum()))]
+        return masked.tolist(), np.where(selected, ids, -100).tolist()
+
+
+class MaskedProteinDataset(torch.utils.data.Dataset):
+    """Proteins cropped to a random window (at most `max_residues`), tokenised and masked, all drawn from a generator
+    seeded with (seed, epoch, index): new windows and masks every epoch, the same ones in a resumed run, whatever
+    the order proteins are drawn in and whatever else uses the global random state. `EpochCallback` tells it the
+    epoch; `fixed()` gives the held-out set, cropped and masked once."""
+
+    def __init__(self, sequences: list[str], tokenizer, masking: ResidueMasking, max_residues: int, seed: int):
+        self.sequences, self.tokenizer, self.masking = sequences, tokenizer, masking
+        self.max_residues, self.seed, self.epoch = max_residues, seed, 0
 
     def set_epoch(self, epoch: int):
         self.epoch = epoch
@@ -272,13 +308,18 @@ class RandomCropDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index):
         rng = np.random.default_rng([self.seed, self.epoch, index])
-        return {"input_ids": self.tokenizer(crop_window(self.sequences[index], self.max_residues, rng))["input_ids"]}
+        input_ids = self.tokenizer(crop_window(self.sequences[index], self.max_residues, rng))["input_ids"]
+        masked, labels = self.masking(input_ids, rng)
+        return {"input_ids": masked, "labels": labels}
+
+    def fixed(self) -> list[dict]:
+        return [self[index] for index in range(len(self))]
 
 
 class EpochCallback(TrainerCallback):
     """Sets the training dataset's epoch at the start of every epoch (also the one a resumed run starts in)."""
 
-    def __init__(self, dataset: RandomCropDataset):
+    def __init__(self, dataset: MaskedProteinDataset):
         self.dataset = dataset
 
     def on_epoch_begin(self, args, state, control, **kwargs):
@@ -300,65 +341,25 @@ class TimeLimitCallback(TrainerCallback):
             control.should_training_stop = control.should_save = True
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Masking and metrics
-# ----------------------------------------------------------------------------------------------------------------
+class ResumingTrainer(Trainer):
+    """`Trainer` whose resume loads the checkpoint's weights the way `from_pretrained` does.
 
-
-@dataclass
-class ResidueMaskingCollator(DataCollatorForLanguageModeling):
-    """`DataCollatorForLanguageModeling` whose random replacements are standard amino acids.
-
-    The stock collator draws them with `torch.randint(len(tokenizer))`: over ESM-2's whole vocabulary, so that a
-    tenth of its "random residues" would be `<cls>`, `<pad>`, `<eos>`, `<unk>`, `<mask>`, `<null_1>`, gaps or
-    X/B/U/Z/O, inputs no protein holds. This one selects `mlm_probability` of the non-special tokens and, per
-    selected token, replaces it by `<mask>` (`mask_replace_prob`), by one of the 20 standard amino acids
-    (`random_replace_prob`) or leaves it (the rest), as ESM-2 was trained. Special tokens and padding are never
-    selected. Examples that already carry `labels` (the held-out set, masked once) are only padded.
+    transformers 5.24 saves modules named `LayerNorm` (ESM's, BERT's) under the legacy names `LayerNorm.gamma` /
+    `LayerNorm.beta`, which only `from_pretrained` renames back; `Trainer._load_from_checkpoint` loads the file with
+    `load_state_dict(strict=False)`, misses them (a warning at most) and a resumed run silently continues with the
+    LayerNorm weights of the freshly built model.
     """
 
-    def __post_init__(self):
-        super().__post_init__()
-        if self.whole_word_mask or not self.mlm:
-            raise ValueError("ResidueMaskingCollator is for masked language modelling of single residues")
-        self.residue_ids = torch.tensor(self.tokenizer.convert_tokens_to_ids(list(STANDARD_AMINO_ACIDS)))
-        self.special_ids = torch.tensor(sorted(set(self.tokenizer.all_special_ids)))
-        self._pad_only = DataCollatorForTokenClassification(self.tokenizer, return_tensors="pt")
-
-    def torch_call(self, examples):
-        if isinstance(examples[0], dict) and "labels" in examples[0]:
-            return self._pad_only(examples)
-        return super().torch_call(examples)
-
-    def torch_mask_tokens(self, inputs, special_tokens_mask=None, offset_mapping=None):
-        return self.mask(inputs, self.generator)
-
-    def mask(self, inputs: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(masked inputs, labels: the original token where selected, -100 elsewhere); `inputs` is changed in place."""
-        labels = inputs.clone()
-        selectable = ~torch.isin(inputs, self.special_ids)
-        selected = (torch.rand(inputs.shape, generator=generator) < self.mlm_probability) & selectable
-        labels[~selected] = -100
-        choice = torch.rand(inputs.shape, generator=generator)
-        to_mask = selected & (choice < self.mask_replace_prob)
-        to_random = selected & ~to_mask & (choice < self.mask_replace_prob + self.random_replace_prob)
-        inputs[to_mask] = self.tokenizer.mask_token_id
-        draws = torch.randint(len(self.residue_ids), inputs.shape, generator=generator)
-        inputs[to_random] = self.residue_ids[draws[to_random]]
-        return inputs, labels
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        target = self.accelerator.unwrap_model(model if model is not None else self.model)
+        saved = type(target).from_pretrained(resume_from_checkpoint,
+                                             attn_implementation=target.config._attn_implementation)
+        target.load_state_dict(saved.state_dict())
 
 
-def masked_held_out_set(sequences: list[str], tokenizer, collator: ResidueMaskingCollator, max_residues: int,
-                        seed: int) -> list[dict]:
-    """The held-out proteins cropped and masked once (seeded): every evaluation scores the same positions."""
-    generator = torch.Generator().manual_seed(seed)
-    crops = RandomCropDataset(sequences, tokenizer, max_residues, seed)
-    examples = []
-    for index in range(len(crops)):
-        input_ids = torch.tensor(crops[index]["input_ids"])
-        masked, labels = collator.mask(input_ids, generator)
-        examples.append({"input_ids": masked.tolist(), "labels": labels.tolist()})
-    return examples
+# ----------------------------------------------------------------------------------------------------------------
+# Metrics
+# ----------------------------------------------------------------------------------------------------------------
 
 
 def token_scores(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -592,12 +593,17 @@ def main(argv=None):
     # Model, tokenizer, data pipeline
     model = build_model(model_args)
     tokenizer = EsmLocTokenizer(max_residues=data_args.max_residues)
-    collator = ResidueMaskingCollator(tokenizer, mlm_probability=data_args.mlm_probability,
-                                      mask_replace_prob=data_args.mask_replace_prob,
-                                      random_replace_prob=data_args.random_replace_prob)
-    train_dataset = RandomCropDataset(train_sequences, tokenizer, data_args.max_residues, training_args.seed)
-    eval_dataset = (masked_held_out_set(held_out, tokenizer, collator, data_args.max_residues, training_args.seed)
-                    if held_out else None)
+    masking = ResidueMasking(tokenizer, mlm_probability=data_args.mlm_probability,
+                             mask_replace_prob=data_args.mask_replace_prob,
+                             random_replace_prob=data_args.random_replace_prob)
+    train_dataset = MaskedProteinDataset(train_sequences, tokenizer, masking, data_args.max_residues,
+                                         training_args.seed)
+    # Its own seed stream (an epoch number training never reaches), cropped and masked once: every evaluation scores the same positions.
+    eval_dataset = None
+    if held_out:
+        eval_dataset = MaskedProteinDataset(held_out, tokenizer, masking, data_args.max_residues, training_args.seed)
+        eval_dataset.set_epoch(2**32 - 1)
+        eval_dataset = eval_dataset.fixed()
     if eval_dataset is None:
         training_args.eval_strategy = "no"
     parameters = sum(p.numel() for p in model.parameters())
@@ -607,13 +613,13 @@ def main(argv=None):
     callbacks = [EpochCallback(train_dataset)]
     if data_args.max_train_minutes:
         callbacks.append(TimeLimitCallback(data_args.max_train_minutes))
-    trainer = Trainer(
+    trainer = ResumingTrainer(
         model=model,
         args=training_args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
-        data_collator=collator,
+        data_collator=DataCollatorForTokenClassification(tokenizer),
         compute_metrics=compute_metrics,
         preprocess_logits_for_metrics=token_scores,
         callbacks=callbacks,
@@ -621,7 +627,10 @@ def main(argv=None):
 
     initial_path = output_dir / f"{INITIAL_EVAL}_results.json"
     if eval_dataset is not None and not last_checkpoint:
-        initial = trainer.evaluate(metric_key_prefix=INITIAL_EVAL)
+        # Without touching the random state the training order is drawn from (a data loader draws a seed from it), so
+        # that a run resumed from a checkpoint (which skips this) replays the uninterrupted run exactly.
+        with torch.random.fork_rng():
+            initial = trainer.evaluate(metric_key_prefix=INITIAL_EVAL)
         trainer.log_metrics(INITIAL_EVAL, initial)
         trainer.save_metrics(INITIAL_EVAL, initial, combined=False)
     initial = json.loads(initial_path.read_text()) if initial_path.is_file() else None

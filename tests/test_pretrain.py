@@ -10,8 +10,10 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
+from transformers import DataCollatorForTokenClassification
 
 from esmloc import pretrain
 from tokenization_esmloc import EsmLocTokenizer
@@ -49,13 +51,23 @@ def run_pretrain(args, cwd, env=None, expect_ok=True, timeout=600) -> subprocess
 # ------------------------------------------------------------------------------------------------ masking
 
 
-def test_masking_follows_esm2_recipe_and_never_touches_special_tokens():
+def masked_batch(proteins, seed):
+    """The proteins tokenised, masked (one generator each) and padded as the Trainer gets them; and the original
+    tokens, padded."""
     tokenizer = EsmLocTokenizer()
-    collator = pretrain.ResidueMaskingCollator(tokenizer, seed=0)
-    proteins = random_proteins(300, seed=1, low=50, high=400)
-    batch = collator([{"input_ids": tokenizer(p)["input_ids"]} for p in proteins])
+    masking = pretrain.ResidueMasking(tokenizer)
+    examples = []
+    for index, protein in enumerate(proteins):
+        masked, labels = masking(tokenizer(protein)["input_ids"], np.random.default_rng([seed, index]))
+        examples.append({"input_ids": masked, "labels": labels})
+    batch = DataCollatorForTokenClassification(tokenizer)(examples)
     original = torch.nn.utils.rnn.pad_sequence([torch.tensor(tokenizer(p)["input_ids"]) for p in proteins],
                                                batch_first=True, padding_value=tokenizer.pad_token_id)
+    return tokenizer, batch, original
+
+
+def test_masking_follows_esm2_recipe_and_never_touches_special_tokens():
+    tokenizer, batch, original = masked_batch(random_proteins(300, seed=1, low=50, high=400), seed=0)
     inputs, labels = batch["input_ids"], batch["labels"]
     special = torch.isin(original, torch.tensor(tokenizer.all_special_ids))  # <cls>, <eos> and all the padding
     assert (original == tokenizer.pad_token_id).sum() > 10_000  # the batch really holds padding
@@ -76,48 +88,45 @@ def test_masking_follows_esm2_recipe_and_never_touches_special_tokens():
     assert masked.sum() / n == pytest.approx(0.8, abs=0.015)
     assert replaced.sum() / n == pytest.approx(0.1 * 19 / 20, abs=0.01)
     assert unchanged.sum() / n == pytest.approx(0.1 + 0.1 / 20, abs=0.01)
-    # Random replacements are standard amino acids only (the stock collator draws from the whole vocabulary:
-    # <cls>, <pad>, <eos>, <unk>, <mask>, gaps, X...).
+    # Random replacements are standard amino acids only (transformers' DataCollatorForLanguageModeling draws from the
+    # whole vocabulary: <cls>, <pad>, <eos>, <unk>, <mask>, gaps, X...).
     drawn = set(tokenizer.convert_ids_to_tokens(inputs[selected][replaced].tolist()))
     assert drawn <= set(AMINO_ACIDS) and len(drawn) == 20
     # Unselected residues are left alone.
     assert torch.equal(inputs[~selected], original[~selected])
+    # The masks are a function of the generator each protein gets: the same seed, the same masks.
+    assert torch.equal(masked_batch(random_proteins(300, seed=1, low=50, high=400), seed=0)[1]["input_ids"], inputs)
 
 
-def test_pre_masked_examples_are_only_padded():
+def unmasked(example, tokenizer) -> str:
+    ids = [label if label != -100 else token for token, label in zip(example["input_ids"], example["labels"])]
+    return "".join(tokenizer.convert_ids_to_tokens(ids[1:-1]))
+
+
+def test_crops_and_masks_move_every_epoch_and_are_seeded():
     tokenizer = EsmLocTokenizer()
-    collator = pretrain.ResidueMaskingCollator(tokenizer)
-    examples = pretrain.masked_held_out_set(random_proteins(5, seed=2), tokenizer, collator, max_residues=40, seed=3)
-    again = pretrain.masked_held_out_set(random_proteins(5, seed=2), tokenizer, collator, max_residues=40, seed=3)
-    assert examples == again  # the same positions at every evaluation, in every run
-    assert all(len(e["input_ids"]) <= 42 for e in examples)
-    batch = collator(examples)
-    for row, example in enumerate(examples):
-        length = len(example["input_ids"])
-        assert batch["input_ids"][row, :length].tolist() == example["input_ids"]
-        assert batch["labels"][row, :length].tolist() == example["labels"]
-        assert (batch["labels"][row, length:] == -100).all()
-
-
-def test_random_crops_move_every_epoch_and_are_seeded():
-    tokenizer = EsmLocTokenizer()
+    masking = pretrain.ResidueMasking(tokenizer)
     rng = random.Random(4)
     long_protein = "".join(rng.choice(AMINO_ACIDS) for _ in range(500))
-    dataset = pretrain.RandomCropDataset([long_protein, "MKV"], tokenizer, max_residues=50, seed=7)
+    dataset = pretrain.MaskedProteinDataset([long_protein, "MKVLAAGIVG"], tokenizer, masking, max_residues=50, seed=7)
 
-    def window(epoch):
+    def draw(epoch, index=0):
         dataset.set_epoch(epoch)
-        ids = dataset[0]["input_ids"]
-        assert len(ids) == 52 and ids[0] == tokenizer.cls_token_id and ids[-1] == tokenizer.eos_token_id
-        return "".join(tokenizer.convert_ids_to_tokens(ids[1:-1]))
+        example = dataset[index]
+        assert example["input_ids"][0] == tokenizer.cls_token_id and example["input_ids"][-1] == tokenizer.eos_token_id
+        return example
 
-    windows = [window(epoch) for epoch in range(6)]
-    assert all(w in long_protein for w in windows)
+    examples = [draw(epoch) for epoch in range(6)]
+    windows = [unmasked(example, tokenizer) for example in examples]
+    assert all(len(w) == 50 and w in long_protein for w in windows)
     assert len(set(windows)) == 6
-    assert window(2) == windows[2]  # drawn again: the same window (what a resumed run relies on)
-    other_seed = pretrain.RandomCropDataset([long_protein], tokenizer, max_residues=50, seed=8)
-    assert "".join(tokenizer.convert_ids_to_tokens(other_seed[0]["input_ids"][1:-1])) != windows[0]
-    assert dataset[1]["input_ids"][1:-1] == tokenizer.convert_tokens_to_ids(list("MKV"))  # short: never cropped
+    assert len({tuple(e["labels"]) for e in examples}) == 6
+    assert draw(2) == examples[2]  # drawn again: the same window and masks (what a resumed run relies on)
+    other_seed = pretrain.MaskedProteinDataset([long_protein], tokenizer, masking, max_residues=50, seed=8)
+    assert unmasked(other_seed[0], tokenizer) != windows[0]
+    assert unmasked(draw(0, index=1), tokenizer) == "MKVLAAGIVG"  # short: never cropped
+    held_out = dataset.fixed()
+    assert held_out == dataset.fixed() and len(held_out) == 2
 
 
 def test_identical_sequences_are_read_once_and_bad_records_named(tmp_path):
@@ -277,7 +286,8 @@ def test_killed_run_resumes_and_ends_where_an_uninterrupted_one_does(proteins_fa
     state = json.loads((output_dir / "trainer_state.json").read_text())
     assert state["global_step"] == 60
     assert [e["step"] for e in state["log_history"] if "loss" in e] == list(range(10, 61, 10))
-    # The crops (seeded per epoch), the masking (global RNG, restored from the checkpoint) and the order: the same.
+    # The crops and masks (seeded per protein and epoch) and the order (global RNG, restored from the checkpoint):
+    # the resumed run replays the uninterrupted one.
     from safetensors.torch import load_file
 
     resumed, uninterrupted = load_file(output_dir / "model.safetensors"), load_file(straight / "model.safetensors")
