@@ -41,7 +41,6 @@ from transformers import (
     DataCollatorForTokenClassification,
     EsmConfig,
     EsmForMaskedLM,
-    HfArgumentParser,
     Trainer,
     TrainerCallback,
     TrainingArguments,
@@ -50,7 +49,7 @@ from transformers import (
 from transformers.trainer_utils import get_last_checkpoint
 
 from configuration_esmloc import ESM2_ARCHITECTURES
-from esmloc import data
+from esmloc import data, train
 from tokenization_esmloc import EsmLocTokenizer
 
 
@@ -168,13 +167,7 @@ class PretrainingArguments(TrainingArguments):
 
 
 def parse_arguments(argv=None) -> tuple[PretrainModelArguments, PretrainDataArguments, PretrainingArguments]:
-    parser = HfArgumentParser((PretrainModelArguments, PretrainDataArguments, PretrainingArguments))
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) == 1 and argv[0].endswith(".json"):
-        return parser.parse_json_file(json_file=os.path.abspath(argv[0]))
-    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
-        return parser.parse_yaml_file(yaml_file=os.path.abspath(argv[0]))
-    return parser.parse_args_into_dataclasses(args=argv)
+    return train.parse_arguments(argv, (PretrainModelArguments, PretrainDataArguments, PretrainingArguments))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -407,8 +400,6 @@ def build_model(model_args: PretrainModelArguments) -> EsmForMaskedLM:
                               **parse_config_overrides(model_args.config_overrides)})
         config._attn_implementation = model_args.attn_implementation
         return EsmForMaskedLM(config)
-    from esmloc.train import hub_unreachable_message
-
     name = model_args.model_name_or_path
     local = Path(name).expanduser()
     if not local.is_dir() and (name.startswith((".", "/", "~")) or name.count("/") > 1):
@@ -416,7 +407,7 @@ def build_model(model_args: PretrainModelArguments) -> EsmForMaskedLM:
     try:
         return EsmForMaskedLM.from_pretrained(name, attn_implementation=model_args.attn_implementation)
     except OSError as error:
-        raise SystemExit(hub_unreachable_message(name, error)) from error
+        raise SystemExit(train.hub_unreachable_message(name, error)) from error
 
 
 def run_fingerprint(model_args, data_args, training_args, data_summary: dict) -> dict:

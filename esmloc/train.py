@@ -185,8 +185,9 @@ class EsmLocTrainingArguments(TrainingArguments):
             self.metric_for_best_model = None
 
 
-def parse_arguments(argv=None) -> tuple[ModelArguments, DataArguments, EsmLocTrainingArguments]:
-    parser = HfArgumentParser((ModelArguments, DataArguments, EsmLocTrainingArguments))
+def parse_arguments(argv=None, dataclass_types=(ModelArguments, DataArguments, EsmLocTrainingArguments)) -> tuple:
+    """The command line (or one .json/.yaml file) into `dataclass_types` (esmloc-pretrain passes its own)."""
+    parser = HfArgumentParser(dataclass_types)
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) == 1 and argv[0].endswith(".json"):
         return parser.parse_json_file(json_file=os.path.abspath(argv[0]))
