@@ -520,7 +520,7 @@ window each epoch). Held out for perplexity: {held['proteins']} proteins, croppe
 
 ESM-2's masking: {data_args.mlm_probability:.0%} of residues selected; of those {data_args.mask_replace_prob:.0%}
 `<mask>`, {data_args.random_replace_prob:.0%} a random standard amino acid, the rest unchanged. Learning rate
-{training_args.learning_rate:g} (warm-up {training_args.warmup_steps:g}, {training_args.lr_scheduler_type} schedule),
+{training_args.learning_rate:g} (warm-up {training_args.warmup_steps:g}, {getattr(training_args.lr_scheduler_type, 'value', training_args.lr_scheduler_type)} schedule),
 Adam betas ({training_args.adam_beta1:g}, {training_args.adam_beta2:g}), weight decay {training_args.weight_decay:g},
 {train_metrics.get('total_batch_size', 'n/a')} proteins per step, {train_metrics.get('global_step', 'n/a')} steps,
 {train_metrics.get('train_runtime', float('nan')) / 60:.1f} min of training, seed {training_args.seed}.
