@@ -269,12 +269,14 @@ def _num(value: float) -> str:
 def make_setups(budget: Budget, pretrained: str | None, pretrain: bool = False) -> list[Setup]:
     scratch = ["--from_scratch", budget.architecture, "--pooling", budget.pooling]
     here = ["--model_name_or_path", PRETRAINED_HERE, "--pooling", budget.pooling]
+    backbone = budget.pretrain_architecture + (f" with {budget.pretrain_config_overrides}"
+                                               if budget.pretrain_config_overrides else "")
     pretrained_here = [
-        Setup("pretrain_frozen", f"esmloc, ESM-2 `{budget.pretrain_architecture}` pretrained here (MLM on the training "
+        Setup("pretrain_frozen", f"esmloc, ESM-2 `{backbone}` pretrained here (MLM on the training "
               "partitions), frozen", "esmloc",
               here + ["--finetune", "frozen", "--num_train_epochs", _num(budget.frozen_epochs),
                       "--learning_rate", _num(budget.learning_rate_frozen)]),
-        Setup("pretrain_full", f"esmloc, ESM-2 `{budget.pretrain_architecture}` pretrained here (MLM on the training "
+        Setup("pretrain_full", f"esmloc, ESM-2 `{backbone}` pretrained here (MLM on the training "
               "partitions), full", "esmloc",
               here + ["--finetune", "full", "--num_train_epochs", _num(budget.epochs),
                       "--learning_rate", _num(budget.learning_rate_full)]),
