@@ -8,6 +8,9 @@
     python bench/accuracy.py --smoke              # a few hundred proteins, tiny models, 1 epoch: seconds
     python bench/accuracy.py --pretrained facebook/esm2_t6_8M_UR50D   # also run the pretrained rows (needs the
                                                   # weights: hub access, a mirror via HF_ENDPOINT, or a local clone)
+    python bench/accuracy.py --pretrain           # also pretrain a backbone here (esmloc-pretrain, masked language
+                                                  # model on the training partitions only) and run the frozen and
+                                                  # full rows from it
 
 Setups (rows):
 
@@ -23,6 +26,11 @@ Setups (rows):
   meant to adapt pretrained weights.
 - esmloc from the pretrained `facebook/esm2_t6_8M_UR50D`, frozen and LoRA: the same command lines with
   `--model_name_or_path`; printed, not run, unless `--pretrained` is given.
+- With `--pretrain`: esmloc from a backbone pretrained here (`python -m esmloc.pretrain`, ESM-2's masked-language-model
+  recipe, `--pretrain_*` budget) on the proteins of the fold's training partitions only, frozen and full, with the
+  frozen and full rows' recipes. Before pretraining, the pretraining file is read back and checked against every
+  protein of the validation and test partitions (`check_no_held_out`): one shared sequence stops the benchmark.
+  Held-out perplexity before and after pretraining is reported under the table.
 
 Every esmloc setup is a real `python train.py ...` subprocess (its command is printed); its metrics are read from
 the `test_results.json` it writes. The baseline's threshold is tuned for MCC on validation and its metrics come
@@ -231,18 +239,48 @@ class Budget:
     # core (measured here: 100 training steps of `tiny` took 6 s with one thread, 109 s with two, while another
     # process kept one core busy).
     threads: int = 1
+    # --pretrain: the masked-language-model pretraining of the backbone (esmloc.pretrain); it stops at
+    # pretrain_max_steps or after pretrain_minutes of training, whichever comes first.
+    pretrain_architecture: str = "tiny"
+    pretrain_config_overrides: str = ""
+    pretrain_max_steps: int = 15000
+    pretrain_minutes: float = 20.0
+    pretrain_batch_size: int = 32
+    pretrain_learning_rate: float = 1e-3
+    pretrain_eval_steps: int = 1000
+    pretrain_eval_proteins: int = 500
 
 
 SMOKE_BUDGET = Budget(architecture="tiny", max_residues=64, epochs=1, frozen_epochs=1, pretrained_epochs=1,
-                      batch_size=16)
+                      batch_size=16, pretrain_max_steps=20, pretrain_minutes=5.0, pretrain_batch_size=16,
+                      pretrain_eval_steps=10, pretrain_eval_proteins=20)
+# Stands for the fold's pretrained backbone directory in the command lines of the --pretrain rows.
+PRETRAINED_HERE = "<pretrained-backbone>"
+
+
+class LeakageError(RuntimeError):
+    """A protein of a held-out (validation or test) partition is in the pretraining set."""
 
 
 def _num(value: float) -> str:
     return f"{value:g}"
 
 
-def make_setups(budget: Budget, pretrained: str | None) -> list[Setup]:
+def make_setups(budget: Budget, pretrained: str | None, pretrain: bool = False) -> list[Setup]:
     scratch = ["--from_scratch", budget.architecture, "--pooling", budget.pooling]
+    here = ["--model_name_or_path", PRETRAINED_HERE, "--pooling", budget.pooling]
+    backbone = budget.pretrain_architecture + (f" with {budget.pretrain_config_overrides}"
+                                               if budget.pretrain_config_overrides else "")
+    pretrained_here = [
+        Setup("pretrain_frozen", f"esmloc, ESM-2 `{backbone}` pretrained here (MLM on the training "
+              "partitions), frozen", "esmloc",
+              here + ["--finetune", "frozen", "--num_train_epochs", _num(budget.frozen_epochs),
+                      "--learning_rate", _num(budget.learning_rate_frozen)]),
+        Setup("pretrain_full", f"esmloc, ESM-2 `{backbone}` pretrained here (MLM on the training "
+              "partitions), full", "esmloc",
+              here + ["--finetune", "full", "--num_train_epochs", _num(budget.epochs),
+                      "--learning_rate", _num(budget.learning_rate_full)]),
+    ] if pretrain else []
     return [
         Setup("baseline_composition", "Baseline: logistic regression, N-terminal AA + dipeptide composition",
               "baseline"),
@@ -262,6 +300,7 @@ def make_setups(budget: Budget, pretrained: str | None) -> list[Setup]:
               ["--model_name_or_path", pretrained or PUBLISHED_PRETRAINED, "--pooling", budget.pooling,
                "--finetune", "lora", "--num_train_epochs", _num(budget.pretrained_epochs)],
               run=pretrained is not None, note="not run here: no pretrained weights offline"),
+        *pretrained_here,
     ]
 
 
@@ -292,14 +331,15 @@ def train_command(setup: Setup, budget: Budget, data_file: Path, validation: int
 
 def shell_line(command: list[str]) -> str:
     """The command as a user would type it (train.py relative to the repository)."""
-    parts = ["python", "train.py"] + command[2:]
+    parts = ["python", "train.py"] + command[2:] if command[1].endswith("train.py") else ["python"] + command[1:]
     return " ".join(part if part and all(c.isalnum() or c in "-_./=:," for c in part) else repr(part)
                     for part in parts)
 
 
-def run_train(command: list[str], output_dir: Path, threads: int) -> tuple[dict, float]:
-    """Runs train.py in a fresh output directory; returns (test_results.json, wall seconds)."""
-    if output_dir.exists():  # train.py would resume from a checkpoint left there
+def run_fresh(command: list[str], output_dir: Path, threads: int) -> float:
+    """Runs `command` (train.py or esmloc.pretrain) into a fresh output directory, its log beside it; returns the wall
+    seconds."""
+    if output_dir.exists():  # train.py and esmloc.pretrain would resume from a checkpoint left there
         shutil.rmtree(output_dir)
     output_dir.mkdir(parents=True)
     env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"), "TOKENIZERS_PARALLELISM": "false",
@@ -312,8 +352,112 @@ def run_train(command: list[str], output_dir: Path, threads: int) -> tuple[dict,
     wall = time.perf_counter() - start
     if result.returncode != 0:
         tail = log.read_text()[-4000:]
-        raise RuntimeError(f"train.py failed ({result.returncode}); log {log}:\n{tail}")
+        raise RuntimeError(f"{shell_line(command)[:80]}... failed ({result.returncode}); log {log}:\n{tail}")
+    return wall
+
+
+def run_train(command: list[str], output_dir: Path, threads: int) -> tuple[dict, float]:
+    """Runs train.py in a fresh output directory; returns (test_results.json, wall seconds)."""
+    wall = run_fresh(command, output_dir, threads)
     return json.loads((output_dir / "test_results.json").read_text()), wall
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Pretraining (--pretrain)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def held_out_sequences(data_file: Path, partitions) -> dict[str, str]:
+    """{sequence: ACC} of every protein of `partitions` in the DeepLoc file, read from the file itself (not from the
+    split the dataset builder made), normalised as esmloc reads sequences."""
+    import pandas as pd
+
+    from esmloc.data import validate_sequence
+
+    frame = pd.read_csv(data_file, usecols=["ACC", "Partition", "Sequence"])
+    rows = frame[frame["Partition"].isin(list(partitions))]
+    return {validate_sequence(sequence)[0]: acc for acc, sequence in zip(rows["ACC"], rows["Sequence"])}
+
+
+def check_no_held_out(pretraining_file: Path, held_out: dict[str, str], partitions) -> int:
+    """Reads the pretraining file back and raises `LeakageError` if any of its proteins has the sequence of a
+    held-out protein; returns the number of proteins checked."""
+    from esmloc.data import read_sequences
+
+    checked, leaked = 0, []
+    for record in read_sequences(pretraining_file):
+        checked += 1
+        if record.sequence in held_out:
+            leaked.append(f"{record.acc} (the sequence of {held_out[record.sequence]})")
+    if leaked:
+        raise LeakageError(f"{pretraining_file}: {len(leaked)} protein(s) of the held-out partitions "
+                           f"{sorted(partitions)} would be pretrained on, e.g. {', '.join(leaked[:5])}")
+    return checked
+
+
+def pretrain_command(budget: Budget, pretraining_file: Path, output_dir: Path) -> list[str]:
+    overrides = ["--config_overrides", budget.pretrain_config_overrides] if budget.pretrain_config_overrides else []
+    return [
+        sys.executable, "-m", "esmloc.pretrain", "--from_scratch", budget.pretrain_architecture, *overrides,
+        "--train_files", str(pretraining_file), "--validation_fraction", "0.05",
+        "--max_eval_proteins", str(budget.pretrain_eval_proteins), "--max_residues", str(budget.max_residues),
+        "--max_steps", str(budget.pretrain_max_steps), "--max_train_minutes", _num(budget.pretrain_minutes),
+        "--per_device_train_batch_size", str(budget.pretrain_batch_size),
+        "--learning_rate", _num(budget.pretrain_learning_rate), "--eval_steps", str(budget.pretrain_eval_steps),
+        "--save_steps", str(budget.pretrain_eval_steps), "--logging_steps", str(max(budget.pretrain_eval_steps // 10, 1)),
+        "--seed", str(budget.seed), "--disable_tqdm", "true", "--output_dir", str(output_dir),
+    ]
+
+
+def pretrain_backbone(data_file: Path, training_split, validation: int, test: int, budget: Budget,
+                      directory: Path) -> dict:
+    """Pretrains a backbone on the proteins of `training_split` (the fold's training partitions) after checking the
+    written file against every protein of the validation and test partitions; returns what was done and measured."""
+    import csv
+
+    directory.mkdir(parents=True, exist_ok=True)
+    pretraining_file = directory / "pretraining_proteins.csv"
+    with open(pretraining_file, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["ACC", "Sequence"])
+        writer.writerows(zip(training_split["ACC"], training_split["Sequence"]))
+    held_out_partitions = [validation, test]
+    checked = check_no_held_out(pretraining_file, held_out_sequences(data_file, held_out_partitions),
+                                held_out_partitions)
+    print(f"- pretraining set: {checked} proteins of the training partitions, none of partitions "
+          f"{held_out_partitions} (checked)")
+    output_dir = directory / "backbone"
+    command = pretrain_command(budget, pretraining_file, output_dir)
+    print(f"- pretraining the backbone:\n    {shell_line(command)}", flush=True)
+    wall = run_fresh(command, output_dir, budget.threads)
+
+    def read(name):
+        path = output_dir / name
+        return json.loads(path.read_text()) if path.is_file() else {}
+
+    before, after, train = read("initial_eval_results.json"), read("eval_results.json"), read("train_results.json")
+    info = {
+        "backbone": str(output_dir), "command": shell_line(command), "wall_s": wall, "proteins": checked,
+        "held_out_partitions": held_out_partitions, "steps": train.get("global_step"),
+        "train_minutes": train.get("train_runtime", 0) / 60,
+        "perplexity_before": before.get("initial_eval_perplexity"), "perplexity_after": after.get("eval_perplexity"),
+        "masked_accuracy_before": before.get("initial_eval_masked_accuracy"),
+        "masked_accuracy_after": after.get("eval_masked_accuracy"),
+        "curve": str(output_dir / "perplexity_curve.png"),
+    }
+    print(f"    {wall / 60:.1f} min, {info['steps']} steps; held-out perplexity {_summary([info['perplexity_before']])} "
+          f"-> {_summary([info['perplexity_after']])}", flush=True)
+    return info
+
+
+def pretraining_table(infos: dict[str, dict]) -> str:
+    lines = ["| fold | proteins | steps | training time | held-out perplexity before → after | masked-residue "
+             "accuracy before → after |", "| --- | --- | --- | --- | --- | --- |"]
+    for fold, info in infos.items():
+        lines.append(f"| {fold} | {info['proteins']} | {info['steps']} | {info['train_minutes']:.1f} min | "
+                     f"{_summary([info['perplexity_before']])} → {_summary([info['perplexity_after']])} | "
+                     f"{_summary([info['masked_accuracy_before']])} → {_summary([info['masked_accuracy_after']])} |")
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -414,7 +558,11 @@ def parse_arguments(argv=None) -> argparse.Namespace:
     parser.add_argument("--multi_label", action="store_true", help="both tasks: --tasks mitochondrion,deeploc")
     parser.add_argument("--setups", default=None,
                         help="comma-separated subset of: baseline_composition, baseline_physchem, scratch_frozen, "
-                        "scratch_full, pretrained_frozen, pretrained_lora")
+                        "scratch_full, pretrained_frozen, pretrained_lora (and with --pretrain: pretrain_frozen, "
+                        "pretrain_full)")
+    parser.add_argument("--pretrain", action="store_true",
+                        help="also pretrain a backbone here on the training partitions (esmloc.pretrain, the "
+                        "--pretrain_* budget) and run the frozen and full rows from it")
     parser.add_argument("--pretrained", default=None, metavar="ID_OR_PATH",
                         help=f"run the pretrained rows from this ESM-2 checkpoint (e.g. {PUBLISHED_PRETRAINED})")
     parser.add_argument("--smoke", action="store_true",
@@ -440,7 +588,7 @@ def main(argv=None) -> dict:
     if args.smoke:
         data_file = smoke_data(data_file, output_dir / "smoke_data.csv", args.smoke_rows_per_partition, budget.seed)
 
-    setups = make_setups(budget, args.pretrained)
+    setups = make_setups(budget, args.pretrained, pretrain=args.pretrain)
     if args.setups:
         chosen = args.setups.split(",")
         unknown = set(chosen) - {setup.key for setup in setups}
@@ -483,6 +631,9 @@ def run_task(task: str, setups: list[Setup], budget: Budget, args, data_file: Pa
     rows = [{"key": s.key, "name": s.name, "note": s.note, "runs": [], "commands": []} for s in setups]
     split_sizes = {}
     results["tasks"][task] = {"split_sizes": split_sizes, "rows": rows}
+    # One pretrained backbone per fold, shared by the tasks (their training partitions are the same proteins).
+    pretraining = results.setdefault("pretraining", {})
+    needs_backbone = any(setup.run and PRETRAINED_HERE in setup.args for setup in setups)
     for validation, test in folds(args.all_folds, args.test_partition):
         dataset = data.load_dataset(str(data_file), task, split_method="partition",
                                     validation_partitions=[validation], test_partitions=[test])
@@ -491,6 +642,10 @@ def run_task(task: str, setups: list[Setup], budget: Budget, args, data_file: Pa
               "three")
         for name, counts in data.dataset_summary(dataset)["splits"].items():
             print(f"  {name:<10} N={counts['proteins']:>6}  Mitochondrion={counts['Mitochondrion']}")
+        fold = f"test{test}"
+        if needs_backbone and fold not in pretraining:
+            pretraining[fold] = pretrain_backbone(data_file, dataset["train"], validation, test, budget,
+                                                  output_dir / "pretraining" / f"fold{test}")
         for setup, row in zip(setups, rows):
             run_dir = output_dir / "runs" / task / setup.key / f"fold{test}"
             if setup.kind == "baseline":
@@ -501,6 +656,8 @@ def run_task(task: str, setups: list[Setup], budget: Budget, args, data_file: Pa
                 print(f"- {setup.name}: {wall:.0f} s, C={details['C']}, {details['n_features']} features")
             else:
                 command = train_command(setup, budget, data_file, validation, test, run_dir, multi_label)
+                if fold in pretraining:
+                    command = [pretraining[fold]["backbone"] if part == PRETRAINED_HERE else part for part in command]
                 line = shell_line(command)
                 row["commands"].append(line)
                 if not setup.run:
@@ -519,6 +676,15 @@ def run_task(task: str, setups: list[Setup], budget: Budget, args, data_file: Pa
     fold_text = "all 5 folds, mean ± sd" if args.all_folds else f"test partition {args.test_partition}"
     sizes = next(iter(split_sizes.values()))
     table = markdown_table(rows, MULTI_COLUMNS if multi_label else BINARY_COLUMNS, published=not multi_label)
+    if needs_backbone:
+        table += (f"\n\nThe pretrained-here backbone: ESM-2 `{budget.pretrain_architecture}`"
+                  + (f" ({budget.pretrain_config_overrides})" if budget.pretrain_config_overrides else "")
+                  + f" from random weights, masked language model on the training partitions only, batch "
+                  f"{budget.pretrain_batch_size}, learning rate {_num(budget.pretrain_learning_rate)}, at most "
+                  f"{budget.pretrain_max_steps} steps or {_num(budget.pretrain_minutes)} min of training, random "
+                  f"{budget.max_residues}-residue windows; perplexity on 5% of those proteins (at most "
+                  f"{budget.pretrain_eval_proteins}) held out from pretraining, cropped and masked once:\n\n"
+                  + pretraining_table(pretraining))
     return (f"### {title}\n\n{fold_text}; N train/validation/test = {sizes['train']}/{sizes['validation']}/"
             f"{sizes['test']}\n\n{table}")
 

@@ -12,7 +12,10 @@ otherwise fill with one line per update).
 """
 
 import logging
+import os
 import sys
+
+import torch
 
 import transformers
 
@@ -29,6 +32,13 @@ class EnvironmentProblem(Exception):
     """A failure outside the user's input (network, hub); the message says what to do."""
 
     exit_code = 1
+
+
+def cpu_ddp_backend() -> str | None:
+    """"gloo" when two or more processes (torchrun / accelerate launch) run on a machine without GPUs, else None
+    (torch's own choice: nccl for GPUs, nothing for one process)."""
+    several = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return "gloo" if several and not torch.cuda.is_available() else None
 
 
 def progress_bars_wanted() -> bool:

@@ -197,9 +197,7 @@ class EsmLocTrainingArguments(TrainingArguments):
     def __post_init__(self):
         if self.disable_tqdm is None:
             self.disable_tqdm = not cli.progress_bars_wanted()
-        # Two or more CPU processes (torchrun / accelerate launch on a machine without GPUs) need gloo.
-        if self.ddp_backend is None and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
-            self.ddp_backend = "gloo"
+        self.ddp_backend = self.ddp_backend or cli.cpu_ddp_backend()
         # Both defaults depend on what is trained, known only in main(): TrainingArguments would otherwise fill in
         # metric_for_best_model="loss" (load_best_model_at_end) and insist on a float learning rate.
         choose_metric_later = self.metric_for_best_model is None
@@ -210,8 +208,9 @@ class EsmLocTrainingArguments(TrainingArguments):
             self.metric_for_best_model = None
 
 
-def parse_arguments(argv=None) -> tuple[ModelArguments, DataArguments, EsmLocTrainingArguments]:
-    parser = HfArgumentParser((ModelArguments, DataArguments, EsmLocTrainingArguments))
+def parse_arguments(argv=None, dataclass_types=(ModelArguments, DataArguments, EsmLocTrainingArguments)) -> tuple:
+    """The command line (or one .json/.yaml file) into `dataclass_types` (esmloc-pretrain passes its own)."""
+    parser = HfArgumentParser(dataclass_types)
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) == 1 and argv[0].endswith(".json"):
         return parser.parse_json_file(json_file=os.path.abspath(argv[0]))
