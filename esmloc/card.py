@@ -11,7 +11,6 @@ lines of reading the run's record; split, the template's variables would be scat
 
 import json
 import math
-import re
 from importlib import resources
 from pathlib import Path
 

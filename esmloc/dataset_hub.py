@@ -16,7 +16,6 @@ features.
 
 import argparse
 import logging
-import os
 import shutil
 import sys
 import tempfile

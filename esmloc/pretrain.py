@@ -28,7 +28,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -49,7 +48,8 @@ from transformers import (
 from transformers.trainer_utils import get_last_checkpoint
 
 from configuration_esmloc import ESM2_ARCHITECTURES
-from esmloc import cli, sequences, train
+from esmloc import cli, train
+from esmloc.sequences import DataValidationError, read_sequences
 from tokenization_esmloc import EsmLocTokenizer
 
 
@@ -182,13 +182,13 @@ def read_unique_sequences(paths) -> tuple[list[str], dict]:
             raise SystemExit(f"{path}: no such file")
         records = new = 0
         try:
-            for record in sequences.read_sequences(path):
+            for record in read_sequences(path):
                 records += 1
                 if record.sequence not in seen:
                     seen.add(record.sequence)
                     sequences.append(record.sequence)
                     new += 1
-        except sequences.DataValidationError as error:
+        except DataValidationError as error:
             raise SystemExit(str(error)) from None
         files.append({"file": Path(path).name, "records": records, "new_sequences": new})
     return sequences, {"files": files}

@@ -21,7 +21,6 @@ from esmloc.demo import write_demo_csv
 
 from conftest import REPO, write_deeploc_layout_csv
 from test_publish import (
-    FAKE_TOKEN,
     GitWorkTreeHub,
     assert_no_token,
     calls_named,

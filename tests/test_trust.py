@@ -11,14 +11,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import EsmConfig, EsmForMaskedLM, EsmForSequenceClassification, Trainer, TrainingArguments
 
 from configuration_esmloc import ESM2_ARCHITECTURES
-from esmloc import publish
 from esmloc.demo import demo_rows, write_demo_csv
 from esmloc.engine import Engine
 from esmloc.saving import save_model, tokenizer_for
