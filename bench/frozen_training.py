@@ -2,7 +2,7 @@
 
     python bench/frozen_training.py                 # N=256 DeepLoc proteins, ESM-2 8M architecture, 3 repeats
     python bench/frozen_training.py --n 512 --repeats 5
-    python bench/frozen_training.py --smoke         # tiny model, a few proteins: checks that the script runs
+    python bench/frozen_training.py --smoke         # tiny model, 120 proteins: checks that the script runs
 
 Each repeat runs `train.py --finetune frozen` twice in fresh processes on the same CSV (the first N rows of the DeepLoc
 2.0 CSV: ACC, Mitochondrion, Sequence; split 70/10/20 as train.py does): once on the cached-feature path with an
@@ -78,10 +78,10 @@ def parse_arguments(argv=None):
     parser.add_argument("--retries", type=int, default=6, help="discarded repeats allowed in all (default 6)")
     parser.add_argument("--data", type=Path, default=common.DEEPLOC_CSV)
     parser.add_argument("--work_dir", type=Path, default=None, help="where runs write (default: a temporary dir)")
-    parser.add_argument("--smoke", action="store_true", help="tiny model, 24 proteins, 2 epochs, 1 repeat")
+    parser.add_argument("--smoke", action="store_true", help="tiny model, 120 proteins (enough for a validation positive), 2 epochs, 1 repeat")
     args = parser.parse_args(argv)
     if args.smoke:
-        args.n, args.repeats, args.architecture, args.epochs = min(args.n, 24), 1, "tiny", 2
+        args.n, args.repeats, args.architecture, args.epochs = min(args.n, 120), 1, "tiny", 2
     return args
 
 
