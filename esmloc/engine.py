@@ -98,11 +98,13 @@ def _torch_linear(x, weight, bias, gelu=False, residual=None):
     return out if residual is None else residual + out
 
 
-# oneDNN builds (and caches) a kernel for every input shape it meets; packed batches have a different number of
-# rows nearly every time, and memory grew with the number of proteins predicted (+14% RSS from 5k to 50k proteins,
-# bench/predict_memory.py). Rows are padded to a multiple of this, so that a run meets a bounded set of shapes
-# (<= max_tokens_per_batch / ONEDNN_ROW_BUCKET per layer kind); the zero rows cost at most 63 rows of work per call.
-ONEDNN_ROW_BUCKET = 64
+# oneDNN builds (and keeps) kernels and buffers for every input shape it meets; packed batches have a different
+# number of rows nearly every time, and peak memory grew with the number of proteins predicted (bench/predict_memory.py,
+# tiny model: +19% from 3k to 30k proteins unpadded; +9% from 10k to 400k with rows padded to a multiple of 64;
+# +1% with 256). Rows are padded to a multiple of this, so that a run meets a bounded set of shapes
+# (max_tokens_per_batch / ONEDNN_ROW_BUCKET per layer kind, 8 at the CPU default); the zero rows cost at most 255
+# rows of work per call, about 6% of a 2048-token batch on average.
+ONEDNN_ROW_BUCKET = 256
 
 
 def _onednn_linear(x, weight, bias, gelu=False, residual=None):
