@@ -30,7 +30,7 @@ anything is read.
 """
 
 import argparse
-import hashlib
+import csv
 import json
 import logging
 import os
@@ -45,12 +45,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from esmloc import cli, loading, task
+from esmloc import cli, jobs, loading, task
 from esmloc.cli import InputError
 from esmloc.sequences import read_sequences
 from esmloc.engine import PRECISIONS, Engine
 from esmloc.files import atomic_file
-from esmloc.predictions import PredictionsWriter
+from esmloc.jobs import id_digest
+from esmloc.predictions import PredictionsWriter, columns
 
 
 logger = logging.getLogger("esmloc.predict")
@@ -79,10 +80,23 @@ def parse_arguments(argv=None) -> argparse.Namespace:
                         help="auto: fp32 on CPU, bf16 (or fp16) autocast on CUDA")
     parser.add_argument("--no_progress", action="store_true",
                         help="no progress bar (default: a bar when stderr is a terminal)")
+    parser.add_argument("--resumable", action="store_true",
+                        help="with one process too: write resumable parts beside the output, as several processes "
+                             "do (see Large jobs)")
+    add_job_arguments(parser)
     args = parser.parse_args(argv)
     if args.chunk_size < 1:
         parser.error("--chunk_size must be positive")
+    if args.part_size is not None and args.part_size < 1:
+        parser.error("--part_size must be positive")
     return args
+
+
+def add_job_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of large jobs (`esmloc.jobs`), shared by esmloc-predict and esmloc-embed."""
+    parser.add_argument("--part_size", type=int, default=None,
+                        help="records per resumable part (large jobs: several processes or --resumable); default "
+                             "about 1/1024 of the input, between 16 and 4096")
 
 
 def check_output_path(output, inputs) -> None:
@@ -125,10 +139,6 @@ def batched(iterable, size: int):
         yield chunk
 
 
-def id_digest(acc: str) -> int:
-    return int.from_bytes(hashlib.blake2b(acc.encode(), digest_size=8).digest(), "little")
-
-
 def survey(path) -> tuple[int, int, set[int]]:
     """Reads every record once (raising DataValidationError at the first bad one): the number of records and of
     residues, and the digests of the record IDs that occur more than once. IDs are kept as 8-byte digests, not
@@ -167,7 +177,10 @@ def predict_file(model, tokenizer, input_path, output_path, thresholds, chunk_si
 
 def predict(argv=None) -> int:
     args = parse_arguments(argv)
-    cli.setup_logging()
+    state = jobs.distributed_state()
+    cli.setup_logging(logging.INFO if state.is_main_process else logging.WARNING)
+    if state.num_processes > 1 or args.resumable:
+        return predict_in_parts(args, state)
     input_path = Path(args.input)
     if not input_path.is_file():
         raise InputError(f"{input_path}: no such file")
@@ -192,6 +205,70 @@ def predict(argv=None) -> int:
         logger.warning("Repeated record IDs: %s%s", shown, " ..." if len(repeated) > 10 else "")
     logger.info("Wrote %d predictions to %s in %.1f s", written, args.output, time.perf_counter() - started)
     return 0
+
+
+def predict_in_parts(args, state) -> int:
+    """The large-job path (`esmloc.jobs`): this process's share of the input, resumable parts, one merged output."""
+    started = time.perf_counter()
+    input_path = Path(args.input)
+    job = jobs.PartsJob("esmloc-predict", input_path, args.output, (".csv",), max_residues=0,
+                        part_size=args.part_size, chunk_size=args.chunk_size, state=state)
+    with job.same_everywhere():
+        if not input_path.is_file():
+            raise InputError(f"{input_path}: no such file")
+        check_output_path(args.output, [input_path, *Path(args.model_dir).glob("*")])
+        loading.check_model_dir(args.model_dir)
+        job.max_residues = loading.read_config(args.model_dir).get("max_residues", 1022)
+    plan = job.plan()
+    job.validate()
+    device = torch.device(args.device) if args.device else state.device
+    model, tokenizer = loading.load_model_dir(args.model_dir, device)
+    config = model.config
+    thresholds, source = decision_thresholds(args.model_dir, config, args.threshold)
+    engine = Engine(model, tokenizer, max_tokens_per_batch=args.max_tokens_per_batch, device=device,
+                    precision=args.precision, progress=False)
+    logger.info("%s: %d proteins in %d parts of %d, %d process(es); model %s (%s pooling); decision threshold: %s",
+                input_path, plan.records, plan.parts, plan.part_size, job.processes, args.model_dir, config.pooling,
+                source)
+    job.prepare(lambda: {"model_weights": jobs.tensors_digest(model), "model_config": jobs.model_config(config),
+                         "thresholds": None if thresholds is None else [float(t) for t in thresholds],
+                         "precision": engine.precision_name})
+    names, multi_label = task.label_names(config), task.is_multi_label(config)
+    pending = job.pending_parts()
+    progress = not args.no_progress and cli.progress_bars_wanted()
+    with tqdm(total=sum(job.part_records(part) for part in pending), unit="protein", disable=not progress,
+              desc=f"Predicting ({job.rank + 1}/{job.processes})", position=job.rank) as bar:
+        for window in job.windows():
+            accs = [record.acc for record in window.records]
+            probabilities = engine.predict_probabilities([record.sequence for record in window.records], bar=bar)
+            for part, start, end in window.spans:
+                with atomic_file(job.part_path(part, ".csv"), "w", newline="") as handle:
+                    PredictionsWriter(handle, names, multi_label, thresholds).write(accs[start:end],
+                                                                                    probabilities[start:end])
+
+    def merge(parts):
+        header = columns(names, multi_label)
+        repeated = jobs.RepeatedIds()
+        with atomic_file(Path(args.output), "w", newline="") as handle:
+            writer = csv.writer(handle, lineterminator="\n")
+            writer.writerow(header)
+            for accs, rows in part_rows(job, parts):
+                writer.writerows(rows)
+                repeated.add(accs)
+        repeated.report(input_path, lambda: (accs for accs, _ in part_rows(job, parts)))
+
+    if job.finish(merge):
+        logger.info("Wrote %d predictions to %s in %.1f s (%d process(es))", plan.records, args.output,
+                    time.perf_counter() - started, job.processes)
+    return 0
+
+
+def part_rows(job, parts):
+    """(ACCs, rows) of each predictions part, in order (the rows as csv.reader reads them, without the header)."""
+    for part in parts:
+        with open(job.part_path(part, ".csv"), newline="") as handle:
+            rows = list(csv.reader(handle))[1:]
+        yield [row[0] for row in rows], rows
 
 
 def main(argv=None) -> int:
