@@ -27,6 +27,11 @@ once are counted in that pass and reported (a warning); every record still gets 
 to a temporary file next to the output and renamed into place only when every record has been predicted, so the
 output path never holds a partial file; an output path that is the input file (or the model's) is refused before
 anything is read.
+
+Large jobs: under `torchrun` / `accelerate launch` (several processes, GPUs or machines), or with `--resumable`, the
+input is split between the processes by tokens and predicted in resumable parts beside the output, which are
+merged in input order at the end (`esmloc.jobs`): the output is the same as one process's. Repeated IDs are then
+reported at the end.
 """
 
 import argparse

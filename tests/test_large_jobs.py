@@ -22,7 +22,7 @@ from esmloc.predict import main as predict_main
 from esmloc.saving import save_model
 from esmloc.sequences import read_sequences
 
-from conftest import tiny_model
+from conftest import REPO, tiny_model
 from test_train import loopback_only_namespace
 
 
@@ -213,3 +213,13 @@ def test_a_killed_job_resumes_and_a_changed_model_discards_old_parts(work, tmp_p
     assert "holds parts of an earlier run with a different model_weights: discarding them" in capsys.readouterr().err
     assert predict_main([str(model_dir), str(proteins), "-o", str(uninterrupted), "--no_progress"]) == 0
     assert_same_predictions(output, uninterrupted)
+
+
+def test_the_benchmark_runs_in_smoke_mode(tmp_path):
+    result = subprocess.run([sys.executable, str(REPO / "bench" / "large_jobs.py"), "--smoke"], cwd=tmp_path,
+                            env=env(HF_HOME=str(tmp_path / "hf_home")), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "command: python bench/large_jobs.py --smoke" in result.stdout
+    assert "same rows in the same order: True" in result.stdout and "PROJECTION (arithmetic" in result.stdout
+    table = [line for line in result.stdout.splitlines() if line.startswith("| 2 processes")]
+    assert len(table) == 1
