@@ -168,7 +168,7 @@ def main(argv=None):
                   for count in PROCESS_COUNTS]
     print(f"\nPROJECTION (arithmetic, not a measurement): {per_process:.2f} proteins/s per process ({origin}) x N "
           f"processes x {100 * efficiency:.0f}% efficiency, proteins of DeepLoc's length distribution")
-    print(table(["processes (CPU cores or GPUs)"] + [f"{name} ({count:,})" for name, count in PROJECTIONS.items()],
+    print(table(["processes at that rate"] + [f"{name} ({count:,})" for name, count in PROJECTIONS.items()],
                 projection))
 
 

@@ -53,9 +53,9 @@ from tqdm.auto import tqdm
 from esmloc import cli, jobs, loading
 from esmloc.cache import backbone_fingerprint, sequence_key
 from esmloc.cli import InputError
-from esmloc.engine import PRECISIONS, Engine
+from esmloc.engine import Engine
 from esmloc.files import TEMPORARY_PREFIX, atomic_file
-from esmloc.predict import add_job_arguments, check_output_path
+from esmloc.predict import check_output_path, parse_run_arguments
 from esmloc.saving import tokenizer_for
 from modeling_esmloc import EsmForLocalization
 
@@ -82,22 +82,7 @@ def parse_arguments(argv=None) -> argparse.Namespace:
     parser.add_argument("--per_residue", default=None, metavar="DIR",
                         help="also write per-residue embeddings, as safetensors shards with an index.json, to DIR")
     parser.add_argument("--per_residue_dtype", choices=tuple(RESIDUE_DTYPES), default="float16")
-    parser.add_argument("--max_tokens_per_batch", "--batch", type=int, default=None,
-                        help="token budget per batch (proteins x longest); default 2048 on CPU, 65536 on CUDA")
-    parser.add_argument("--chunk_size", type=int, default=4096,
-                        help="records read and embedded at a time (default 4096)")
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: the process's GPU if any)")
-    parser.add_argument("--precision", default="auto", choices=PRECISIONS,
-                        help="auto: fp32 on CPU, bf16 (or fp16) autocast on CUDA")
-    parser.add_argument("--no_progress", action="store_true",
-                        help="no progress bar (default: a bar when stderr is a terminal)")
-    add_job_arguments(parser)
-    args = parser.parse_args(argv)
-    if args.chunk_size < 1:
-        parser.error("--chunk_size must be positive")
-    if args.part_size is not None and args.part_size < 1:
-        parser.error("--part_size must be positive")
-    return args
+    return parse_run_arguments(parser, argv, "embedded and written")
 
 
 def load_model(name_or_path, device="cpu"):
@@ -106,6 +91,8 @@ def load_model(name_or_path, device="cpu"):
     if Path(name_or_path).is_dir() and loading.model_kind(name_or_path) == "esmloc":
         model, tokenizer = loading.load_model_dir(name_or_path, device)
         return model, tokenizer, "esmloc"
+    if str(name_or_path).startswith(("/", "./", "../", "~")) and not Path(name_or_path).expanduser().exists():
+        raise InputError(f"{name_or_path}: no such model directory")
     try:
         model = EsmForLocalization.from_esm(name_or_path)
     except (OSError, ValueError) as error:

@@ -30,6 +30,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from array import array
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -252,10 +253,11 @@ class PartsJob:
         if self.is_main:
             self._open_parts_dir(self.fingerprint(settings()))
         self.barrier()
+        self.computed = Counter(started=time.perf_counter())
 
     def fingerprint(self, settings: dict) -> dict:
         plan = self.plan_
-        return json.loads(json.dumps({"tool": self.prog, "esmloc_version": esmloc.__version__, "input": str(self.input_path.resolve()),
+        return json.loads(json.dumps({"tool": self.prog, "esmloc_version": esmloc.__version__,
                 "input_size": plan.input_size, "input_sha256": plan.input_sha256, "records": plan.records,
                 "part_size": plan.part_size, "parts": plan.parts, "part_files": list(self.suffixes),
                 "settings": settings}, default=str))
@@ -328,17 +330,28 @@ class PartsJob:
                 if current is not None:
                     window.spans.append((current, start, len(window.records)))
                     if len(window.records) + self.plan_.part_size > self.chunk_size:
+                        self._count(window)
                         yield window
                         window = Window()
                 current, start = part, len(window.records)
             window.records.append(checked_record(self.input_path, line, acc, raw))
         window.spans.append((current, start, len(window.records)))
+        self._count(window)
         yield window
+
+    def _count(self, window: Window) -> None:
+        self.computed.update(parts=len(window.spans), records=len(window.records),
+                             tokens=sum(min(len(record.sequence), self.max_residues) + 2 for record in window.records))
 
     def finish(self, merge: Callable[[list[int]], None]) -> bool:
         """Waits for every process; the main process checks that every part exists, calls `merge(parts)` (which
         writes the output) and removes the parts directory. Returns whether this process merged."""
-        self.barrier()
+        seconds = time.perf_counter() - self.computed["started"]
+        shares = _gather(self.state, (self.computed["parts"], self.computed["records"], self.computed["tokens"],
+                                      seconds))
+        logger.info("Computed: %s", "; ".join(
+            f"process {rank + 1}: {parts} parts, {records} proteins, {tokens} tokens in {seconds:.1f} s"
+            for rank, (parts, records, tokens, seconds) in enumerate(shares)))
         merged = False
         if self.is_main:
             missing = [part for part in range(self.plan_.parts) if not self.part_done(part)]

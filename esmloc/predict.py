@@ -76,32 +76,35 @@ def parse_arguments(argv=None) -> argparse.Namespace:
     parser.add_argument("--threshold", type=float, default=None,
                         help="decision threshold for the positive label (every label for multi-label models); "
                              "default: the tuned one from MODEL_DIR/test_results.json, else 0.5")
+    parser.add_argument("--resumable", action="store_true",
+                        help="with one process too: write resumable parts beside the output, as several processes "
+                             "do (see Large jobs)")
+    return parse_run_arguments(parser, argv, "predicted and written")
+
+
+def parse_run_arguments(parser: argparse.ArgumentParser, argv, done: str) -> argparse.Namespace:
+    """Adds the options of how the engine and large jobs run (shared by esmloc-predict and esmloc-embed), parses
+    `argv` and checks them."""
     parser.add_argument("--max_tokens_per_batch", "--batch", type=int, default=None,
                         help="token budget per batch (proteins x longest); default 2048 on CPU, 65536 on CUDA")
     parser.add_argument("--chunk_size", type=int, default=4096,
-                        help="records read, predicted and written at a time (default 4096)")
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+                        help=f"records read, {done} at a time (default 4096)")
+    parser.add_argument("--device", default=None,
+                        help="cpu, cuda, cuda:1, ... (default: cuda if available; the process's own GPU under "
+                             "torchrun / accelerate launch)")
     parser.add_argument("--precision", default="auto", choices=PRECISIONS,
                         help="auto: fp32 on CPU, bf16 (or fp16) autocast on CUDA")
     parser.add_argument("--no_progress", action="store_true",
                         help="no progress bar (default: a bar when stderr is a terminal)")
-    parser.add_argument("--resumable", action="store_true",
-                        help="with one process too: write resumable parts beside the output, as several processes "
-                             "do (see Large jobs)")
-    add_job_arguments(parser)
+    parser.add_argument("--part_size", type=int, default=None,
+                        help="records per resumable part (large jobs: several processes or --resumable); default "
+                             "about 1/1024 of the input, between 16 and 4096")
     args = parser.parse_args(argv)
     if args.chunk_size < 1:
         parser.error("--chunk_size must be positive")
     if args.part_size is not None and args.part_size < 1:
         parser.error("--part_size must be positive")
     return args
-
-
-def add_job_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of large jobs (`esmloc.jobs`), shared by esmloc-predict and esmloc-embed."""
-    parser.add_argument("--part_size", type=int, default=None,
-                        help="records per resumable part (large jobs: several processes or --resumable); default "
-                             "about 1/1024 of the input, between 16 and 4096")
 
 
 def check_output_path(output, inputs) -> None:

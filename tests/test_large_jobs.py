@@ -4,6 +4,7 @@ import csv
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -107,6 +108,8 @@ def test_two_processes_predict_what_one_process_predicts(work, tmp_path):
     assert result.returncode == 0, log[-5000:]
     assert "240 proteins in 15 parts of 16, 2 process(es)" in log
     assert log.count("Wrote 240 predictions") == 1 and "record ID(s) occur more than once" in log
+    shares = [int(parts) for parts in re.findall(r"process \d: (\d+) parts", log)]
+    assert len(shares) == 2 and sum(shares) == 15 and min(shares) >= 5  # both worked, on about equal token shares
     assert_same_predictions(two, one)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one.csv", "two.csv"]  # parts merged and removed
 
