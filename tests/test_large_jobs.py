@@ -226,3 +226,23 @@ def test_the_benchmark_runs_in_smoke_mode(tmp_path):
     assert "same rows in the same order: True" in result.stdout and "PROJECTION (arithmetic" in result.stdout
     table = [line for line in result.stdout.splitlines() if line.startswith("| 2 processes")]
     assert len(table) == 1
+
+
+def test_embed_takes_a_stock_esm2_checkpoint(work, tmp_path):
+    from transformers import EsmConfig, EsmForMaskedLM
+
+    from configuration_esmloc import ESM2_ARCHITECTURES
+    from modeling_esmloc import EsmForLocalization
+    from esmloc.saving import tokenizer_for
+
+    torch.manual_seed(3)
+    EsmForMaskedLM(EsmConfig(**ESM2_ARCHITECTURES["tiny"])).save_pretrained(tmp_path / "esm2")
+    output = tmp_path / "stock.parquet"
+    assert embed_main([str(tmp_path / "esm2"), str(work / "proteins.fasta"), "-o", str(output), "--no_progress",
+                       "--pooling", "cls"]) == 0
+    model = EsmForLocalization.from_esm(tmp_path / "esm2").eval()
+    sequences = [record.sequence for record in read_sequences(work / "proteins.fasta")]
+    expected = Engine(model, tokenizer_for(model.config), progress=False).embed(sequences, kind="cls")
+    np.testing.assert_allclose(np.stack(pd.read_parquet(output).embedding.to_numpy()), expected, atol=1e-5)
+    assert embed_main([str(tmp_path / "esm2"), str(work / "proteins.fasta"), "-o", str(output),
+                       "--pooling", "attention"]) == 2  # a stock checkpoint has no trained attention pooler
