@@ -139,6 +139,12 @@ class Plan:
         return len(self.part_tokens)
 
 
+def tokens_seen(residues: int, max_residues: int) -> int:
+    """Tokens the backbone sees for a protein of `residues` residues: cropped to `max_residues`, plus <cls>/<eos>
+    (an estimate from the raw length, for balancing and reporting only)."""
+    return min(residues, max_residues) + 2
+
+
 def make_plan(input_path, processes: int, max_residues: int, part_size: int | None = None) -> Plan:
     """One raw pass over the input: tokens per part (a record counts min(its length, max_residues) + 2, what the
     backbone sees), the file's digest, and the owner of each part."""
@@ -147,13 +153,13 @@ def make_plan(input_path, processes: int, max_residues: int, part_size: int | No
     for _, _, raw in raw_records(input_path):
         if records % PART_SIZE_STEP == 0:
             step_tokens.append(0)
-        step_tokens[-1] += min(len(raw), max_residues) + 2
+        step_tokens[-1] += tokens_seen(len(raw), max_residues)
         records += 1
     part_size = part_size or default_part_size(records)
     if part_size % PART_SIZE_STEP:  # an explicit --part_size: count again at its own step
         part_tokens = [0] * -(-records // part_size)
         for index, (_, _, raw) in enumerate(raw_records(input_path)):
-            part_tokens[index // part_size] += min(len(raw), max_residues) + 2
+            part_tokens[index // part_size] += tokens_seen(len(raw), max_residues)
     else:
         steps = np.frombuffer(step_tokens, dtype=np.int64) if records else np.zeros(0, dtype=np.int64)
         per_part = part_size // PART_SIZE_STEP
@@ -175,7 +181,7 @@ class PartsJob:
 
         job = PartsJob(prog, input_path, output, suffixes=(".csv",), max_residues=..., part_size=..., chunk_size=...)
         job.plan(); job.validate()                  # collectives: every process calls them
-        job.prepare(settings)                       # settings: a JSON-able dict the results depend on
+        job.prepare(settings)                       # settings(): a JSON-able dict the results depend on
         for window in job.windows(): ...            # compute; write each part's files to job.part_path(part, suffix)
         job.finish(merge)                           # merge(parts_in_order) runs on the main process
     """
@@ -341,7 +347,7 @@ class PartsJob:
 
     def _count(self, window: Window) -> None:
         self.computed.update(parts=len(window.spans), records=len(window.records),
-                             tokens=sum(min(len(record.sequence), self.max_residues) + 2 for record in window.records))
+                             tokens=sum(tokens_seen(len(record.sequence), self.max_residues) for record in window.records))
 
     def finish(self, merge: Callable[[list[int]], None]) -> bool:
         """Waits for every process; the main process checks that every part exists, calls `merge(parts)` (which
