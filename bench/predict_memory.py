@@ -2,6 +2,8 @@
 
     python bench/predict_memory.py                    # 10,000 and 400,000 short proteins (several minutes)
     python bench/predict_memory.py --smoke            # 2,000 and 20,000 (the test runs this)
+    python bench/predict_memory.py --sizes 10000 200000 --tool embed       # esmloc-embed (resumable parts)
+    python bench/predict_memory.py --sizes 10000 200000 --resumable        # esmloc-predict's large-job path
 
 Each size runs `python -m esmloc.predict` in a process of its own on a FASTA file of synthetic proteins (50-150
 residues, deterministic) with a tiny random-weight model (the model's size does not change what grows with the input;
@@ -24,7 +26,7 @@ from common import REPO, command_line, table
 
 CHILD = """
 import resource, sys
-from esmloc.predict import main
+from esmloc.{tool} import main
 status = main(sys.argv[1:])
 print("peak_rss_kib", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, flush=True)
 sys.exit(status)
@@ -48,15 +50,15 @@ def save_tiny_model(path: Path) -> Path:
     return save_model(tiny_model(max_residues=1022), path)
 
 
-def measure(model_dir: Path, fasta: Path, output: Path) -> tuple[float, float]:
-    """(peak RSS in MiB, seconds) of one esmloc-predict process."""
+def measure(model_dir: Path, fasta: Path, output: Path, tool: str = "predict", extra=()) -> tuple[float, float]:
+    """(peak RSS in MiB, seconds) of one esmloc-predict (or esmloc-embed) process."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     started = time.perf_counter()
-    result = subprocess.run([sys.executable, "-c", CHILD, str(model_dir), str(fasta), "-o", str(output),
-                             "--no_progress"], env=env, capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-c", CHILD.format(tool=tool), str(model_dir), str(fasta), "-o",
+                             str(output), "--no_progress", *extra], env=env, capture_output=True, text=True)
     seconds = time.perf_counter() - started
     if result.returncode != 0:
-        raise SystemExit(f"esmloc-predict failed:\n{result.stderr[-3000:]}")
+        raise SystemExit(f"esmloc-{tool} failed:\n{result.stderr[-3000:]}")
     peak_kib = int(result.stdout.split("peak_rss_kib")[-1].split()[0])
     return peak_kib / 1024, seconds
 
@@ -65,6 +67,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=int, nargs=2, default=[10_000, 400_000])
     parser.add_argument("--smoke", action="store_true", help="2,000 and 20,000 proteins")
+    parser.add_argument("--tool", choices=["predict", "embed"], default="predict")
+    parser.add_argument("--resumable", action="store_true", help="esmloc-predict --resumable (the large-job path)")
     args = parser.parse_args(argv)
     sizes = [2_000, 20_000] if args.smoke else args.sizes
     print(f"command: {command_line()}")
@@ -74,7 +78,8 @@ def main(argv=None):
         rows = []
         for n in sizes:
             fasta = write_fasta(work / f"proteins-{n}.fasta", n)
-            peak, seconds = measure(model_dir, fasta, work / f"predictions-{n}.csv")
+            output = work / (f"predictions-{n}.csv" if args.tool == "predict" else f"embeddings-{n}.parquet")
+            peak, seconds = measure(model_dir, fasta, output, args.tool, ["--resumable"] if args.resumable else [])
             rows.append([f"{n:,}", f"{peak:.1f}", f"{seconds:.1f}", f"{n / seconds:,.0f}"])
             fasta.unlink()
         growth = float(rows[1][1]) / float(rows[0][1]) - 1

@@ -522,12 +522,18 @@ class Engine:
     def logits_from_hidden(self, hidden: torch.Tensor, lengths: Sequence[int]) -> torch.Tensor:
         """The model's head (`classify`) on packed hidden states, through a padded view with an attention mask,
         so that every pooling mode runs exactly the model's own code."""
+        return self.base_model.classify(*self.padded(hidden, lengths)).logits
+
+    @staticmethod
+    def padded(hidden: torch.Tensor, lengths: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Packed hidden states as a padded float32 (proteins, longest, hidden) batch and its attention mask (long),
+        the inputs of the model's own head and pooler."""
         count, longest = len(lengths), max(lengths)
         padded = hidden.new_zeros(count, longest, hidden.shape[-1], dtype=torch.float32)
         mask = torch.arange(longest, device=hidden.device)[None, :] < torch.as_tensor(
             np.asarray(lengths), device=hidden.device)[:, None]
         padded[mask] = hidden.float()
-        return self.base_model.classify(padded, mask.long()).logits
+        return padded, mask.long()
 
     def probabilities_from_logits(self, logits: torch.Tensor) -> torch.Tensor:
         return task.probabilities(logits, task.is_multi_label(self.base_model.config))

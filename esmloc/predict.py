@@ -27,10 +27,15 @@ once are counted in that pass and reported (a warning); every record still gets 
 to a temporary file next to the output and renamed into place only when every record has been predicted, so the
 output path never holds a partial file; an output path that is the input file (or the model's) is refused before
 anything is read.
+
+Large jobs: under `torchrun` / `accelerate launch` (several processes, GPUs or machines), or with `--resumable`, the
+input is split between the processes by tokens and predicted in resumable parts beside the output, which are
+merged in input order at the end (`esmloc.jobs`): the output is the same as one process's. Repeated IDs are then
+reported at the end.
 """
 
 import argparse
-import hashlib
+import csv
 import json
 import logging
 import os
@@ -45,12 +50,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from esmloc import cli, loading, task
+from esmloc import cli, jobs, loading, task
 from esmloc.cli import InputError
 from esmloc.sequences import read_sequences
 from esmloc.engine import PRECISIONS, Engine
 from esmloc.files import atomic_file
-from esmloc.predictions import PredictionsWriter
+from esmloc.jobs import id_digest
+from esmloc.predictions import PredictionsWriter, columns
 
 
 logger = logging.getLogger("esmloc.predict")
@@ -70,11 +76,22 @@ def parse_arguments(argv=None) -> argparse.Namespace:
     parser.add_argument("--threshold", type=float, default=None,
                         help="decision threshold for the positive label (every label for multi-label models); "
                              "default: the tuned one from MODEL_DIR/test_results.json, else 0.5")
+    parser.add_argument("--resumable", action="store_true",
+                        help="with one process too: write resumable parts beside the output, as several processes "
+                             "do (see Large jobs)")
+    return parse_run_arguments(parser, argv, "predicted and written")
+
+
+def parse_run_arguments(parser: argparse.ArgumentParser, argv, done: str) -> argparse.Namespace:
+    """Adds the options of how the engine and large jobs run (shared by esmloc-predict and esmloc-embed), parses
+    `argv` and checks them."""
     parser.add_argument("--max_tokens_per_batch", "--batch", type=int, default=None,
                         help="token budget per batch (proteins x longest); default 2048 on CPU, 65536 on CUDA")
     parser.add_argument("--chunk_size", type=int, default=4096,
-                        help="records read, predicted and written at a time (default 4096)")
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+                        help=f"records read, {done} at a time (default 4096)")
+    parser.add_argument("--device", default=None,
+                        help="cpu, cuda, cuda:1, ... (default: cuda if available; the process's own GPU under "
+                             "torchrun / accelerate launch)")
     parser.add_argument("--precision", default="auto", choices=PRECISIONS,
                         help="auto: fp32 on CPU, bf16 (or fp16) autocast on CUDA")
     parser.add_argument("--no_progress", action="store_true",
@@ -84,9 +101,14 @@ def parse_arguments(argv=None) -> argparse.Namespace:
                              "attention-pooling weights, for every residue) and a PNG per protein for the first "
                              "--explain_plots (esmloc.explain; a second pass, one forward pass per residue)")
     parser.add_argument("--explain_plots", type=int, default=10, help="proteins drawn by --explain (default 10)")
+    parser.add_argument("--part_size", type=int, default=None,
+                        help="records per resumable part (large jobs: several processes or --resumable); default "
+                             "about 1/1024 of the input, between 16 and 4096")
     args = parser.parse_args(argv)
     if args.chunk_size < 1:
         parser.error("--chunk_size must be positive")
+    if args.part_size is not None and args.part_size < 1:
+        parser.error("--part_size must be positive")
     return args
 
 
@@ -130,10 +152,6 @@ def batched(iterable, size: int):
         yield chunk
 
 
-def id_digest(acc: str) -> int:
-    return int.from_bytes(hashlib.blake2b(acc.encode(), digest_size=8).digest(), "little")
-
-
 def survey(path) -> tuple[int, int, set[int]]:
     """Reads every record once (raising DataValidationError at the first bad one): the number of records and of
     residues, and the digests of the record IDs that occur more than once. IDs are kept as 8-byte digests, not
@@ -172,7 +190,10 @@ def predict_file(model, tokenizer, input_path, output_path, thresholds, chunk_si
 
 def predict(argv=None) -> int:
     args = parse_arguments(argv)
-    cli.setup_logging()
+    state = jobs.distributed_state()
+    cli.setup_logging(logging.INFO if state.is_main_process else logging.WARNING)
+    if state.num_processes > 1 or args.resumable:
+        return predict_in_parts(args, state)
     input_path = Path(args.input)
     if not input_path.is_file():
         raise InputError(f"{input_path}: no such file")
@@ -204,6 +225,70 @@ def predict(argv=None) -> int:
                                device=device, precision=args.precision, max_tokens_per_batch=args.max_tokens_per_batch)
         logger.info("Wrote per-residue explanations to %s", path)
     return 0
+
+
+def predict_in_parts(args, state) -> int:
+    """The large-job path (`esmloc.jobs`): this process's share of the input, resumable parts, one merged output."""
+    started = time.perf_counter()
+    input_path = Path(args.input)
+    job = jobs.PartsJob("esmloc-predict", input_path, args.output, (".csv",), max_residues=0,
+                        part_size=args.part_size, chunk_size=args.chunk_size, state=state)
+    with job.same_everywhere():
+        if not input_path.is_file():
+            raise InputError(f"{input_path}: no such file")
+        check_output_path(args.output, [input_path, *Path(args.model_dir).glob("*")])
+        loading.check_model_dir(args.model_dir)
+        job.max_residues = loading.read_config(args.model_dir).get("max_residues", 1022)
+    plan = job.plan()
+    job.validate()
+    device = torch.device(args.device) if args.device else state.device
+    model, tokenizer = loading.load_model_dir(args.model_dir, device)
+    config = model.config
+    thresholds, source = decision_thresholds(args.model_dir, config, args.threshold)
+    engine = Engine(model, tokenizer, max_tokens_per_batch=args.max_tokens_per_batch, device=device,
+                    precision=args.precision, progress=False)
+    logger.info("%s: %d proteins in %d parts of %d, %d process(es); model %s (%s pooling); decision threshold: %s",
+                input_path, plan.records, plan.parts, plan.part_size, job.processes, args.model_dir, config.pooling,
+                source)
+    job.prepare(lambda: {"model_weights": jobs.tensors_digest(model), "model_config": jobs.model_config(config),
+                         "thresholds": None if thresholds is None else [float(t) for t in thresholds],
+                         "precision": engine.precision_name})
+    names, multi_label = task.label_names(config), task.is_multi_label(config)
+    pending = job.pending_parts()
+    progress = not args.no_progress and cli.progress_bars_wanted()
+    with tqdm(total=sum(job.part_records(part) for part in pending), unit="protein", disable=not progress,
+              desc=f"Predicting ({job.rank + 1}/{job.processes})", position=job.rank) as bar:
+        for window in job.windows():
+            accs = [record.acc for record in window.records]
+            probabilities = engine.predict_probabilities([record.sequence for record in window.records], bar=bar)
+            for part, start, end in window.spans:
+                with atomic_file(job.part_path(part, ".csv"), "w", newline="") as handle:
+                    PredictionsWriter(handle, names, multi_label, thresholds).write(accs[start:end],
+                                                                                    probabilities[start:end])
+
+    def merge(parts):
+        header = columns(names, multi_label)
+        repeated = jobs.RepeatedIds()
+        with atomic_file(Path(args.output), "w", newline="") as handle:
+            writer = csv.writer(handle, lineterminator="\n")
+            writer.writerow(header)
+            for accs, rows in part_rows(job, parts):
+                writer.writerows(rows)
+                repeated.add(accs)
+        repeated.report(input_path, lambda: (accs for accs, _ in part_rows(job, parts)))
+
+    if job.finish(merge):
+        logger.info("Wrote %d predictions to %s in %.1f s (%d process(es))", plan.records, args.output,
+                    time.perf_counter() - started, job.processes)
+    return 0
+
+
+def part_rows(job, parts):
+    """(ACCs, rows) of each predictions part, in order (the rows as csv.reader reads them, without the header)."""
+    for part in parts:
+        with open(job.part_path(part, ".csv"), newline="") as handle:
+            rows = list(csv.reader(handle))[1:]
+        yield [row[0] for row in rows], rows
 
 
 def main(argv=None) -> int:

@@ -165,6 +165,28 @@ def read_fasta(path) -> Iterator[ProteinRecord]:
         yield ProteinRecord(acc, sequence, line)
 
 
+def raw_records(path) -> Iterator[tuple[int, str, str]]:
+    """Yields (line, ACC, raw sequence) per record of a FASTA or CSV/TSV file, without checking the sequence (the
+    file's structure is checked: FASTA headers, CSV columns). `checked_record` turns one into a `ProteinRecord`;
+    large jobs (`esmloc.jobs`) read every record raw and check only their own share."""
+    if is_fasta(path):
+        yield from fasta_entries(path)
+        return
+    for line, row in csv_rows(path, ("ACC", "Sequence")):
+        yield line, row["ACC"].strip(), row["Sequence"]
+
+
+def checked_record(path, line: int, acc: str, raw: str) -> ProteinRecord:
+    """A raw record (`raw_records`) checked and normalised; DataValidationError naming the file, line and ACC."""
+    try:
+        if not acc:
+            raise BadValue("empty ACC")
+        sequence, _ = validate_sequence(raw)
+    except BadValue as error:
+        raise DataValidationError([f"{describe_row(path, line, acc)}: {error}"]) from None
+    return ProteinRecord(acc, sequence, line)
+
+
 def read_sequences(path) -> Iterator[ProteinRecord]:
     """Streams the proteins of a FASTA file or of a CSV/TSV file with at least the columns ACC and Sequence.
 
@@ -172,18 +194,8 @@ def read_sequences(path) -> Iterator[ProteinRecord]:
     anything else is CSV (TSV for `.tsv`). One record is held in memory at a time. Raises `DataValidationError`
     naming the file, line and ACC at the first bad record.
     """
-    if is_fasta(path):
-        yield from read_fasta(path)
-        return
-    for line, row in csv_rows(path, ("ACC", "Sequence")):
-        acc = row["ACC"].strip()
-        try:
-            if not acc:
-                raise BadValue("empty ACC")
-            sequence, _ = validate_sequence(row["Sequence"])
-        except BadValue as error:
-            raise DataValidationError([f"{describe_row(path, line, acc)}: {error}"]) from None
-        yield ProteinRecord(acc, sequence, line)
+    for line, acc, raw in raw_records(path):
+        yield checked_record(path, line, acc, raw)
 
 
 __all__ = [
@@ -192,12 +204,14 @@ __all__ = [
     "BadValue",
     "DataValidationError",
     "ProteinRecord",
+    "checked_record",
     "SequenceError",
     "csv_rows",
     "describe_row",
     "fasta_entries",
     "is_fasta",
     "read_fasta",
+    "raw_records",
     "read_sequences",
     "validate_sequence",
 ]
