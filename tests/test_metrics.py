@@ -215,7 +215,7 @@ def test_metric_module_loads_offline_in_a_fresh_process(tmp_path, elsewhere):
     result = run_offline(code, cwd=elsewhere, tmp_path=tmp_path)
     assert result["mcc"] == 1.0
     assert result["name"] == "esmloc_metrics"
-    assert result["path"] == str(METRIC_PATH) and "DeepLoc" in result["citation"]
+    assert result["path"] == str(METRIC_PATH) and "Scikit-learn" in result["citation"]
     assert "predictions" in result["features"] and "references" in result["features"]
 
 
