@@ -50,7 +50,11 @@ from esmloc import task
 
 
 FEATURE_KINDS = ("mean", "cls", "residues")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
+# What `precision="auto"` runs per device type: the fastest precision whose cost, measured on trained models by
+# bench/precision_accuracy.py, stays within AUTO_LIMITS. On CPU neither bf16 nor int8 did (README, "Speed"), so fp32.
+AUTO_LIMITS = {"max_probability_difference": 0.01, "max_mcc_drop": 0.005}
+AUTO_PRECISION = {"cpu": "fp32"}
 # Token budgets (padded tokens per batch). CPU: measured with bench/embedding_throughput.py --budgets on 2 cores
 # (ESM-2 8M): 1024-4096 within 3% of each other, 8192 slower, 2048 best; batches whose activations stay in the
 # caches beat big ones. A GPU wants large batches (not measured here).
@@ -79,16 +83,24 @@ def length_batches(lengths: Sequence[int], max_tokens_per_batch: int) -> list[np
     return batches
 
 
-def autocast_dtype(device, precision: str = "auto") -> torch.dtype | None:
-    """The autocast dtype for `precision` on `device`; None means plain fp32."""
+def resolve_precision(device, precision: str = "auto") -> str:
+    """The precision that runs on `device` for `precision`: fp32, bf16, fp16 or int8 (`auto` per AUTO_PRECISION;
+    on CUDA bf16 autocast, or fp16 where bf16 is unsupported)."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     device = torch.device(device)
     if precision == "auto":
-        if device.type != "cuda":
-            return None
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+        if device.type == "cuda":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return AUTO_PRECISION.get(device.type, "fp32")
+    return precision
+
+
+def autocast_dtype(device, precision: str = "auto") -> torch.dtype | None:
+    """The autocast dtype for `precision` on `device`; None means no autocast (fp32, or int8 linear layers with
+    fp32 everything else)."""
+    return {"fp32": None, "int8": None, "bf16": torch.bfloat16, "fp16": torch.float16}[
+        resolve_precision(device, precision)]
 
 
 def _torch_linear(x, weight, bias, gelu=False, residual=None):
@@ -118,6 +130,63 @@ def _onednn_linear(x, weight, bias, gelu=False, residual=None):
     else:
         out = ops(x, weight, bias, "gelu" if gelu else "none", [], "none" if gelu else "")
     return out[:rows] if extra else out
+
+
+def _int8_weight(weight: torch.Tensor):
+    """A linear weight quantised for oneDNN's int8 linear: symmetric int8 per output channel (scale = max|w| / 127),
+    prepacked; returns (packed weight, scales, zero points)."""
+    scales = (weight.detach().float().abs().amax(dim=1) / 127).clamp(min=1e-12)
+    quantised = torch.round(weight.detach().float() / scales[:, None]).clamp(-127, 127).to(torch.int8)
+    zero_points = torch.zeros(weight.shape[0], dtype=torch.long)
+    return torch.ops.onednn.qlinear_prepack(quantised, None), scales, zero_points
+
+
+def _int8_linear(x, packed_weight, bias, gelu=False, residual=None):
+    """`_torch_linear` with dynamic int8 quantisation, through oneDNN (`torch.ops.onednn.qlinear_pointwise`, the
+    kernel torch's x86 int8 path lowers to): the input is quantised to uint8 with one scale and zero point per call
+    (from its minimum and maximum), the weight per output channel (`_int8_weight`); the int32 accumulators come
+    back as fp32, with GELU or the residual addition fused. Rows are padded to ONEDNN_ROW_BUCKET as in
+    `_onednn_linear` (zero rows leave the range unchanged: it always includes 0)."""
+    weight, scales, zero_points = packed_weight
+    rows = x.shape[0]
+    extra = -rows % ONEDNN_ROW_BUCKET
+    if extra:
+        x = F.pad(x, (0, 0, 0, extra))
+        residual = None if residual is None else F.pad(residual, (0, 0, 0, extra))
+    low, high = torch.aminmax(x)
+    low, high = min(float(low), 0.0), max(float(high), 0.0)
+    scale = (high - low) / 255 or 1.0
+    zero_point = int(round(-low / scale))
+    quantised = (x * (1 / scale)).add_(zero_point).round_().clamp_(0, 255).to(torch.uint8)
+    ops = torch.ops.onednn.qlinear_pointwise
+    if residual is not None:
+        out = ops.binary(quantised, scale, zero_point, weight, scales, zero_points, residual.contiguous(), bias, 1.0,
+                         0, torch.float32, 1.0, 0, "sum", 1.0, "none", [], "")
+    else:
+        out = ops(quantised, scale, zero_point, weight, scales, zero_points, bias, 1.0, 0, torch.float32,
+                  "gelu" if gelu else "none", [], "none" if gelu else "")
+    return out[:rows] if extra else out
+
+
+def int8_linear_available() -> bool:
+    """Whether oneDNN's int8 linear (`_int8_linear`) runs here and stays within int8 rounding of `F.linear`."""
+    global _INT8_OK
+    if _INT8_OK is None:
+        try:
+            generator = torch.Generator().manual_seed(0)
+            x, w, b, r = (torch.randn(*shape, generator=generator) for shape in ((7, 64), (40, 64), (40,), (7, 40)))
+            packed = _int8_weight(w)
+            # A matmul over 64 products of inputs and weights each within half a step of their grids: well under 0.3.
+            _INT8_OK = all(
+                torch.allclose(_int8_linear(x, packed, b, **kw), _torch_linear(x, w, b, **kw), atol=0.3, rtol=0)
+                for kw in ({}, {"gelu": True}, {"residual": r})
+            )
+        except (RuntimeError, AttributeError, NotImplementedError):
+            _INT8_OK = False
+    return _INT8_OK
+
+
+_INT8_OK = None
 
 
 def onednn_linear_available() -> bool:
@@ -153,7 +222,7 @@ class PackedEsm:
     valid while the model changes.
     """
 
-    def __init__(self, esm: EsmModel, attention: str = "auto", onednn: bool | None = None):
+    def __init__(self, esm: EsmModel, attention: str = "auto", onednn: bool | None = None, int8: bool = False):
         reason = self.unsupported_reason(esm)
         if reason:
             raise ValueError(f"PackedEsm cannot run this backbone: {reason}")
@@ -162,6 +231,11 @@ class PackedEsm:
         self.esm = esm
         self.attention = attention
         self.onednn = onednn_linear_available() if onednn is None else onednn
+        if int8 and not int8_linear_available():
+            raise ValueError("int8 needs oneDNN's int8 linear (torch.ops.onednn.qlinear_pointwise), which does not "
+                             "run (or does not agree with F.linear) on this machine")
+        self.int8 = int8
+        self._int8_cache: dict = {}
         config = esm.config
         self.num_heads = config.num_attention_heads
         self.head_size = config.hidden_size // config.num_attention_heads
@@ -257,25 +331,33 @@ class PackedEsm:
         if attention_mode == "auto":
             attention_mode = "padded" if device.type == "cuda" else "grouped"
         plan = self._attention_plan(lengths, starts, attention_mode, positions, sequence_of_token, lengths_tensor)
-        linear = _onednn_linear if (self.onednn and device.type == "cpu" and hidden_states.dtype == torch.float32
-                                    and not torch.is_autocast_enabled("cpu")) else _torch_linear
+        if self.int8:
+            if device.type != "cpu":
+                raise ValueError(f"int8 runs on CPU only, not on {device.type}")
+            linear, prepared = _int8_linear, self._int8_weight
+        else:
+            linear = _onednn_linear if (self.onednn and device.type == "cpu" and hidden_states.dtype == torch.float32
+                                        and not torch.is_autocast_enabled("cpu")) else _torch_linear
+            prepared = lambda key, weight: weight  # noqa: E731
 
         for index, layer in enumerate(esm.encoder.layer):
             attention = layer.attention
             normed = attention.LayerNorm(hidden_states)
-            qkv = linear(normed, *self._qkv_weights(index, attention.self))
+            qkv_weight, qkv_bias = self._qkv_weights(index, attention.self)
+            qkv = linear(normed, prepared(("qkv", index), qkv_weight), qkv_bias)
             # Rotary embeddings on query and key together: x * cos + rotate_half(x) * sin.
             query_key = qkv[:, :2 * hidden].view(total, 2 * num_heads, head_size).float()
             swapped = torch.cat((query_key[..., half:], query_key[..., :half]), dim=-1)
             query_key = torch.addcmul(query_key * cos, swapped, signed_sin).to(qkv.dtype)
             value = qkv[:, 2 * hidden:].view(total, num_heads, head_size)
             context = self._attend(query_key[:, :num_heads], query_key[:, num_heads:], value, plan, scale)
-            hidden_states = linear(context, attention.output.dense.weight, attention.output.dense.bias,
-                                   residual=hidden_states)
+            hidden_states = linear(context, prepared(("output", index), attention.output.dense.weight),
+                                   attention.output.dense.bias, residual=hidden_states)
             normed = layer.LayerNorm(hidden_states)
-            intermediate = linear(normed, layer.intermediate.dense.weight, layer.intermediate.dense.bias, gelu=True)
-            hidden_states = linear(intermediate, layer.output.dense.weight, layer.output.dense.bias,
-                                   residual=hidden_states)
+            intermediate = linear(normed, prepared(("intermediate", index), layer.intermediate.dense.weight),
+                                  layer.intermediate.dense.bias, gelu=True)
+            hidden_states = linear(intermediate, prepared(("feed_forward_output", index), layer.output.dense.weight),
+                                   layer.output.dense.bias, residual=hidden_states)
         return esm.encoder.emb_layer_norm_after(hidden_states)
 
     def _qkv_weights(self, index, attention):
@@ -290,6 +372,18 @@ class PackedEsm:
                 cached = (stamp, torch.cat(tensors[:3]), torch.cat(tensors[3:]))
             self._qkv_cache[index] = cached
         return cached[1], cached[2]
+
+    def _int8_weight(self, key, weight):
+        """`weight` quantised and prepacked for `_int8_linear`, cached under `key` while the tensor is the same
+        object, unchanged (so the object stays valid while the model changes, as `_qkv_weights`)."""
+        # The fused query/key/value matrix is made under inference mode (no version counter), but it is rebuilt,
+        # a new object, whenever a part changes.
+        version = None if weight.is_inference() else weight._version
+        cached = self._int8_cache.get(key)
+        if cached is None or cached[0] is not weight or cached[1] != version:
+            cached = (weight, version, _int8_weight(weight))
+            self._int8_cache[key] = cached
+        return cached[2]
 
     @staticmethod
     def _attention_plan(lengths, starts, mode, positions, sequence_of_token, lengths_tensor):
@@ -348,7 +442,10 @@ class Engine:
         tokenizer: an `EsmLocTokenizer` (crops exactly as the model's config says).
         max_tokens_per_batch: padded tokens per batch (proteins x longest); default per device type.
         device: where to run; default the model's device.
-        precision: `auto` (fp32 on CPU, bf16 or fp16 autocast on CUDA), `fp32`, `bf16` or `fp16`.
+        precision: `auto` (per device: `AUTO_PRECISION`, fp32 on CPU; bf16 or fp16 autocast on CUDA), `fp32`,
+            `bf16` or `fp16` (autocast), or `int8` (CPU, `PackedEsm` only: the backbone's linear layers with dynamic
+            int8 quantisation through oneDNN, everything else fp32; a protein's result then depends slightly on the
+            other proteins of its batch, which share one input scale per linear layer).
         progress: show a progress bar.
         packed: use `PackedEsm` when the backbone allows it (False: always `EsmModel.forward` on padded batches).
         attention: `PackedEsm`'s attention: `grouped` (per run of equal lengths, no mask; the CPU default) or
@@ -367,6 +464,7 @@ class Engine:
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.max_tokens_per_batch = max_tokens_per_batch or default_max_tokens_per_batch(self.device)
         self.precision = precision
+        self.precision_name = resolve_precision(self.device, precision)  # part of a feature cache's key
         self.autocast_dtype = autocast_dtype(self.device, precision)
         self.progress = progress
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -376,13 +474,13 @@ class Engine:
             workers = min(torch.get_num_threads(), 4) if self.device.type == "cpu" else 1
         self.workers = max(1, workers)
         self.packed = None
-        if packed and not PackedEsm.unsupported_reason(self.esm):
-            self.packed = PackedEsm(self.esm, attention=attention, onednn=onednn)
-
-    @property
-    def precision_name(self) -> str:
-        """fp32, bf16 or fp16: what the backbone computes in (part of a feature cache's key)."""
-        return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.autocast_dtype]
+        int8 = self.precision_name == "int8"
+        reason = PackedEsm.unsupported_reason(self.esm) if packed else "packed=False"
+        if int8 and (reason or self.device.type != "cpu"):
+            raise ValueError(f"precision int8 runs on CPU through PackedEsm only, here: "
+                             f"{reason or self.device.type}")
+        if not reason:
+            self.packed = PackedEsm(self.esm, attention=attention, onednn=onednn, int8=int8)
 
     def encode(self, sequences: Sequence[str]) -> list[list[int]]:
         """Token ids (`<cls>` residues `<eos>`, normalised and cropped by the tokenizer) of each protein."""
