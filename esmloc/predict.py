@@ -76,7 +76,8 @@ def parse_arguments(argv=None) -> argparse.Namespace:
                         help="records read, predicted and written at a time (default 4096)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     parser.add_argument("--precision", default="auto", choices=PRECISIONS,
-                        help="auto: fp32 on CPU, bf16 (or fp16) autocast on CUDA")
+                        help="auto: per device (esmloc.engine.AUTO_PRECISION: fp32 on CPU, bf16 or fp16 autocast on "
+                             "CUDA); int8: dynamic int8 linear layers on CPU (README, Speed: its measured cost)")
     parser.add_argument("--no_progress", action="store_true",
                         help="no progress bar (default: a bar when stderr is a terminal)")
     args = parser.parse_args(argv)
