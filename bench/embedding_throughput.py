@@ -72,6 +72,8 @@ def parse_arguments(argv=None):
                         help="a repeat during which other processes kept more than this share of the CPUs busy is "
                              "discarded and run again (default 0.05); each repeat first waits for such a quiet moment")
     parser.add_argument("--retries", type=int, default=6, help="discarded repeats allowed in all (default 6)")
+    parser.add_argument("--max_wait", type=float, default=900,
+                        help="seconds each repeat waits at most for a quiet moment (default 900)")
     parser.add_argument("--data", type=Path, default=common.DEEPLOC_CSV)
     parser.add_argument("--smoke", action="store_true", help="tiny model, 12 proteins, 1 repeat")
     args = parser.parse_args(argv)
@@ -179,7 +181,7 @@ def main(argv=None):
     repeat, attempts = 0, 0
     while repeat < args.repeats:
         if not args.smoke:
-            common.wait_until_quiet(args.max_other_load)
+            common.wait_until_quiet(args.max_other_load, timeout=args.max_wait)
         attempts += 1
         timings, others = {}, []
         with common.OtherLoad() as load:
