@@ -10,7 +10,7 @@ from conftest import REPO
 
 
 @pytest.mark.parametrize("script", ["embedding_throughput.py", "frozen_training.py", "precision_accuracy.py",
-                                    "engine_profile.py"])
+                                    "engine_profile.py", "int8_candidates.py"])
 def test_bench_script_runs_in_smoke_mode(script, tmp_path):
     extra = ["--work_dir", str(tmp_path / "work")] if script == "frozen_training.py" else []
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home")}
@@ -33,5 +33,7 @@ def test_bench_script_runs_in_smoke_mode(script, tmp_path):
     elif script == "engine_profile.py":
         assert "linear layers" in table[0] and [line.split(" | ")[0][2:] for line in table[2:]] == [
             "fp32", "bf16", "int8"]
+    elif script == "int8_candidates.py":
+        assert {line.split(" | ")[1] for line in table[2:]} >= {"fp32, oneDNN", "int8, oneDNN qlinear (esmloc)"}
     elif script == "frozen_training.py":
         assert "speed-up" in table[0] and "max abs difference" in result.stdout
