@@ -67,6 +67,33 @@ def matmul_peaks_gflops(size: int = 4096, repeats: int = 5) -> dict[str, float]:
     return peaks
 
 
+def low_precision_peaks_gflops(size: int = 4096, repeats: int = 5) -> dict[str, float]:
+    """The machine's bf16 and int8 matmul throughput right now, as `matmul_peaks_gflops` measures fp32: bf16 through
+    oneDNN (`_linear_pointwise` on bf16 tensors) and `torch.matmul`, the faster; int8 through oneDNN's int8 linear
+    (`torch.ops.onednn.qlinear_pointwise`, uint8 input x int8 prepacked weight, fp32 output: the kernel
+    `precision="int8"` runs, without the input's quantisation, which is part of the work it does)."""
+    flops = 2 * size**3
+    peaks = {}
+    a, b = torch.randn(size, size).bfloat16(), torch.randn(size, size).bfloat16()
+    with torch.inference_mode():
+        bf16 = [flops / _median_seconds(lambda: torch.matmul(a, b), repeats) / 1e9]
+        try:
+            linear = torch.ops.mkldnn._linear_pointwise
+            bf16.append(flops / _median_seconds(lambda: linear(a, b, None, "none", [], ""), repeats) / 1e9)
+        except (AttributeError, RuntimeError, NotImplementedError):
+            pass
+        peaks["bf16"] = max(bf16)
+        try:
+            x = torch.randint(0, 255, (size, size), dtype=torch.uint8)
+            weight = torch.ops.onednn.qlinear_prepack(torch.randint(-127, 127, (size, size), dtype=torch.int8), None)
+            scales, zero_points = torch.full((size,), 0.01), torch.zeros(size, dtype=torch.long)
+            peaks["int8"] = flops / _median_seconds(lambda: torch.ops.onednn.qlinear_pointwise(
+                x, 0.01, 128, weight, scales, zero_points, None, 1.0, 0, torch.float32, "none", [], ""), repeats) / 1e9
+        except (AttributeError, RuntimeError, NotImplementedError):
+            pass
+    return peaks
+
+
 FLOP_FORMULA = (
     "FLOPs per protein of L tokens (<cls> + residues + <eos>, no padding), per layer, 2 per multiply-add: "
     "QKV + output projections 8*L*d^2, feed-forward 4*L*d*d_ff, attention scores and weighted values 4*L^2*d; "

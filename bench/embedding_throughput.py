@@ -12,21 +12,32 @@ Each repeat measures, one after the other on the same proteins (the first N rows
   attention (SDPA in transformers 5), masked mean over residues;
 - engine: `esmloc.engine.Engine(...).embed(sequences, "mean")` (length-sorted token-budget batches, packed forward,
   inference mode, everything from tokenisation to the pooled vectors in input order);
-- with --variants all, also: sorted + budget (the engine's batching with `EsmModel.forward` on padded batches, no
-  packing), the engine running one batch at a time (all threads on each operation), the engine with its linear
-  layers through `F.linear` (MKL) instead of oneDNN, and the engine under bf16 autocast on the CPU (reported with its
-  error against fp32); --budgets adds the engine with other token budgets.
+- engine at each of --precisions (default fp32,bf16,int8): `precision="bf16"` (autocast), `"int8"` (dynamic int8
+  linear layers through oneDNN); each with its error against the fp32 engine and its share of the compute bound at
+  the precision it runs in (bf16 and int8 matmul peaks are measured in the same run, as fp32's);
+- sorted + token budget, EsmModel.forward: the engine's batching with the stock model on padded batches;
+- stock EsmModel, padding-free (bench/stock_varlen.py): the stock model on flattened batches with a registered
+  variable-length attention, inside the engine's batching and threads: what `PackedEsm` (the engine's own forward)
+  is measured against;
+- with --peer esm-cpp: the C++ peer (bench/peer_esm_cpp.py; installed into its own environment on first use) on
+  the same weights and token ids, fp32 and, from ESM-2 150M up, int8; one protein per call (its only way to
+  return hidden states); its time is its forward passes only (process start and model loading excluded);
+- with --variants all, also: the engine running one batch at a time (all threads on each operation) and the engine
+  with its linear layers through `F.linear` (MKL) instead of oneDNN; --budgets adds the engine with other token
+  budgets.
 
-The backbone has random weights (the ESM-2 8M architecture: the same compute as the pretrained model). The compute
-bound is the FLOPs of the real tokens (formula printed) divided by the machine's fp32 matmul peak, measured in the
-same run right before each repeat: a 4096 x 4096 x 4096 matmul, median of 5, through torch.matmul (MKL) and
-through oneDNN, the faster of the two (on AMD processors MKL runs its AVX2 code and oneDNN is about twice as fast).
+The backbone has random weights (the chosen ESM-2 architecture: the same compute as the pretrained model). The
+compute bound is the FLOPs of the real tokens (formula printed) divided by the machine's matmul peak at the
+precision a variant runs in, measured in the same run right before each repeat: a 4096 x 4096 x 4096 matmul,
+median of 5; fp32 through torch.matmul (MKL) and through oneDNN, the faster of the two (on AMD processors MKL runs
+its AVX2 code and oneDNN is about twice as fast); bf16 likewise; int8 through oneDNN's int8 linear.
 "% of compute bound" is the achieved FLOP/s over that peak. Figures are medians over the repeats; ratios are medians
 of the per-repeat ratios. Peak memory is the process's peak resident set size during each variant (first repeat),
-minus the resident size before it.
+minus the resident size before it (the peer runs in its own process: n/a).
 """
 
 import argparse
+import copy
 import sys
 import time
 from pathlib import Path
@@ -35,13 +46,21 @@ import numpy as np
 import torch
 
 import common
+from stock_varlen import StockVarlenEsm
 
 
 def parse_arguments(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=256, help="number of proteins (default 256)")
     parser.add_argument("--repeats", type=int, default=3, help="repeats of every variant (default 3)")
-    parser.add_argument("--architecture", default="esm2_t6_8M", help="ESM-2 architecture (default esm2_t6_8M)")
+    parser.add_argument("--architecture", default="esm2_t6_8M",
+                        help="ESM-2 architecture: esm2_t6_8M (default), esm2_t12_35M, esm2_t30_150M, esm2_t33_650M")
+    parser.add_argument("--precisions", type=lambda text: text.split(","), default=["fp32", "bf16", "int8"],
+                        help="engine precisions to time (default fp32,bf16,int8)")
+    parser.add_argument("--peer", choices=["none", "esm-cpp"], default="none",
+                        help="also time the esm-cpp peer (installed into bench/results/esm-cpp-venv on first use)")
+    parser.add_argument("--no_baseline", action="store_true",
+                        help="skip the plain loop (slow at large sizes); ratios are then against the fp32 engine")
     parser.add_argument("--max_tokens_per_batch", type=int, default=None, help="the engine's token budget")
     parser.add_argument("--budgets", type=lambda text: [int(x) for x in text.split(",")], default=None,
                         help="also time the engine with each of these token budgets, e.g. 1024,2048,8192")
@@ -53,11 +72,16 @@ def parse_arguments(argv=None):
                         help="a repeat during which other processes kept more than this share of the CPUs busy is "
                              "discarded and run again (default 0.05); each repeat first waits for such a quiet moment")
     parser.add_argument("--retries", type=int, default=6, help="discarded repeats allowed in all (default 6)")
+    parser.add_argument("--max_wait", type=float, default=900,
+                        help="seconds each repeat waits at most for a quiet moment (default 900)")
     parser.add_argument("--data", type=Path, default=common.DEEPLOC_CSV)
     parser.add_argument("--smoke", action="store_true", help="tiny model, 12 proteins, 1 repeat")
     args = parser.parse_args(argv)
     if args.smoke:
         args.n, args.repeats, args.architecture = min(args.n, 12), 1, "tiny"
+    unknown = set(args.precisions) - {"fp32", "bf16", "int8"}
+    if unknown:
+        parser.error(f"--precisions: unknown {sorted(unknown)}")
     return args
 
 
@@ -89,49 +113,80 @@ def main(argv=None):
     torch.manual_seed(0)
     model = EsmForLocalization(EsmLocConfig(esm_config=dict(ESM2_ARCHITECTURES[args.architecture]))).eval()
     tokenizer = tokenizer_for(model.config)
-    lengths = [len(ids) for ids in tokenizer(sequences)["input_ids"]]
+    encoded = tokenizer(sequences)["input_ids"]
+    lengths = [len(ids) for ids in encoded]
     flops = common.esm_flops(lengths, model.config.esm_config)
     load_before = common.load_average()
+    budget = args.max_tokens_per_batch
 
-    variants = {
-        "baseline (dataset order, batch 8, padded)": lambda: baseline_embed(model, tokenizer, sequences,
-                                                                            args.baseline_batch_size),
-        "engine": lambda: Engine(model, tokenizer, max_tokens_per_batch=args.max_tokens_per_batch,
-                                 progress=False).embed(sequences, "mean"),
-    }
+    def engine(**kwargs):
+        return Engine(model, tokenizer, max_tokens_per_batch=budget, progress=False, **kwargs)
+
+    def stock_varlen():
+        varlen = engine()
+        varlen.packed = StockVarlenEsm(stock_copy.esm)  # PackedEsm's call signature
+        return varlen.embed(sequences, "mean")
+
+    # The precision each variant computes in: its compute bound is that precision's matmul peak.
+    variants, precision_of = {}, {}
+    if not args.no_baseline:
+        variants["baseline (dataset order, batch 8, padded)"] = lambda: baseline_embed(
+            model, tokenizer, sequences, args.baseline_batch_size)
+    for precision in args.precisions:
+        name = "engine" if precision == "fp32" else f"engine, {precision}"
+        variants[name] = lambda precision=precision: engine(precision=precision).embed(sequences, "mean")
+        precision_of[name] = precision
+    variants["sorted + token budget, EsmModel.forward"] = lambda: engine(packed=False).embed(sequences, "mean")
+    # A copy, because the padding-free path changes the model's attention implementation.
+    stock_copy = copy.deepcopy(model)
+    variants["stock EsmModel, padding-free (varlen SDPA)"] = stock_varlen
     if args.variants == "all":
-        variants["sorted + token budget, EsmModel.forward"] = lambda: Engine(
-            model, tokenizer, max_tokens_per_batch=args.max_tokens_per_batch, progress=False, packed=False
-        ).embed(sequences, "mean")
-        variants["engine, one batch at a time (workers=1)"] = lambda: Engine(
-            model, tokenizer, max_tokens_per_batch=args.max_tokens_per_batch, progress=False, workers=1
-        ).embed(sequences, "mean")
-        variants["engine, linear layers through F.linear (MKL)"] = lambda: Engine(
-            model, tokenizer, max_tokens_per_batch=args.max_tokens_per_batch, progress=False, onednn=False
-        ).embed(sequences, "mean")
-        variants["engine, bf16 autocast"] = lambda: Engine(
-            model, tokenizer, max_tokens_per_batch=args.max_tokens_per_batch, progress=False, precision="bf16"
-        ).embed(sequences, "mean")
-    for budget in args.budgets or []:
-        variants[f"engine, max_tokens_per_batch {budget}"] = (
-            lambda budget=budget: Engine(model, tokenizer, max_tokens_per_batch=budget, progress=False).embed(
+        variants["engine, one batch at a time (workers=1)"] = lambda: engine(workers=1).embed(sequences, "mean")
+        variants["engine, linear layers through F.linear (MKL)"] = lambda: engine(onednn=False).embed(sequences,
+                                                                                                      "mean")
+    for other in args.budgets or []:
+        variants[f"engine, max_tokens_per_batch {other}"] = (
+            lambda other=other: Engine(model, tokenizer, max_tokens_per_batch=other, progress=False).embed(
                 sequences, "mean"))
+    peer_seconds = {}
+    if args.peer == "esm-cpp":
+        import peer_esm_cpp
+
+        python = peer_esm_cpp.ensure_environment()
+        work = Path(__file__).resolve().parent / "results" / "esm-cpp" / args.architecture
+        weights = peer_esm_cpp.write_masked_lm_weights(model.esm, work / "model.safetensors")
+        peer_precisions = ["fp32"]
+        if model.config.esm_config.num_hidden_layers >= peer_esm_cpp.INT8_MIN_LAYERS:
+            peer_precisions.append("int8")
+        for precision in peer_precisions:
+            name = f"esm-cpp {peer_esm_cpp.ESM_CPP_REQUIREMENT.split('==')[1]}, {precision}, one protein per call"
+
+            def peer(precision=precision, name=name):
+                embeddings, seconds = peer_esm_cpp.run_peer(python, weights, encoded, work, int8=precision == "int8",
+                                                            threads=torch.get_num_threads())
+                peer_seconds[name] = seconds
+                return embeddings
+
+            variants[name] = peer
+            precision_of[name] = precision
     names = list(variants)
     # Warm-up (first-call costs: thread pools, kernels), on a few proteins.
     few = sequences[:4]
     baseline_embed(model, tokenizer, few, args.baseline_batch_size)
-    Engine(model, tokenizer, progress=False).embed(few, "mean")
+    for precision in args.precisions:
+        Engine(model, tokenizer, progress=False, precision=precision).embed(few, "mean")
 
     seconds = {name: [] for name in names}
     peaks, library_peaks, memory, outputs, contamination = [], [], {}, {}, []
     repeat, attempts = 0, 0
     while repeat < args.repeats:
         if not args.smoke:
-            common.wait_until_quiet(args.max_other_load)
+            common.wait_until_quiet(args.max_other_load, timeout=args.max_wait)
         attempts += 1
         timings, others = {}, []
         with common.OtherLoad() as load:
             measured = common.matmul_peaks_gflops(1024 if args.smoke else 4096)
+            low = common.low_precision_peaks_gflops(1024 if args.smoke else 4096)
         others.append(load.fraction)
         order = names if repeat % 2 == 0 else names[::-1]  # alternate, so that drifting load hits both
         for name in order:
@@ -139,14 +194,15 @@ def main(argv=None):
             with common.OtherLoad() as load:
                 start = time.perf_counter()
                 result = variants[name]()
-                timings[name] = time.perf_counter() - start
+                timings[name] = peer_seconds.get(name, time.perf_counter() - start)
             others.append(load.fraction)
             if repeat == 0 and name not in outputs:
                 outputs[name] = result
-                if resident is not None:
+                if resident is not None and name not in peer_seconds:
                     memory[name] = common.peak_rss_mb() - resident
         worst = max((fraction for fraction in others if fraction is not None), default=0.0)
-        summary = (f"matmul peak {measured['peak']:.0f} GFLOP/s; "
+        summary = (f"matmul peaks fp32 {measured['peak']:.0f}, "
+                   + ", ".join(f"{key} {value:.0f}" for key, value in low.items()) + " GFLOP/s; "
                    + ", ".join(f"{name}: {args.n / timings[name]:.2f}" for name in names) + " seq/s"
                    + f"; other processes used up to {100 * worst:.0f}% of the CPUs")
         if worst > args.max_other_load and attempts < args.repeats + args.retries and not args.smoke:
@@ -155,29 +211,31 @@ def main(argv=None):
         print(f"repeat {repeat + 1}/{args.repeats}: {summary}", file=sys.stderr)
         for name in names:
             seconds[name].append(timings[name])
-        peaks.append(measured["peak"])
+        peaks.append({"fp32": measured["peak"], **low})
         library_peaks.append(measured)
         contamination.append(worst)
         repeat += 1
     load_after = common.load_average()
 
     baseline_name = names[0]
-    reference = outputs[baseline_name]
-    header = ["variant", "seq/s", "real tokens/s", "GFLOP/s", "% of compute bound", "x baseline",
-              "max abs diff vs baseline", "peak memory (MiB)"]
+    reference = outputs["engine"] if "engine" in outputs else outputs[baseline_name]
+    header = ["variant", "seq/s", "real tokens/s", "GFLOP/s", "precision", "% of compute bound",
+              f"x {baseline_name.split(' (')[0]}", "max abs diff vs fp32 engine", "peak memory (MiB)"]
     table_rows = []
     for name in names:
         per_repeat = seconds[name]
+        precision = precision_of.get(name, "fp32")
         seq_s = common.median([args.n / s for s in per_repeat])
         tokens_s = common.median([sum(lengths) / s for s in per_repeat])
         gflops = common.median([flops / s / 1e9 for s in per_repeat])
-        bound = common.median([flops / s / 1e9 / peak for s, peak in zip(per_repeat, peaks)])
+        bound = common.median([flops / s / 1e9 / peak[precision] if precision in peak else None
+                               for s, peak in zip(per_repeat, peaks)])
         ratio = common.median([b / s for s, b in zip(per_repeat, seconds[baseline_name])])
         diff = float(np.abs(np.asarray(outputs[name]) - reference).max())
-        table_rows.append([name, f"{seq_s:.2f}", f"{tokens_s:,.0f}", f"{gflops:.1f}", f"{100 * bound:.0f}%",
-                           f"{ratio:.2f}x", f"{diff:.1e}",
+        table_rows.append([name, f"{seq_s:.2f}", f"{tokens_s:,.0f}", f"{gflops:.1f}", precision,
+                           f"{100 * bound:.0f}%" if bound is not None else "n/a", f"{ratio:.2f}x", f"{diff:.1e}",
                            f"{memory[name]:.0f}" if name in memory else "n/a"])
-    peak = common.median(peaks)
+    peak = common.median([p["fp32"] for p in peaks])
     bound_seq_s = peak * 1e9 / (flops / args.n)
     print()
     print(f"Embedding throughput: {source}, ESM-2 {args.architecture} architecture (random weights), "
@@ -189,14 +247,16 @@ def main(argv=None):
           f"{100 * max(contamination):.0f}% ({attempts - args.repeats} repeat(s) discarded)")
     libraries = ", ".join(f"{name} {common.median([m[name] for m in library_peaks]):.0f}"
                           for name in library_peaks[0] if name != "peak")
+    low_peaks = ", ".join(f"{key} {common.median([p.get(key) for p in peaks]):.0f}"
+                          for key in peaks[0] if key != "fp32")
+    fp32_peaks = ", ".join(f"{p['fp32']:.0f}" for p in peaks)
     print(f"fp32 matmul peak: {peak:.0f} GFLOP/s (median of the faster library per repeat: "
-          f"{', '.join(f'{p:.0f}' for p in peaks)}; medians by library: {libraries}) "
-          f"-> compute bound {bound_seq_s:.1f} seq/s for these proteins")
-    print(f"engine token budget: {Engine(model, tokenizer, max_tokens_per_batch=args.max_tokens_per_batch).max_tokens_per_batch}")
+          f"{fp32_peaks}; medians by library: {libraries}) "
+          f"-> compute bound {bound_seq_s:.1f} seq/s for these proteins; low-precision peaks (GFLOP/s): {low_peaks}")
+    print(f"engine token budget: {engine().max_tokens_per_batch}")
     print(common.FLOP_FORMULA)
     print()
     print(common.table(header, table_rows))
-
 
 if __name__ == "__main__":
     main()

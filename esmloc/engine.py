@@ -12,12 +12,15 @@ What makes it fast:
 - Proteins are tokenised once (EsmLocTokenizer's fast path), sorted by length and cut into batches bounded by a token
   budget, `max_tokens_per_batch` (padded size = proteins x longest), rather than by a protein count: many short
   proteins or a few long ones per batch, and almost no padding.
-- The backbone runs *packed* (`PackedEsm`): the tokens of a batch are concatenated into one (tokens, hidden) matrix,
+- The backbone runs *packed* (`esmloc.packed_esm.PackedEsm`, esmloc's own forward; why, and how it is checked:
+  that module's header): the tokens of a batch are concatenated into one (tokens, hidden) matrix,
   so the linear layers never see padding; query, key and value are one matmul; attention runs through
   `scaled_dot_product_attention` once per run of equal-length proteins, with no mask (on CUDA: one call per batch
   with a key-padding mask). `PackedEsm` reads the weights of the model's own `EsmModel` and computes what
   `EsmModel.forward` computes (equal within 1e-5 in fp32, tests/test_engine.py); a backbone it does not recognise
   (unmerged LoRA layers, absolute positions, a decoder) runs through `EsmModel.forward` on padded batches with SDPA.
+- precision="int8" (CPU): the linear layers with dynamic int8 quantisation through oneDNN (`_int8_linear`); the
+  other operations stay fp32. What it and bf16 cost in accuracy and gain in speed: README, "Speed".
 - On CPU in fp32 the linear layers go through oneDNN (`torch.ops.mkldnn._linear_pointwise`, GELU and the residual
   addition fused), when the op exists and agrees with `F.linear`: `F.linear` and `torch.matmul` use MKL, which runs
   its AVX2 code on AMD processors; oneDNN uses AVX-512 there and was measured 2.3x faster on this project's 2-core
@@ -25,9 +28,10 @@ What makes it fast:
 - On CPU, `workers` batches run at once in threads, each with its share of torch's intra-op threads (by default one
   batch per core on up to 4 cores): per-core batches scale better than splitting every small operation across the
   cores, and far better on a shared machine, where split operations wait for each other.
-- `torch.inference_mode`; on CUDA bf16 autocast (fp16 where bf16 is unsupported); fp32 on CPU, where bf16 autocast
-  is faster but not accurate enough to be the default (bench/embedding_throughput.py --variants all: 2.6e-2 error in
-  the mean embeddings against fp32; `precision="bf16"` asks for it).
+- `torch.inference_mode`; on CUDA bf16 autocast (fp16 where bf16 is unsupported); fp32 on CPU, where bf16 and int8
+  are faster but not accurate enough to be the default: on a trained head over a random ESM-2 35M backbone
+  (bench/precision_accuracy.py) bf16 moved test probabilities by up to 0.030 and int8 by 0.105 (0.33% of the labels
+  changed, MCC 0.005 lower), against the limits in AUTO_LIMITS; `precision="bf16"` / `"int8"` ask for them.
 - No work on the contact head, which inference never needs.
 
 Results always come back in input order, whatever order the batches ran in.
@@ -41,16 +45,19 @@ from itertools import islice
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import nn
 from tqdm.auto import tqdm
-from transformers.models.esm.modeling_esm import EsmModel
 
 from esmloc import task
+from esmloc.packed_esm import PackedEsm, onednn_linear_available, packed_forward_trusted  # noqa: F401 (re-exported)
 
 
 FEATURE_KINDS = ("mean", "cls", "residues")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
+# What `precision="auto"` runs per device type: the fastest precision whose cost, measured on trained models by
+# bench/precision_accuracy.py, stays within AUTO_LIMITS. On CPU neither bf16 (probabilities up to 0.030 from fp32)
+# nor int8 (0.105) did (README, "Speed"), so fp32. CUDA (not measured here): bf16/fp16 autocast, as before.
+AUTO_LIMITS = {"max_probability_difference": 0.01, "max_mcc_drop": 0.005}
+AUTO_PRECISION = {"cpu": "fp32"}
 # Token budgets (padded tokens per batch). CPU: measured with bench/embedding_throughput.py --budgets on 2 cores
 # (ESM-2 8M): 1024-4096 within 3% of each other, 8192 slower, 2048 best; batches whose activations stay in the
 # caches beat big ones. A GPU wants large batches (not measured here).
@@ -79,266 +86,24 @@ def length_batches(lengths: Sequence[int], max_tokens_per_batch: int) -> list[np
     return batches
 
 
-def autocast_dtype(device, precision: str = "auto") -> torch.dtype | None:
-    """The autocast dtype for `precision` on `device`; None means plain fp32."""
+def resolve_precision(device, precision: str = "auto") -> str:
+    """The precision that runs on `device` for `precision`: fp32, bf16, fp16 or int8 (`auto` per AUTO_PRECISION;
+    on CUDA bf16 autocast, or fp16 where bf16 is unsupported)."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     device = torch.device(device)
     if precision == "auto":
-        if device.type != "cuda":
-            return None
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+        if device.type == "cuda":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return AUTO_PRECISION.get(device.type, "fp32")
+    return precision
 
 
-def _torch_linear(x, weight, bias, gelu=False, residual=None):
-    out = F.linear(x, weight, bias)
-    if gelu:
-        out = F.gelu(out)
-    return out if residual is None else residual + out
-
-
-# oneDNN builds (and keeps) kernels and buffers for every input shape it meets; packed batches have a different
-# number of rows nearly every time, and peak memory grew with the number of proteins predicted (bench/predict_memory.py,
-# tiny model: +19% from 3k to 30k proteins unpadded; +9% from 10k to 400k with rows padded to a multiple of 64;
-# +1% with 256). Rows are padded to a multiple of this, so that a run meets a bounded set of shapes
-# (max_tokens_per_batch / ONEDNN_ROW_BUCKET per layer kind, 8 at the CPU default); the zero rows cost at most 255
-# rows of work per call, about 6% of a 2048-token batch on average.
-ONEDNN_ROW_BUCKET = 256
-
-
-def _onednn_linear(x, weight, bias, gelu=False, residual=None):
-    """The same as `_torch_linear` through oneDNN, with GELU (erf) or the residual addition fused into the matmul."""
-    ops = torch.ops.mkldnn._linear_pointwise
-    rows = x.shape[0]
-    extra = -rows % ONEDNN_ROW_BUCKET
-    if extra:
-        x = F.pad(x, (0, 0, 0, extra))
-        residual = None if residual is None else F.pad(residual, (0, 0, 0, extra))
-    if residual is not None:
-        out = ops.binary(x, residual, weight, bias, "add")
-    else:
-        out = ops(x, weight, bias, "gelu" if gelu else "none", [], "none" if gelu else "")
-    return out[:rows] if extra else out
-
-
-def onednn_linear_available() -> bool:
-    """Whether oneDNN's fp32 linear (with fused GELU / residual) runs here and agrees with `F.linear`."""
-    global _ONEDNN_OK
-    if _ONEDNN_OK is None:
-        try:
-            generator = torch.Generator().manual_seed(0)
-            x, w, b, r = (torch.randn(*shape, generator=generator) for shape in ((7, 24), (40, 24), (40,), (7, 40)))
-            _ONEDNN_OK = all(
-                torch.allclose(_onednn_linear(x, w, b, **kw), _torch_linear(x, w, b, **kw), atol=1e-5, rtol=1e-5)
-                for kw in ({}, {"gelu": True}, {"residual": r})
-            )
-        except (RuntimeError, AttributeError, NotImplementedError):
-            _ONEDNN_OK = False
-    return _ONEDNN_OK
-
-
-_ONEDNN_OK = None
-
-
-def _exactly(module, cls) -> bool:
-    return type(module) is cls
-
-
-class PackedEsm:
-    """An unpadded forward pass over the weights of an `EsmModel` (ESM-2: rotary positions, pre-LayerNorm).
-
-    `PackedEsm(esm)(input_ids, lengths)` takes the token ids of several proteins concatenated (`<cls>` ... `<eos>`
-    each, `lengths` tokens each) and returns their last hidden states, concatenated the same way: exactly what
-    `esm(ids, attention_mask).last_hidden_state` holds at the unpadded positions (within floating-point rounding).
-    The fused query/key/value matrix it builds is rebuilt whenever one of its parts changes, so the object stays
-    valid while the model changes.
-    """
-
-    def __init__(self, esm: EsmModel, attention: str = "auto", onednn: bool | None = None):
-        reason = self.unsupported_reason(esm)
-        if reason:
-            raise ValueError(f"PackedEsm cannot run this backbone: {reason}")
-        if attention not in ("auto", "grouped", "padded"):
-            raise ValueError(f"attention must be auto, grouped or padded, got {attention!r}")
-        self.esm = esm
-        self.attention = attention
-        self.onednn = onednn_linear_available() if onednn is None else onednn
-        config = esm.config
-        self.num_heads = config.num_attention_heads
-        self.head_size = config.hidden_size // config.num_attention_heads
-        self._rotary_cache: dict = {}
-        self._qkv_cache: dict = {}
-
-    @staticmethod
-    def unsupported_reason(esm) -> str | None:
-        """Why `PackedEsm` cannot reproduce `esm.forward`, or None when it can."""
-        if not isinstance(esm, EsmModel):
-            return f"not an EsmModel ({type(esm).__name__})"
-        config = esm.config
-        if getattr(config, "position_embedding_type", "absolute") != "rotary" or esm.rotary_embeddings is None:
-            return "only rotary position embeddings (ESM-2) are supported"
-        if config.is_decoder or config.add_cross_attention:
-            return "decoder / cross-attention configurations are not supported"
-        if config.hidden_size % config.num_attention_heads:
-            return "hidden_size is not a multiple of num_attention_heads"
-        if getattr(esm.rotary_embeddings, "rope_type", {}) not in ({}, "default", None):
-            return "only default rotary embeddings are supported"
-        if not _exactly(esm.embeddings.word_embeddings, nn.Embedding):
-            return "the word embeddings are wrapped"
-        if esm.embeddings.layer_norm is not None and not _exactly(esm.embeddings.layer_norm, nn.LayerNorm):
-            return "the embedding layer norm is wrapped"
-        if not _exactly(esm.encoder.emb_layer_norm_after, nn.LayerNorm):
-            return "emb_layer_norm_after is missing or wrapped"
-        for index, layer in enumerate(esm.encoder.layer):
-            attention = layer.attention
-            linears = (attention.self.query, attention.self.key, attention.self.value, attention.output.dense,
-                       layer.intermediate.dense, layer.output.dense)
-            norms = (attention.LayerNorm, layer.LayerNorm)
-            if not all(_exactly(module, nn.Linear) and module.bias is not None for module in linears):
-                return f"layer {index} has linear layers other than plain nn.Linear with bias (e.g. unmerged LoRA)"
-            if not all(_exactly(module, nn.LayerNorm) for module in norms):
-                return f"layer {index} has wrapped layer norms"
-            if getattr(attention.self, "position_embedding_type", "rotary") != "rotary":
-                return f"layer {index} does not use rotary positions"
-        return None
-
-    def _rotary(self, max_length: int, device, dtype):
-        """cos and sin of every position up to `max_length`, as `EsmRotaryEmbedding` computes them (sin with the
-        sign of `rotate_half` folded in)."""
-        key = (device, dtype)
-        cached = self._rotary_cache.get(key)
-        rotary = self.esm.rotary_embeddings
-        if cached is None or cached[0].shape[0] < max_length or cached[2] != rotary.inv_freq._version:
-            length = max(max_length, 1026)
-            positions = torch.arange(length, device=device)
-            freqs = positions[:, None].float() * rotary.inv_freq.to(device=device, dtype=torch.float)[None, :]
-            emb = torch.cat((freqs, freqs), dim=-1)
-            cos = (emb.cos() * rotary.attention_scaling).to(dtype)
-            sin = (emb.sin() * rotary.attention_scaling).to(dtype)
-            half = sin.shape[-1] // 2
-            signed_sin = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)
-            cached = (cos, signed_sin, rotary.inv_freq._version)
-            self._rotary_cache[key] = cached
-        return cached[0], cached[1]
-
-    def __call__(self, input_ids: torch.Tensor, lengths: Sequence[int]) -> torch.Tensor:
-        esm, config = self.esm, self.esm.config
-        device = input_ids.device
-        lengths = [int(length) for length in lengths]
-        total = int(input_ids.shape[0])
-        if total != sum(lengths):
-            raise ValueError(f"{total} token ids for lengths summing to {sum(lengths)}")
-        num_heads, head_size, hidden = self.num_heads, self.head_size, config.hidden_size
-        starts = np.concatenate([[0], np.cumsum(lengths)]).tolist()
-        lengths_tensor = torch.tensor(lengths, device=device)
-        sequence_of_token = torch.repeat_interleave(torch.arange(len(lengths), device=device), lengths_tensor)
-        positions = torch.arange(total, device=device) - torch.tensor(starts[:-1], device=device)[sequence_of_token]
-
-        # Embeddings (EsmEmbeddings.forward): token dropout rescaling, optional layer norm.
-        embeddings = esm.embeddings
-        hidden_states = embeddings.word_embeddings(input_ids)
-        if embeddings.token_dropout:
-            is_mask = input_ids == embeddings.mask_token_id
-            hidden_states = hidden_states.masked_fill(is_mask.unsqueeze(-1), 0.0)
-            mask_ratio_train = 0.15 * 0.8  # as in EsmEmbeddings
-            observed = torch.zeros(len(lengths), device=device).index_add_(0, sequence_of_token, is_mask.float())
-            observed = observed / lengths_tensor
-            hidden_states = (hidden_states * (1 - mask_ratio_train) / (1 - observed)[sequence_of_token, None]).to(
-                hidden_states.dtype
-            )
-        if embeddings.layer_norm is not None:
-            hidden_states = embeddings.layer_norm(hidden_states)
-
-        # Rotary embeddings are applied in float32, as EsmModel does under autocast too.
-        cos, signed_sin = self._rotary(max(lengths), device, torch.float32)
-        cos, signed_sin = cos[positions].unsqueeze(1), signed_sin[positions].unsqueeze(1)
-        half = head_size // 2
-        scale = head_size**-0.5
-        attention_mode = self.attention
-        if attention_mode == "auto":
-            attention_mode = "padded" if device.type == "cuda" else "grouped"
-        plan = self._attention_plan(lengths, starts, attention_mode, positions, sequence_of_token, lengths_tensor)
-        linear = _onednn_linear if (self.onednn and device.type == "cpu" and hidden_states.dtype == torch.float32
-                                    and not torch.is_autocast_enabled("cpu")) else _torch_linear
-
-        for index, layer in enumerate(esm.encoder.layer):
-            attention = layer.attention
-            normed = attention.LayerNorm(hidden_states)
-            qkv = linear(normed, *self._qkv_weights(index, attention.self))
-            # Rotary embeddings on query and key together: x * cos + rotate_half(x) * sin.
-            query_key = qkv[:, :2 * hidden].view(total, 2 * num_heads, head_size).float()
-            swapped = torch.cat((query_key[..., half:], query_key[..., :half]), dim=-1)
-            query_key = torch.addcmul(query_key * cos, swapped, signed_sin).to(qkv.dtype)
-            value = qkv[:, 2 * hidden:].view(total, num_heads, head_size)
-            context = self._attend(query_key[:, :num_heads], query_key[:, num_heads:], value, plan, scale)
-            hidden_states = linear(context, attention.output.dense.weight, attention.output.dense.bias,
-                                   residual=hidden_states)
-            normed = layer.LayerNorm(hidden_states)
-            intermediate = linear(normed, layer.intermediate.dense.weight, layer.intermediate.dense.bias, gelu=True)
-            hidden_states = linear(intermediate, layer.output.dense.weight, layer.output.dense.bias,
-                                   residual=hidden_states)
-        return esm.encoder.emb_layer_norm_after(hidden_states)
-
-    def _qkv_weights(self, index, attention):
-        """The query, key and value projections as one (3 x hidden, hidden) matrix: one matmul instead of three.
-        Rebuilt whenever one of the six tensors changed (in place or replaced)."""
-        tensors = (attention.query.weight, attention.key.weight, attention.value.weight,
-                   attention.query.bias, attention.key.bias, attention.value.bias)
-        stamp = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
-        cached = self._qkv_cache.get(index)
-        if cached is None or cached[0] != stamp:
-            with torch.no_grad():
-                cached = (stamp, torch.cat(tensors[:3]), torch.cat(tensors[3:]))
-            self._qkv_cache[index] = cached
-        return cached[1], cached[2]
-
-    @staticmethod
-    def _attention_plan(lengths, starts, mode, positions, sequence_of_token, lengths_tensor):
-        if mode == "padded":
-            longest = max(lengths)
-            token_index = sequence_of_token * longest + positions  # each token's row in a (proteins x longest) grid
-            key_mask = torch.arange(longest, device=positions.device)[None, :] < lengths_tensor[:, None]
-            return ("padded", len(lengths), longest, token_index, key_mask[:, None, None, :])
-        # Runs of equal-length proteins (batches are sorted by length) share one SDPA call without a mask.
-        runs, first = [], 0
-        for index in range(1, len(lengths) + 1):
-            if index == len(lengths) or lengths[index] != lengths[first]:
-                runs.append((starts[first], starts[index], index - first, lengths[first]))
-                first = index
-        return ("grouped", runs)
-
-    def _attend(self, query, key, value, plan, scale):
-        """Multi-head attention of each protein over itself; inputs and output are (tokens, heads, head_size)."""
-        total, num_heads, head_size = value.shape
-        if plan[0] == "padded":
-            _, count, longest, token_index, key_mask = plan
-
-            def padded(x):
-                out = x.new_zeros(count * longest, num_heads, head_size)
-                out[token_index] = x
-                return out.view(count, longest, num_heads, head_size).transpose(1, 2)
-
-            context = F.scaled_dot_product_attention(padded(query), padded(key), padded(value), attn_mask=key_mask,
-                                                     scale=scale)
-            context = context.transpose(1, 2).reshape(count * longest, num_heads * head_size)
-            return context[token_index]
-        runs = plan[1]
-        if len(runs) == 1:
-            start, end, count, length = runs[0]
-            context = F.scaled_dot_product_attention(
-                *(x.view(count, length, num_heads, head_size).transpose(1, 2) for x in (query, key, value)),
-                scale=scale,
-            )
-            return context.transpose(1, 2).reshape(total, num_heads * head_size)
-        context = value.new_empty(total, num_heads, head_size)
-        for start, end, count, length in runs:
-            out = F.scaled_dot_product_attention(
-                *(x[start:end].view(count, length, num_heads, head_size).transpose(1, 2) for x in (query, key, value)),
-                scale=scale,
-            )
-            context[start:end].view(count, length, num_heads, head_size).copy_(out.transpose(1, 2))
-        return context.view(total, num_heads * head_size)
+def autocast_dtype(device, precision: str = "auto") -> torch.dtype | None:
+    """The autocast dtype for `precision` on `device`; None means no autocast (fp32, or int8 linear layers with
+    fp32 everything else)."""
+    return {"fp32": None, "int8": None, "bf16": torch.bfloat16, "fp16": torch.float16}[
+        resolve_precision(device, precision)]
 
 
 class Engine:
@@ -350,7 +115,10 @@ class Engine:
         tokenizer: an `EsmLocTokenizer` (crops exactly as the model's config says).
         max_tokens_per_batch: padded tokens per batch (proteins x longest); default per device type.
         device: where to run; default the model's device.
-        precision: `auto` (fp32 on CPU, bf16 or fp16 autocast on CUDA), `fp32`, `bf16` or `fp16`.
+        precision: `auto` (per device: `AUTO_PRECISION`, fp32 on CPU; bf16 or fp16 autocast on CUDA), `fp32`,
+            `bf16` or `fp16` (autocast), or `int8` (CPU, `PackedEsm` only: the backbone's linear layers with dynamic
+            int8 quantisation through oneDNN, everything else fp32; a protein's result then depends slightly on the
+            other proteins of its batch, which share one input scale per linear layer).
         progress: show a progress bar.
         packed: use `PackedEsm` when the backbone allows it (False: always `EsmModel.forward` on padded batches).
         attention: `PackedEsm`'s attention: `grouped` (per run of equal lengths, no mask; the CPU default) or
@@ -369,6 +137,7 @@ class Engine:
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.max_tokens_per_batch = max_tokens_per_batch or default_max_tokens_per_batch(self.device)
         self.precision = precision
+        self.precision_name = resolve_precision(self.device, precision)  # part of a feature cache's key
         self.autocast_dtype = autocast_dtype(self.device, precision)
         self.progress = progress
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -378,13 +147,14 @@ class Engine:
             workers = min(torch.get_num_threads(), 4) if self.device.type == "cpu" else 1
         self.workers = max(1, workers)
         self.packed = None
-        if packed and not PackedEsm.unsupported_reason(self.esm):
-            self.packed = PackedEsm(self.esm, attention=attention, onednn=onednn)
-
-    @property
-    def precision_name(self) -> str:
-        """fp32, bf16 or fp16: what the backbone computes in (part of a feature cache's key)."""
-        return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.autocast_dtype]
+        int8 = self.precision_name == "int8"
+        reason = PackedEsm.unsupported_reason(self.esm) if packed else "packed=False"
+        if not reason and not packed_forward_trusted():
+            reason = "the packed forward failed its parity self-check (warned)"
+        if int8 and (reason or self.device.type != "cpu"):
+            raise ValueError(f"precision int8 runs on CPU through PackedEsm only, here: {reason or self.device.type}")
+        if not reason:
+            self.packed = PackedEsm(self.esm, attention=attention, onednn=onednn, int8=int8)
 
     def encode(self, sequences: Sequence[str]) -> list[list[int]]:
         """Token ids (`<cls>` residues `<eos>`, normalised and cropped by the tokenizer) of each protein."""

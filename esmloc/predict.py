@@ -93,7 +93,8 @@ def parse_run_arguments(parser: argparse.ArgumentParser, argv, done: str) -> arg
                         help="cpu, cuda, cuda:1, ... (default: cuda if available; the process's own GPU under "
                              "torchrun / accelerate launch)")
     parser.add_argument("--precision", default="auto", choices=PRECISIONS,
-                        help="auto: fp32 on CPU, bf16 (or fp16) autocast on CUDA")
+                        help="auto: per device (esmloc.engine.AUTO_PRECISION: fp32 on CPU, bf16 or fp16 autocast on "
+                             "CUDA); int8: dynamic int8 linear layers on CPU (README, Speed: its measured cost)")
     parser.add_argument("--no_progress", action="store_true",
                         help="no progress bar (default: a bar when stderr is a terminal)")
     parser.add_argument("--explain", metavar="DIR", default=None,

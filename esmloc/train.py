@@ -100,6 +100,13 @@ class ModelArguments:
                   "features on disk and train the head on them (the saved model is the same EsmForLocalization). "
                   "--no_feature_cache runs the whole model in every epoch instead (the ordinary Trainer path)."},
     )
+    precision: str = field(
+        default="auto",
+        metadata={"choices": list(engine.PRECISIONS),
+                  "help": "What the backbone computes in for the cached features and the final evaluation "
+                  "(esmloc.engine.PRECISIONS): auto (fp32 on CPU, bf16/fp16 autocast on CUDA), fp32, bf16, fp16, int8 "
+                  "(CPU). Part of the feature cache's key. Training itself is not affected."},
+    )
     feature_cache_dir: str | None = field(
         default=None,
         metadata={"help": "Where cached features are kept (default $HF_HOME/esmloc/features), one directory per "
@@ -458,7 +465,8 @@ def cached_feature_trainer(model, tokenizer, dataset, model_args, training_args,
     embeds first; the other processes of a distributed run then find everything in the cache."""
     model.to(training_args.device)
     inference = engine.Engine(model, tokenizer, max_tokens_per_batch=model_args.max_tokens_per_batch,
-                              device=training_args.device, progress=not training_args.disable_tqdm)
+                              device=training_args.device, progress=not training_args.disable_tqdm,
+                              precision=model_args.precision)
     kind = cache.feature_kind(model.config.pooling)
     fingerprint = cache.backbone_fingerprint(model.esm)
     splits = {}
@@ -532,6 +540,7 @@ def evaluate_and_save(trainer, final_model, tokenizer, dataset, model_args, data
     # With the feature cache, pooled features of the (unchanged) backbone come from the cache: the same numbers.
     predict = partial(engine.predict_probabilities, final_model, tokenizer, device=training_args.device,
                       max_tokens_per_batch=model_args.max_tokens_per_batch, progress=not training_args.disable_tqdm,
+                      precision=model_args.precision,
                       feature_cache=feature_cache_dir(model_args) if uses_feature_cache(model_args) else None)
     probabilities, truth, scores = {}, {}, {}
     for split in ("validation", "test"):

@@ -9,7 +9,8 @@ import pytest
 from conftest import REPO
 
 
-@pytest.mark.parametrize("script", ["embedding_throughput.py", "frozen_training.py"])
+@pytest.mark.parametrize("script", ["embedding_throughput.py", "frozen_training.py", "precision_accuracy.py",
+                                    "engine_profile.py", "int8_candidates.py"])
 def test_bench_script_runs_in_smoke_mode(script, tmp_path):
     extra = ["--work_dir", str(tmp_path / "work")] if script == "frozen_training.py" else []
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home")}
@@ -21,5 +22,18 @@ def test_bench_script_runs_in_smoke_mode(script, tmp_path):
     assert len(table) >= 3  # header + at least two measured rows
     if script == "embedding_throughput.py":
         assert "% of compute bound" in table[0] and "x baseline" in table[0]
-    else:
+        variants = [line.split(" | ")[0][2:] for line in table[2:]]
+        # Every precision by default, and the stock model padding-free (the question whether the fork pays).
+        assert {"engine", "engine, bf16", "stock EsmModel, padding-free (varlen SDPA)"} <= set(variants)
+        assert "low-precision peaks (GFLOP/s): bf16" in result.stdout
+    elif script == "precision_accuracy.py":
+        assert "max abs probability difference vs fp32" in table[0] and "test MCC" in table[0]
+        assert {line.split(" | ")[1] for line in table[2:]} >= {"fp32", "bf16"}
+        assert "qualifying on every model: fp32" in result.stdout
+    elif script == "engine_profile.py":
+        assert "linear layers" in table[0] and [line.split(" | ")[0][2:] for line in table[2:]] == [
+            "fp32", "bf16", "int8"]
+    elif script == "int8_candidates.py":
+        assert {line.split(" | ")[1] for line in table[2:]} >= {"fp32, oneDNN", "int8, oneDNN qlinear (esmloc)"}
+    elif script == "frozen_training.py":
         assert "speed-up" in table[0] and "max abs difference" in result.stdout

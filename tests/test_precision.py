@@ -1,0 +1,116 @@
+"""Precisions of the inference engine (auto / fp32 / bf16 / int8), the packed forward's parity self-check and the
+forward's version in the feature cache's key."""
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from esmloc import cache, packed_esm
+from esmloc.engine import AUTO_PRECISION, Engine, resolve_precision
+from esmloc.export import tokenizer_for
+
+from conftest import PROTEINS, tiny_model
+
+
+SEQUENCES = PROTEINS + ["MKTAYIAKQRQISFVKSHFSRQ" * 5, "MLSRAVCGTSRQLAPVLGYLGSRQKHSLPDLPYDYGALEPHINAQIMQLHHSKHHAAYV"]
+
+needs_int8 = pytest.mark.skipif(not packed_esm.int8_linear_available(),
+                                reason="oneDNN's int8 linear does not run in this torch build")
+
+
+def test_auto_is_fp32_on_cpu_and_every_precision_names_itself():
+    assert AUTO_PRECISION["cpu"] == "fp32" and resolve_precision("cpu", "auto") == "fp32"
+    model = tiny_model()
+    tokenizer = tokenizer_for(model.config)
+    for precision, name in [("auto", "fp32"), ("fp32", "fp32"), ("bf16", "bf16")] + (
+            [("int8", "int8")] if packed_esm.int8_linear_available() else []):
+        assert Engine(model, tokenizer, precision=precision, progress=False).precision_name == name
+    with pytest.raises(ValueError, match="precision must be one of"):
+        Engine(model, tokenizer, precision="int4")
+
+
+@needs_int8
+def test_int8_stays_close_to_fp32_and_is_not_fp32():
+    model = tiny_model(max_residues=300)
+    tokenizer = tokenizer_for(model.config)
+    fp32 = Engine(model, tokenizer, progress=False).embed(SEQUENCES, "mean")
+    int8 = Engine(model, tokenizer, progress=False, precision="int8").embed(SEQUENCES, "mean")
+    difference = np.abs(int8 - fp32).max()
+    assert 0 < difference < 0.05 * np.abs(fp32).max()
+    probabilities = [Engine(model, tokenizer, progress=False, precision=p).predict_probabilities(SEQUENCES)
+                     for p in ("fp32", "int8")]
+    np.testing.assert_allclose(probabilities[1], probabilities[0], atol=0.02)
+
+
+@needs_int8
+def test_int8_follows_weight_changes():
+    model = tiny_model()
+    tokenizer = tokenizer_for(model.config)
+    engine = Engine(model, tokenizer, progress=False, precision="int8")
+    before = engine.embed(SEQUENCES[:2], "mean")
+    with torch.no_grad():
+        model.esm.encoder.layer[0].intermediate.dense.weight.mul_(3.0)
+    after = engine.embed(SEQUENCES[:2], "mean")
+    fresh = Engine(model, tokenizer, progress=False, precision="int8").embed(SEQUENCES[:2], "mean")
+    assert np.abs(after - before).max() > 1e-3
+    np.testing.assert_allclose(after, fresh, atol=1e-6)
+
+
+@needs_int8
+def test_int8_linear_meets_row_counts_in_buckets(monkeypatch):
+    """oneDNN caches a kernel per shape: the int8 path, like fp32's, only ever sees multiples of ONEDNN_ROW_BUCKET."""
+    rows_seen = []
+    original = packed_esm._quantise_input
+
+    def spy(x):
+        rows_seen.append(x.shape[0])
+        return original(x)
+
+    monkeypatch.setattr(packed_esm, "_quantise_input", spy)
+    model = tiny_model(max_residues=300)
+    Engine(model, tokenizer_for(model.config), progress=False, precision="int8").embed(SEQUENCES, "mean")
+    assert rows_seen and all(rows % packed_esm.ONEDNN_ROW_BUCKET == 0 for rows in rows_seen)
+
+
+def test_int8_without_the_packed_forward_is_refused():
+    model = tiny_model()
+    with pytest.raises(ValueError, match="int8 runs on CPU through PackedEsm only"):
+        Engine(model, tokenizer_for(model.config), precision="int8", packed=False)
+
+
+def test_a_failed_parity_check_warns_once_and_falls_back_to_the_stock_forward(monkeypatch):
+    model = tiny_model()
+    tokenizer = tokenizer_for(model.config)
+    reference = Engine(model, tokenizer, progress=False, packed=False).embed(SEQUENCES, "mean")
+    original_call = packed_esm.PackedEsm.__call__
+    monkeypatch.setattr(packed_esm.PackedEsm, "__call__", lambda self, ids, lengths: original_call(self, ids, lengths)
+                        + 1e-3)  # a forward that drifted from transformers'
+    monkeypatch.setattr(packed_esm, "_PARITY_OK", None)
+    with pytest.warns(RuntimeWarning, match="falling back to the stock EsmModel.forward"):
+        engine = Engine(model, tokenizer, progress=False)
+    assert engine.packed is None
+    np.testing.assert_allclose(engine.embed(SEQUENCES, "mean"), reference, atol=1e-6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per process
+        assert Engine(model, tokenizer, progress=False).packed is None
+    monkeypatch.setattr(packed_esm, "_PARITY_OK", None)
+    monkeypatch.setattr(packed_esm.PackedEsm, "__call__", original_call)
+    assert Engine(model, tokenizer, progress=False).packed is not None
+
+
+def test_the_feature_cache_key_holds_the_forward_version_and_the_precision(monkeypatch, tmp_path):
+    model = tiny_model()
+    tokenizer = tokenizer_for(model.config)
+    fingerprint = cache.backbone_fingerprint(model.esm)
+    monkeypatch.setattr(packed_esm, "FORK_VERSION", "packed-esm-next")
+    assert cache.backbone_fingerprint(model.esm) != fingerprint
+    monkeypatch.undo()
+    monkeypatch.setattr(packed_esm.transformers, "__version__", "5.99.0")
+    assert cache.backbone_fingerprint(model.esm) != fingerprint
+    monkeypatch.undo()
+    paths = {precision: cache.FeatureCache.for_engine(Engine(model, tokenizer, precision=precision, progress=False),
+                                                      "mean", root=tmp_path).path
+             for precision in ["fp32", "bf16"] + (["int8"] if packed_esm.int8_linear_available() else [])}
+    assert len(set(paths.values())) == len(paths) and all(path.name.endswith(p) for p, path in paths.items())
