@@ -39,7 +39,7 @@ def load_proteins(path: Path, n: int, smoke: bool) -> tuple[list[dict], str]:
     return rows, f"{len(rows)} synthetic proteins (esmloc.demo; {path} not found)"
 
 
-def _median_seconds(function, repeats: int) -> float:
+def median_seconds(function, repeats: int) -> float:
     function()
     times = []
     for _ in range(repeats):
@@ -57,10 +57,10 @@ def matmul_peaks_gflops(size: int = 4096, repeats: int = 5) -> dict[str, float]:
     a, b = torch.randn(size, size), torch.randn(size, size)
     flops = 2 * size**3
     with torch.inference_mode():
-        peaks = {"torch.matmul": flops / _median_seconds(lambda: torch.matmul(a, b), repeats) / 1e9}
+        peaks = {"torch.matmul": flops / median_seconds(lambda: torch.matmul(a, b), repeats) / 1e9}
         try:
             linear = torch.ops.mkldnn._linear_pointwise
-            peaks["oneDNN"] = flops / _median_seconds(lambda: linear(a, b, None, "none", [], ""), repeats) / 1e9
+            peaks["oneDNN"] = flops / median_seconds(lambda: linear(a, b, None, "none", [], ""), repeats) / 1e9
         except (AttributeError, RuntimeError, NotImplementedError):
             pass
     peaks["peak"] = max(peaks.values())
@@ -76,10 +76,10 @@ def low_precision_peaks_gflops(size: int = 4096, repeats: int = 5) -> dict[str, 
     peaks = {}
     a, b = torch.randn(size, size).bfloat16(), torch.randn(size, size).bfloat16()
     with torch.inference_mode():
-        bf16 = [flops / _median_seconds(lambda: torch.matmul(a, b), repeats) / 1e9]
+        bf16 = [flops / median_seconds(lambda: torch.matmul(a, b), repeats) / 1e9]
         try:
             linear = torch.ops.mkldnn._linear_pointwise
-            bf16.append(flops / _median_seconds(lambda: linear(a, b, None, "none", [], ""), repeats) / 1e9)
+            bf16.append(flops / median_seconds(lambda: linear(a, b, None, "none", [], ""), repeats) / 1e9)
         except (AttributeError, RuntimeError, NotImplementedError):
             pass
         peaks["bf16"] = max(bf16)
@@ -87,7 +87,7 @@ def low_precision_peaks_gflops(size: int = 4096, repeats: int = 5) -> dict[str, 
             x = torch.randint(0, 255, (size, size), dtype=torch.uint8)
             weight = torch.ops.onednn.qlinear_prepack(torch.randint(-127, 127, (size, size), dtype=torch.int8), None)
             scales, zero_points = torch.full((size,), 0.01), torch.zeros(size, dtype=torch.long)
-            peaks["int8"] = flops / _median_seconds(lambda: torch.ops.onednn.qlinear_pointwise(
+            peaks["int8"] = flops / median_seconds(lambda: torch.ops.onednn.qlinear_pointwise(
                 x, 0.01, 128, weight, scales, zero_points, None, 1.0, 0, torch.float32, "none", [], ""), repeats) / 1e9
         except (AttributeError, RuntimeError, NotImplementedError):
             pass

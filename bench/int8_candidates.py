@@ -19,23 +19,11 @@ largest absolute difference from the fp32 output (inputs N(0, 1), weights as nn.
 """
 
 import argparse
-import statistics
-import time
 import warnings
 
 import torch
 
 import common
-
-
-def seconds(function, repeats):
-    function()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def candidates(linear):
@@ -88,7 +76,7 @@ def main(argv=None):
                 flops = 2 * args.rows * fan_in * fan_out
                 for name, function in candidates(linear).items():
                     error = float((function(x) - reference).abs().max())
-                    rate = flops / seconds(lambda: function(x), args.repeats) / 1e9
+                    rate = flops / common.median_seconds(lambda: function(x), args.repeats) / 1e9
                     rows.append([f"{size} {fan_in}->{fan_out}", name, f"{rate:.0f}", f"{error:.1e}"])
     print(f"int8 candidates: {args.rows} rows, 1 thread, median of {args.repeats}")
     print(f"command: {common.command_line()}")
