@@ -55,7 +55,7 @@ from esmloc.cache import backbone_fingerprint, sequence_key
 from esmloc.cli import InputError
 from esmloc.engine import Engine
 from esmloc.files import TEMPORARY_PREFIX, atomic_file
-from esmloc.predict import check_output_path, parse_run_arguments
+from esmloc.predict import check_output_path, file_job_parser, parse_run_arguments
 from esmloc.saving import tokenizer_for
 from modeling_esmloc import EsmForLocalization
 
@@ -69,14 +69,11 @@ SCHEMA_FIELDS = [("ACC", pa.string()), ("sequence_sha256", pa.string()), ("embed
 
 
 def parse_arguments(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="esmloc-embed",
-        description="Pooled (and optionally per-residue) ESM-2 embeddings of every protein of a FASTA or CSV file, "
-                    "from an esmloc model or a stock ESM-2 checkpoint; writes Parquet.",
-    )
-    parser.add_argument("model", help="an esmloc model directory, or a stock ESM-2 checkpoint (directory or hub id)")
-    parser.add_argument("input", help="FASTA (.fasta/.fa/.faa/.fas/.fsa[.gz]) or CSV/TSV with ACC and Sequence")
-    parser.add_argument("-o", "--output", required=True, help="the Parquet file to write")
+    parser = file_job_parser(
+        "esmloc-embed",
+        "Pooled (and optionally per-residue) ESM-2 embeddings of every protein of a FASTA or CSV file, from an esmloc "
+        "model or a stock ESM-2 checkpoint; writes Parquet.",
+        "model", "an esmloc model directory, or a stock ESM-2 checkpoint (directory or hub id)", "Parquet file")
     parser.add_argument("--pooling", choices=POOLINGS, default=None,
                         help="default: the model's own pooling (mean for a stock ESM-2 checkpoint)")
     parser.add_argument("--per_residue", default=None, metavar="DIR",

@@ -64,15 +64,21 @@ logger = logging.getLogger("esmloc.predict")
 RESULTS_FILE = "test_results.json"
 
 
-def parse_arguments(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="esmloc-predict",
-        description="Predict subcellular localisation for every protein of a FASTA or CSV file with a saved esmloc "
-                    "model; writes a CSV (ACC, probability per label, predicted label).",
-    )
-    parser.add_argument("model_dir", help="a model directory saved by train.py")
+def file_job_parser(prog: str, description: str, model: str, model_help: str, writes: str) -> argparse.ArgumentParser:
+    """The command line both file tools share: MODEL INPUT -o OUTPUT (esmloc-predict, esmloc-embed)."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument(model, help=model_help)
     parser.add_argument("input", help="FASTA (.fasta/.fa/.faa/.fas/.fsa[.gz]) or CSV/TSV with ACC and Sequence")
-    parser.add_argument("-o", "--output", required=True, help="the CSV to write")
+    parser.add_argument("-o", "--output", required=True, help=f"the {writes} to write")
+    return parser
+
+
+def parse_arguments(argv=None) -> argparse.Namespace:
+    parser = file_job_parser(
+        "esmloc-predict",
+        "Predict subcellular localisation for every protein of a FASTA or CSV file with a saved esmloc model; writes "
+        "a CSV (ACC, probability per label, predicted label).",
+        "model_dir", "a model directory saved by train.py", "CSV")
     parser.add_argument("--threshold", type=float, default=None,
                         help="decision threshold for the positive label (every label for multi-label models); "
                              "default: the tuned one from MODEL_DIR/test_results.json, else 0.5")
