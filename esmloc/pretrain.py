@@ -22,6 +22,10 @@ tokenizer, a model card (README.md) and the perplexity curve (perplexity_curve.p
 A rerun into the same `--output_dir` resumes from its last checkpoint, as train.py does, but only the same run:
 `pretrain_fingerprint.json` records what defines it (data content, model, masking, optimisation) and a rerun with
 anything different stops with a message instead of resuming.
+
+Longer than most modules (about 650 lines) for one job, a pretraining run: its arguments, the masking recipe and its
+dataset (which the standard collator cannot give: see ResidueMasking), the run check, and the outputs of the run
+(curve and card) belong to this command only.
 """
 
 import hashlib
