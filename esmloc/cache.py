@@ -21,9 +21,9 @@ Cache layout (`FeatureCache`):
         <shard>.index.json            sha256 of each protein's normalised, cropped sequence -> its rows in <shard>.npy
 
 - The directory name keys everything that changes a feature except the sequence: the backbone fingerprint
-  (`backbone_fingerprint`: sha256 over the forward's version (`esmloc.packed_esm.fork_fingerprint`: the packed
-  forward's FORK_VERSION and the transformers version), the architecture and every tensor of the backbone's state dict, the contact
-  head excepted; about 0.1 s per 100 MB of weights), the feature kind, `max_residues` and `crop`, and the precision
+  (`backbone_fingerprint`: sha256 over the forward's version (`esmloc.varlen_esm.forward_fingerprint`: the
+  padding-free path's FORWARD_VERSION and the transformers version whose modules it runs), the architecture and
+  every tensor of the backbone's state dict, the contact head excepted; about 0.1 s per 100 MB of weights), the feature kind, `max_residues` and `crop`, and the precision
   the backbone ran in. A changed weight or setting therefore means a new directory, never stale features. Within a
   directory a protein is found by the sha256 of the sequence the backbone actually sees (normalised and cropped,
   `sequence_key`), so a changed sequence is a miss and identical proteins share one entry.
@@ -53,7 +53,7 @@ from transformers import Trainer
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from esmloc.files import TEMPORARY_PREFIX, atomic_file
-from esmloc.packed_esm import fork_fingerprint
+from esmloc.varlen_esm import forward_fingerprint
 
 
 logger = logging.getLogger(__name__)
@@ -82,8 +82,8 @@ def backbone_fingerprint(esm) -> str:
     """sha256 (hex) over the backbone's architecture and the bytes of every tensor of its state dict (names, dtypes
     and shapes included), without the contact head, which no feature depends on."""
     digest = hashlib.sha256(FORMAT_VERSION.encode())
-    # The code that computes features: esmloc's packed forward (its version) and the transformers it runs against.
-    digest.update(fork_fingerprint().encode())
+    # The code that computes features: esmloc's padding-free path (its version) and the transformers it runs.
+    digest.update(forward_fingerprint().encode())
     config = esm.config.to_dict()
     digest.update(json.dumps({key: config.get(key) for key in _ARCHITECTURE_KEYS}, sort_keys=True,
                              default=str).encode())
@@ -115,8 +115,8 @@ class FeatureCache:
         self.precision, self.hidden_size = precision, hidden_size
         self.dtype = np.float16 if kind == "residues" else np.float32
         self.path = self.root / f"{fingerprint[:16]}-{kind}-r{max_residues}-{crop}-{precision}"
-        self.meta = {"format": FORMAT_VERSION, "forward": fork_fingerprint(), "fingerprint": fingerprint, "kind": kind, "max_residues": max_residues,
-                     "crop": crop, "precision": precision, "hidden_size": hidden_size,
+        self.meta = {"format": FORMAT_VERSION, "forward": forward_fingerprint(), "fingerprint": fingerprint,
+                     "kind": kind, "max_residues": max_residues, "crop": crop, "precision": precision, "hidden_size": hidden_size,
                      "dtype": np.dtype(self.dtype).name}
         self._index: dict[str, tuple[str, int, int]] = {}
         self._seen_shards: set[str] = set()

@@ -12,19 +12,15 @@ What makes it fast:
 - Proteins are tokenised once (EsmLocTokenizer's fast path), sorted by length and cut into batches bounded by a token
   budget, `max_tokens_per_batch` (padded size = proteins x longest), rather than by a protein count: many short
   proteins or a few long ones per batch, and almost no padding.
-- The backbone runs *packed* (`esmloc.packed_esm.PackedEsm`, esmloc's own forward; why, and how it is checked:
-  that module's header): the tokens of a batch are concatenated into one (tokens, hidden) matrix,
-  so the linear layers never see padding; query, key and value are one matmul; attention runs through
-  `scaled_dot_product_attention` once per run of equal-length proteins, with no mask (on CUDA: one call per batch
-  with a key-padding mask). `PackedEsm` reads the weights of the model's own `EsmModel` and computes what
-  `EsmModel.forward` computes (equal within 1e-5 in fp32, tests/test_engine.py); a backbone it does not recognise
-  (unmerged LoRA layers, absolute positions, a decoder) runs through `EsmModel.forward` on padded batches with SDPA.
-- precision="int8" (CPU): the linear layers with dynamic int8 quantisation through oneDNN (`_int8_linear`); the
-  other operations stay fp32. What it and bf16 cost in accuracy and gain in speed: README, "Speed".
-- On CPU in fp32 the linear layers go through oneDNN (`torch.ops.mkldnn._linear_pointwise`, GELU and the residual
-  addition fused), when the op exists and agrees with `F.linear`: `F.linear` and `torch.matmul` use MKL, which runs
-  its AVX2 code on AMD processors; oneDNN uses AVX-512 there and was measured 2.3x faster on this project's 2-core
-  AMD EPYC machine (the same fp32 results within rounding).
+- The backbone runs *padding-free* (`esmloc.varlen_esm.UnpaddedEsm`): the proteins of a batch are flattened into one
+  row that goes through transformers' own `EsmModel.forward`, with per-protein rotary positions (`position_ids`) and
+  an attention function registered with transformers (`varlen_sdpa`: `scaled_dot_product_attention` once per run of
+  equal-length proteins, without a mask; on CUDA one call per batch with a key-padding mask), so the linear layers
+  never see padding. It computes what `EsmModel.forward` computes on padded batches (equal within 1e-5 in fp32,
+  tests/test_engine.py); a backbone it cannot run flattened (absolute positions, a decoder) runs padded.
+- precision="int8" (CPU): the backbone's linear layers with dynamic int8 quantisation through oneDNN
+  (`varlen_esm.Int8Linear`, on a view of the backbone; the model is not changed); the other operations stay fp32.
+  What it and bf16 cost in accuracy and gain in speed: README, "Speed".
 - On CPU, `workers` batches run at once in threads, each with its share of torch's intra-op threads (by default one
   batch per core on up to 4 cores): per-core batches scale better than splitting every small operation across the
   cores, and far better on a shared machine, where split operations wait for each other.
@@ -48,7 +44,7 @@ import torch
 from tqdm.auto import tqdm
 
 from esmloc import task
-from esmloc.packed_esm import PackedEsm, onednn_linear_available, packed_forward_trusted  # noqa: F401 (re-exported)
+from esmloc.varlen_esm import UnpaddedEsm, unpadded_forward_trusted, unsupported_reason
 
 
 FEATURE_KINDS = ("mean", "cls", "residues")
@@ -116,22 +112,21 @@ class Engine:
         max_tokens_per_batch: padded tokens per batch (proteins x longest); default per device type.
         device: where to run; default the model's device.
         precision: `auto` (per device: `AUTO_PRECISION`, fp32 on CPU; bf16 or fp16 autocast on CUDA), `fp32`,
-            `bf16` or `fp16` (autocast), or `int8` (CPU, `PackedEsm` only: the backbone's linear layers with dynamic
-            int8 quantisation through oneDNN, everything else fp32; a protein's result then depends slightly on the
-            other proteins of its batch, which share one input scale per linear layer).
+            `bf16` or `fp16` (autocast), or `int8` (CPU, padding-free path only: the backbone's linear layers with
+            dynamic int8 quantisation through oneDNN, everything else fp32; a protein's result then depends slightly
+            on the other proteins of its batch, which share one input scale per linear layer).
         progress: show a progress bar.
-        packed: use `PackedEsm` when the backbone allows it (False: always `EsmModel.forward` on padded batches).
-        attention: `PackedEsm`'s attention: `grouped` (per run of equal lengths, no mask; the CPU default) or
+        packed: run padding-free (`UnpaddedEsm`) when the backbone allows it (False: always `EsmModel.forward` on
+            padded batches).
+        attention: the padding-free attention: `grouped` (per run of equal lengths, no mask; the CPU default) or
             `padded` (one masked call per batch; the CUDA default).
-        onednn: run `PackedEsm`'s fp32 CPU linear layers through oneDNN (default: when it is available and agrees
-            with `F.linear`).
         workers: batches run at once (see `map_batches`); default on CPU: torch's intra-op threads, at most 4;
             on CUDA 1.
     """
 
     def __init__(self, model, tokenizer, max_tokens_per_batch: int | None = None, device=None,
                  precision: str = "auto", progress: bool = True, packed: bool = True, attention: str = "auto",
-                 onednn: bool | None = None, workers: int | None = None):
+                 workers: int | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -148,13 +143,14 @@ class Engine:
         self.workers = max(1, workers)
         self.packed = None
         int8 = self.precision_name == "int8"
-        reason = PackedEsm.unsupported_reason(self.esm) if packed else "packed=False"
-        if not reason and not packed_forward_trusted():
-            reason = "the packed forward failed its parity self-check (warned)"
+        reason = unsupported_reason(self.esm) if packed else "packed=False"
+        if not reason and not unpadded_forward_trusted():
+            reason = "the padding-free path failed its parity self-check (warned)"
         if int8 and (reason or self.device.type != "cpu"):
-            raise ValueError(f"precision int8 runs on CPU through PackedEsm only, here: {reason or self.device.type}")
+            raise ValueError("precision int8 runs on CPU through the padding-free path only, here: "
+                             f"{reason or self.device.type}")
         if not reason:
-            self.packed = PackedEsm(self.esm, attention=attention, onednn=onednn, int8=int8)
+            self.packed = UnpaddedEsm(self.esm, attention=attention, int8=int8)
 
     def encode(self, sequences: Sequence[str]) -> list[list[int]]:
         """Token ids (`<cls>` residues `<eos>`, normalised and cropped by the tokenizer) of each protein."""

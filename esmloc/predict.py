@@ -55,7 +55,7 @@ from esmloc.cli import InputError
 from esmloc.sequences import read_sequences
 from esmloc.engine import PRECISIONS, Engine
 from esmloc.files import atomic_file
-from esmloc.jobs import id_digest
+from esmloc.jobs import id_digest, repeated_digests
 from esmloc.predictions import PredictionsWriter, columns
 
 
@@ -168,8 +168,7 @@ def survey(path) -> tuple[int, int, set[int]]:
     for record in read_sequences(path):
         digests.append(id_digest(record.acc))
         residues += len(record.sequence)
-    values, counts = np.unique(np.frombuffer(digests, dtype=np.uint64), return_counts=True)
-    return len(digests), residues, {int(value) for value in values[counts > 1]}
+    return len(digests), residues, repeated_digests(digests)
 
 
 def predict_file(model, tokenizer, input_path, output_path, thresholds, chunk_size: int = 4096,

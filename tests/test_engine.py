@@ -1,4 +1,4 @@
-"""The inference engine: packed forward pass, token-budget batches, input order, padding invariance, pooling, and the
+"""The inference engine: padding-free forward pass, token-budget batches, input order, padding invariance, pooling, and the
 tokenizer's fast path."""
 
 import random
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from configuration_esmloc import ESM2_ARCHITECTURES, EsmLocConfig
-from esmloc.engine import Engine, PackedEsm, length_batches, onednn_linear_available, predict_probabilities
+from esmloc.engine import Engine, length_batches, predict_probabilities
 from esmloc.saving import tokenizer_for
 from modeling_esmloc import EsmForLocalization
 from tokenization_esmloc import EsmLocTokenizer
@@ -36,14 +36,12 @@ def reference_probabilities(model, tokenizer, sequences):
     return np.stack([distinct[s] for s in sequences])
 
 
-@pytest.mark.parametrize("attention, onednn", [("grouped", True), ("grouped", False), ("padded", True)])
-def test_packed_forward_equals_esm_forward_one_by_one(attention, onednn):
-    if onednn and not onednn_linear_available():
-        pytest.skip("oneDNN linear is not available in this torch build")
+@pytest.mark.parametrize("attention", ["grouped", "padded"])
+def test_padding_free_forward_equals_esm_forward_one_by_one(attention):
     model = tiny_model(max_residues=300)
     tokenizer = tokenizer_for(model.config)
-    engine = Engine(model, tokenizer, max_tokens_per_batch=700, progress=False, attention=attention, onednn=onednn)
-    assert engine.packed is not None and engine.packed.onednn == onednn
+    engine = Engine(model, tokenizer, max_tokens_per_batch=700, progress=False, attention=attention)
+    assert engine.packed is not None and engine.packed.attention == attention
     encoded = engine.encode(SEQUENCES)
     seen = []
     for indices, lengths, hidden in engine.hidden_state_batches(encoded):
@@ -131,7 +129,8 @@ def test_pooled_features_are_what_the_model_pools():
                                reference_probabilities(model, tokenizer, SEQUENCES), atol=1e-5)
 
 
-def test_unrecognised_backbone_runs_through_the_model_itself():
+def test_unmerged_lora_runs_padding_free_through_its_own_layers():
+    """The padding-free path runs the stock modules, so PEFT's LoRA layers (unmerged) apply as in the model."""
     from peft import LoraConfig, get_peft_model
 
     model = tiny_model()
@@ -139,8 +138,7 @@ def test_unrecognised_backbone_runs_through_the_model_itself():
     peft_model.eval()
     tokenizer = tokenizer_for(model.config)
     engine = Engine(peft_model, tokenizer, progress=False)
-    assert engine.packed is None
-    assert "LoRA" in PackedEsm.unsupported_reason(model.esm)
+    assert engine.packed is not None
     with torch.inference_mode():
         expected = np.concatenate([peft_model(**tokenizer([s], return_tensors="pt")).logits.softmax(-1).numpy()
                                    for s in SEQUENCES])
@@ -209,7 +207,35 @@ def test_tokenizer_fast_path_steps_aside_for_added_residue_tokens():
     assert len(ids) == 5 and ids == generic_ids(tokenizer, ["AMKA"])[0]
 
 
-def test_packed_forward_on_the_esm2_8m_architecture():
+def test_the_model_itself_is_not_changed_by_the_engine():
+    """The padding-free path runs on a view sharing the weights: the model keeps its attention implementation and
+    modules, and the view follows in-place weight changes."""
+    model = tiny_model()
+    before = model.esm.config._attn_implementation
+    modules = [type(module) for module in model.modules()]
+    engine = Engine(model, tokenizer_for(model.config), progress=False)
+    assert model.esm.config._attn_implementation == before != engine.packed.view.config._attn_implementation
+    assert [type(module) for module in model.modules()] == modules
+    assert model.config.esm_config._attn_implementation == before
+    view_weight = engine.packed.view.encoder.layer[0].attention.self.query.weight
+    assert view_weight is model.esm.encoder.layer[0].attention.self.query.weight
+
+
+def test_absolute_positions_run_padded_through_the_model():
+    """A backbone with learned absolute positions (ESM-1b style) cannot take per-protein positions: it runs padded."""
+    from transformers import EsmModel
+
+    model = tiny_model()
+    config = model.esm.config.__class__(**{**model.esm.config.to_dict(), "position_embedding_type": "absolute"})
+    model.esm = EsmModel(config, add_pooling_layer=False).eval()
+    tokenizer = tokenizer_for(model.config)
+    engine = Engine(model, tokenizer, progress=False)
+    assert engine.packed is None
+    np.testing.assert_allclose(engine.predict_probabilities(SEQUENCES),
+                               reference_probabilities(model, tokenizer, SEQUENCES), atol=1e-5)
+
+
+def test_padding_free_forward_on_the_esm2_8m_architecture():
     """The real layer sizes (320 hidden, 20 heads of 16): what the benchmarks and users run."""
     torch.manual_seed(0)
     model = EsmForLocalization(EsmLocConfig(esm_config=dict(ESM2_ARCHITECTURES["esm2_t6_8M"]))).eval()

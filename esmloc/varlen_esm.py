@@ -1,0 +1,319 @@
+"""Padding-free ESM-2 inference through transformers' own `EsmModel.forward`.
+
+The proteins of a batch run flattened into one row: token ids (1, tokens), `position_ids` restarting at 0 for each
+protein (ESM-2's rotary positions), and an attention function registered with transformers' `AttentionInterface`
+(`varlen_sdpa`) through which each protein attends to itself only. The embeddings, projections, rotary, layer norms,
+GELU and residual additions are the stock modules' own code: esmloc keeps no copy of the ESM forward. (It once did,
+`PackedEsm`; bench/embedding_throughput.py measured the stock model run this way against it, and the fork was not
+faster by the 15% that would have paid for keeping a copy of transformers' code in step: README, "Speed".)
+
+Everything runs on a *view* of the backbone (`backbone_view`): a copy of the module tree that shares every parameter
+and buffer with the user's model, whose own config names `varlen_sdpa`, and in which plain `nn.Linear` layers may be
+swapped for `Int8Linear` (precision int8, CPU). The model itself is never changed, and the view follows every change
+of its weights (shared tensors).
+
+A batch that holds a `<mask>` token runs padded through the model's own forward instead: ESM's token dropout rescales
+the embeddings by each row's share of masked tokens, which in one flattened row would be the whole batch's share.
+
+Trust: the first `UnpaddedEsm` of a process runs a parity self-check (`parity_check`): two tiny proteins through the
+flattened path and through `EsmModel.forward`; on a mismatch (a transformers release that routes positions or
+attention keywords differently) it warns once and `esmloc.engine.Engine` uses the padded stock forward.
+`FORWARD_VERSION` and the transformers version are part of every feature-cache fingerprint
+(`esmloc.cache.backbone_fingerprint`): a cache written by another forward is never served.
+"""
+
+import copy
+import itertools
+import warnings
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+import transformers
+from torch import nn
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.models.esm.modeling_esm import EsmModel
+
+
+# Bump when the unpadded path computes anything differently (cached features then stop matching).
+FORWARD_VERSION = "varlen-stock-1"
+ATTENTION_NAME = "esmloc_varlen_sdpa"
+
+
+def forward_fingerprint() -> str:
+    """What computed a feature: the forward's version and the transformers version whose modules it ran."""
+    return f"{FORWARD_VERSION}|transformers-{transformers.__version__}"
+
+
+class VarlenPlan:
+    """Where each protein of a flattened batch lies, for `varlen_sdpa`.
+
+    `grouped` (the CPU default): one SDPA call without a mask per run of equal-length proteins (batches are sorted
+    by length, so runs are common). `padded` (the CUDA default): the tokens are scattered into a (proteins, longest)
+    grid and attend in one SDPA call with a key-padding mask: one big call suits a GPU better than many small ones.
+    """
+
+    def __init__(self, lengths: Sequence[int], mode: str, device):
+        self.mode = mode
+        self.lengths = [int(length) for length in lengths]
+        self.total = sum(self.lengths)
+        if mode == "padded":
+            self.longest = max(self.lengths)
+            lengths_tensor = torch.tensor(self.lengths, device=device)
+            protein = torch.repeat_interleave(torch.arange(len(self.lengths), device=device), lengths_tensor)
+            starts = torch.cumsum(lengths_tensor, 0) - lengths_tensor
+            position = torch.arange(self.total, device=device) - starts[protein]
+            self.token_index = protein * self.longest + position  # each token's cell in the grid
+            key_mask = torch.arange(self.longest, device=device)[None, :] < lengths_tensor[:, None]
+            self.key_mask = key_mask[:, None, None, :]
+        elif mode == "grouped":
+            self.runs, start, first = [], 0, 0  # (start, end, proteins, length) per run of equal lengths
+            for index in range(1, len(self.lengths) + 1):
+                if index == len(self.lengths) or self.lengths[index] != self.lengths[first]:
+                    end = start + self.lengths[first] * (index - first)
+                    self.runs.append((start, end, index - first, self.lengths[first]))
+                    start, first = end, index
+        else:
+            raise ValueError(f"attention must be grouped or padded, got {mode!r}")
+
+    def position_ids(self, device) -> torch.Tensor:
+        return torch.cat([torch.arange(length, device=device) for length in self.lengths])[None]
+
+    def attend(self, query, key, value, scaling) -> torch.Tensor:
+        """query, key, value: (1, heads, tokens, head_size), as transformers' attention functions receive them;
+        returns (1, tokens, heads, head_size), as they return it."""
+        heads, total, head_size = query.shape[1:]
+        if self.mode == "padded":
+            count = len(self.lengths)
+
+            def grid(x):
+                out = x.new_zeros(heads, count * self.longest, head_size)
+                out[:, self.token_index] = x[0]
+                return out.view(heads, count, self.longest, head_size).transpose(0, 1)
+
+            context = F.scaled_dot_product_attention(grid(query), grid(key), grid(value), attn_mask=self.key_mask,
+                                                     scale=scaling)
+            return context.transpose(1, 2).reshape(count * self.longest, heads, head_size)[self.token_index][None]
+        out = query.new_empty(1, total, heads, head_size)
+        for start, end, count, length in self.runs:
+            q, k, v = (x[0, :, start:end].reshape(heads, count, length, head_size).transpose(0, 1)
+                       for x in (query, key, value))
+            context = F.scaled_dot_product_attention(q, k, v, scale=scaling)  # (count, heads, length, head_size)
+            out[0, start:end] = context.transpose(1, 2).reshape(end - start, heads, head_size)
+        return out
+
+
+def varlen_sdpa(module, query, key, value, attention_mask, scaling=None, dropout=0.0, esmloc_varlen=None, **kwargs):
+    """transformers' SDPA attention, except that with `esmloc_varlen` (a `VarlenPlan`) each protein of a flattened
+    batch attends to itself only."""
+    if esmloc_varlen is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                                      **kwargs)
+    return esmloc_varlen.attend(query, key, value, scaling), None
+
+
+AttentionInterface.register(ATTENTION_NAME, varlen_sdpa)
+AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)  # padded calls get SDPA's masks
+
+
+# oneDNN builds (and keeps) kernels and buffers for every input shape it meets; flattened batches have a different
+# number of rows nearly every time, and peak memory grew with the number of proteins predicted (bench/predict_memory.py,
+# tiny model: +19% from 3k to 30k proteins unpadded; +9% from 10k to 400k with rows padded to a multiple of 64;
+# +1% with 256). Rows are padded to a multiple of this, so that a run meets a bounded set of shapes; the zero rows
+# cost at most 255 rows of work per call, about 6% of a 2048-token batch on average.
+ONEDNN_ROW_BUCKET = 256
+
+
+def _quantise_weight(weight: torch.Tensor):
+    """A linear weight for oneDNN's int8 linear: symmetric int8 per output channel (scale = max|w| / 127),
+    prepacked; returns (packed weight, scales, zero points)."""
+    scales = (weight.detach().float().abs().amax(dim=1) / 127).clamp(min=1e-12)
+    quantised = torch.round(weight.detach().float() / scales[:, None]).clamp(-127, 127).to(torch.int8)
+    zero_points = torch.zeros(weight.shape[0], dtype=torch.long)
+    return torch.ops.onednn.qlinear_prepack(quantised, None), scales, zero_points
+
+
+def _quantise_input(x):
+    """x as uint8 with one scale and zero point (asymmetric, the range from x's minimum and maximum, 0 included)."""
+    low, high = torch.aminmax(x)
+    low, high = min(float(low), 0.0), max(float(high), 0.0)
+    scale = (high - low) / 255 or 1.0
+    zero_point = int(round(-low / scale))
+    return (x * (1 / scale)).add_(zero_point).round_().clamp_(0, 255).to(torch.uint8), scale, zero_point
+
+
+class Int8Linear(nn.Module):
+    """An `nn.Linear` with dynamic int8 quantisation through oneDNN (`torch.ops.onednn.qlinear_pointwise`, the kernel
+    torch's x86 int8 path lowers to): the input is quantised to uint8 with one scale and zero point per call (from its
+    minimum and maximum), the weight per output channel; the int32 accumulators come back as fp32. Holds the original
+    layer and quantises its weight again whenever that changes. Rows are padded to ONEDNN_ROW_BUCKET (zero rows leave
+    the input's range unchanged: it always includes 0)."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.linear = linear
+        self._packed = None
+
+    def _weight(self):
+        weight = self.linear.weight
+        stamp = (weight.data_ptr(), None if weight.is_inference() else weight._version)
+        if self._packed is None or self._packed[0] != stamp:
+            self._packed = (stamp, _quantise_weight(weight))
+        return self._packed[1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight, scales, zero_points = self._weight()
+        shape = x.shape
+        x = x.reshape(-1, shape[-1]).float()
+        rows = x.shape[0]
+        extra = -rows % ONEDNN_ROW_BUCKET
+        if extra:
+            x = F.pad(x, (0, 0, 0, extra))
+        with torch.profiler.record_function("esmloc::quantise_input"):  # bench/engine_profile.py reports its share
+            quantised, scale, zero_point = _quantise_input(x)
+        out = torch.ops.onednn.qlinear_pointwise(quantised, scale, zero_point, weight, scales, zero_points,
+                                                 self.linear.bias, 1.0, 0, torch.float32, "none", [], "")
+        return out[:rows].reshape(*shape[:-1], out.shape[-1])
+
+
+def int8_linear_available() -> bool:
+    """Whether oneDNN's int8 linear (`Int8Linear`) runs here and stays within int8 rounding of `nn.Linear`."""
+    global _INT8_OK
+    if _INT8_OK is None:
+        try:
+            generator = torch.Generator().manual_seed(0)
+            linear = nn.Linear(64, 40)
+            with torch.no_grad():
+                linear.weight.copy_(torch.randn(40, 64, generator=generator))
+                linear.bias.copy_(torch.randn(40, generator=generator))
+                x = torch.randn(7, 64, generator=generator)
+                # A matmul over 64 products of inputs and weights each within half a step of their grids: well
+                # under 0.3.
+                _INT8_OK = torch.allclose(Int8Linear(linear)(x), linear(x), atol=0.3, rtol=0)
+        except (RuntimeError, AttributeError, NotImplementedError):
+            _INT8_OK = False
+    return _INT8_OK
+
+
+_INT8_OK = None
+
+
+def unsupported_reason(esm) -> str | None:
+    """Why `esm` cannot run flattened (then it runs padded through its own forward), or None when it can."""
+    if not isinstance(esm, EsmModel):
+        return f"not an EsmModel ({type(esm).__name__})"
+    config = esm.config
+    if getattr(config, "position_embedding_type", "absolute") != "rotary" or esm.rotary_embeddings is None:
+        return "only rotary position embeddings (ESM-2) take per-protein positions"
+    if config.is_decoder or config.add_cross_attention:
+        return "decoder / cross-attention configurations are not supported"
+    return None
+
+
+def backbone_view(esm: EsmModel, int8: bool = False) -> EsmModel:
+    """A copy of `esm`'s module tree sharing all its parameters and buffers, whose config (a copy) selects
+    `varlen_sdpa`; with `int8`, its plain `nn.Linear` layers are `Int8Linear`."""
+    shared = {id(tensor): tensor for tensor in itertools.chain(esm.parameters(), esm.buffers())}
+    view = copy.deepcopy(esm, shared)
+    view.config._attn_implementation = ATTENTION_NAME  # the view's own config: the model's keeps its setting
+    if int8:
+        for module in list(view.modules()):
+            for name, child in module.named_children():
+                if type(child) is nn.Linear:
+                    setattr(module, name, Int8Linear(child))
+    return view.eval()
+
+
+class UnpaddedEsm:
+    """`UnpaddedEsm(esm)(input_ids, lengths)` takes the token ids of several proteins concatenated (`<cls>` ...
+    `<eos>` each, `lengths` tokens each) and returns their last hidden states concatenated the same way: what
+    `esm(ids, attention_mask).last_hidden_state` holds at the unpadded positions (within floating-point rounding).
+
+    Args:
+        esm: the backbone (`unsupported_reason(esm)` must be None).
+        attention: `grouped`, `padded` or `auto` (grouped on CPU, padded on CUDA): see `VarlenPlan`.
+        int8: run the linear layers with dynamic int8 quantisation (CPU; `Int8Linear`).
+    """
+
+    def __init__(self, esm: EsmModel, attention: str = "auto", int8: bool = False):
+        reason = unsupported_reason(esm)
+        if reason:
+            raise ValueError(f"this backbone cannot run unpadded: {reason}")
+        if attention not in ("auto", "grouped", "padded"):
+            raise ValueError(f"attention must be auto, grouped or padded, got {attention!r}")
+        if int8 and not int8_linear_available():
+            raise ValueError("int8 needs oneDNN's int8 linear (torch.ops.onednn.qlinear_pointwise), which does not "
+                             "run (or does not agree with nn.Linear) on this machine")
+        self.esm = esm
+        self.attention = attention
+        self.int8 = int8
+        self.view = backbone_view(esm, int8=int8)
+
+    def __call__(self, input_ids: torch.Tensor, lengths: Sequence[int]) -> torch.Tensor:
+        lengths = [int(length) for length in lengths]
+        if int(input_ids.shape[0]) != sum(lengths):
+            raise ValueError(f"{int(input_ids.shape[0])} token ids for lengths summing to {sum(lengths)}")
+        device = input_ids.device
+        config = self.esm.config
+        if config.token_dropout and bool((input_ids == config.mask_token_id).any()):
+            return self._padded(input_ids, lengths)
+        mode = self.attention if self.attention != "auto" else ("padded" if device.type == "cuda" else "grouped")
+        plan = VarlenPlan(lengths, mode, device)
+        output = self.view(input_ids[None], position_ids=plan.position_ids(device), esmloc_varlen=plan)
+        return output.last_hidden_state[0]
+
+    def _padded(self, input_ids, lengths):
+        """The model's own padded forward (the view's linear layers, so int8 stays int8)."""
+        rows = torch.split(input_ids, lengths)
+        ids = nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=self.esm.config.pad_token_id)
+        mask = torch.arange(ids.shape[1], device=ids.device)[None, :] < torch.tensor(lengths, device=ids.device)[:, None]
+        hidden = self.view(ids, attention_mask=mask.long()).last_hidden_state
+        return hidden[mask]
+
+
+_PARITY_OK = None
+
+
+def parity_check() -> bool:
+    """Once per process: two tiny proteins through `UnpaddedEsm` and through `EsmModel.forward`, one at a time, on a
+    tiny random ESM-2 (fp32); False, with a warning, when they differ by more than 1e-4."""
+    global _PARITY_OK
+    if _PARITY_OK is None:
+        try:
+            from transformers import EsmConfig
+
+            generator_state = torch.random.get_rng_state()
+            torch.manual_seed(0)
+            config = EsmConfig(vocab_size=33, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                               intermediate_size=64, position_embedding_type="rotary", token_dropout=True,
+                               emb_layer_norm_before=False, mask_token_id=32, pad_token_id=1,
+                               max_position_embeddings=64)
+            esm = EsmModel(config, add_pooling_layer=False).eval()
+            torch.random.set_rng_state(generator_state)
+            # A batch with two proteins of equal length (one run) and a longer one; a batch of two lengths with a
+            # <mask> token (the padded fallback).
+            proteins = [[0, 5, 6, 7, 8, 9, 2], [0, 10, 11, 12, 2], [0, 13, 14, 15, 2], [0, 16, 32, 17, 2]]
+            batches = (proteins[:3], [proteins[0], proteins[3]])
+            with torch.inference_mode():
+                stock = torch.cat([esm(torch.tensor([p])).last_hidden_state[0] for batch in batches for p in batch])
+                unpadded = []
+                for attention in ("grouped", "padded"):
+                    flat = UnpaddedEsm(esm, attention=attention)
+                    unpadded.append(torch.cat([flat(torch.tensor([t for p in batch for t in p]),
+                                                    [len(p) for p in batch]) for batch in batches]))
+            difference = max(float((result - stock).abs().max()) for result in unpadded)
+            _PARITY_OK = difference <= 1e-4
+            reason = f"differs from EsmModel.forward by {difference:.1e}"
+        except Exception as error:  # noqa: BLE001: any failure of the unpadded path means: do not use it
+            _PARITY_OK, reason = False, f"failed: {error!r}"
+        if not _PARITY_OK:
+            warnings.warn(f"esmloc's padding-free ESM path {reason} with transformers {transformers.__version__}; "
+                          "falling back to the padded EsmModel.forward", RuntimeWarning, stacklevel=2)
+    return _PARITY_OK
+
+
+def unpadded_forward_trusted() -> bool:
+    """Whether the padding-free path passed its parity self-check in this process."""
+    return parity_check()
