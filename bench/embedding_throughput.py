@@ -10,21 +10,17 @@ Each repeat measures, one after the other on the same proteins (the first N rows
 - baseline: the plain loop a user writes: proteins in dataset order, batches of 8 padded to the longest
   (`tokenizer(batch, padding=True)`), `model.esm(**batch)` under `torch.no_grad()` with the library's default
   attention (SDPA in transformers 5), masked mean over residues;
-- engine: `esmloc.engine.Engine(...).embed(sequences, "mean")` (length-sorted token-budget batches, packed forward,
+- engine: `esmloc.engine.Engine(...).embed(sequences, "mean")` (length-sorted token-budget batches, padding-free forward,
   inference mode, everything from tokenisation to the pooled vectors in input order);
 - engine at each of --precisions (default fp32,bf16,int8): `precision="bf16"` (autocast), `"int8"` (dynamic int8
   linear layers through oneDNN); each with its error against the fp32 engine and its share of the compute bound at
   the precision it runs in (bf16 and int8 matmul peaks are measured in the same run, as fp32's);
 - sorted + token budget, EsmModel.forward: the engine's batching with the stock model on padded batches;
-- stock EsmModel, padding-free (bench/stock_varlen.py): the stock model on flattened batches with a registered
-  variable-length attention, inside the engine's batching and threads: what `PackedEsm` (the engine's own forward)
-  is measured against;
 - with --peer esm-cpp: the C++ peer (bench/peer_esm_cpp.py; installed into its own environment on first use) on
   the same weights and token ids, fp32 and, from ESM-2 150M up, int8; one protein per call (its only way to
   return hidden states); its time is its forward passes only (process start and model loading excluded);
-- with --variants all, also: the engine running one batch at a time (all threads on each operation) and the engine
-  with its linear layers through `F.linear` (MKL) instead of oneDNN; --budgets adds the engine with other token
-  budgets.
+- with --variants all, also: the engine running one batch at a time (all threads on each operation); --budgets adds
+  the engine with other token budgets.
 
 The backbone has random weights (the chosen ESM-2 architecture: the same compute as the pretrained model). The
 compute bound is the FLOPs of the real tokens (formula printed) divided by the machine's matmul peak at the
@@ -37,7 +33,6 @@ minus the resident size before it (the peer runs in its own process: n/a).
 """
 
 import argparse
-import copy
 import sys
 import time
 from pathlib import Path
@@ -46,7 +41,6 @@ import numpy as np
 import torch
 
 import common
-from stock_varlen import StockVarlenEsm
 
 
 def parse_arguments(argv=None):
@@ -66,7 +60,7 @@ def parse_arguments(argv=None):
                         help="also time the engine with each of these token budgets, e.g. 1024,2048,8192")
     parser.add_argument("--baseline_batch_size", type=int, default=8)
     parser.add_argument("--variants", choices=["main", "all"], default="main",
-                        help="main: baseline and engine; all: also sorted+budget without packing, and bf16")
+                        help="main: baseline, engine at each precision, sorted+budget padded; all: also one batch at a time")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--max_other_load", type=float, default=0.05,
                         help="a repeat during which other processes kept more than this share of the CPUs busy is "
@@ -122,11 +116,6 @@ def main(argv=None):
     def engine(**kwargs):
         return Engine(model, tokenizer, max_tokens_per_batch=budget, progress=False, **kwargs)
 
-    def stock_varlen():
-        varlen = engine()
-        varlen.packed = StockVarlenEsm(stock_copy.esm)  # PackedEsm's call signature
-        return varlen.embed(sequences, "mean")
-
     # The precision each variant computes in: its compute bound is that precision's matmul peak.
     variants, precision_of = {}, {}
     if not args.no_baseline:
@@ -137,13 +126,8 @@ def main(argv=None):
         variants[name] = lambda precision=precision: engine(precision=precision).embed(sequences, "mean")
         precision_of[name] = precision
     variants["sorted + token budget, EsmModel.forward"] = lambda: engine(packed=False).embed(sequences, "mean")
-    # A copy, because the padding-free path changes the model's attention implementation.
-    stock_copy = copy.deepcopy(model)
-    variants["stock EsmModel, padding-free (varlen SDPA)"] = stock_varlen
     if args.variants == "all":
         variants["engine, one batch at a time (workers=1)"] = lambda: engine(workers=1).embed(sequences, "mean")
-        variants["engine, linear layers through F.linear (MKL)"] = lambda: engine(onednn=False).embed(sequences,
-                                                                                                      "mean")
     for other in args.budgets or []:
         variants[f"engine, max_tokens_per_batch {other}"] = (
             lambda other=other: Engine(model, tokenizer, max_tokens_per_batch=other, progress=False).embed(

@@ -4,8 +4,8 @@
     python bench/engine_profile.py --smoke
 
 One batch at a time (workers=1, all threads on each operation), so that operation times add up to the wall time.
-Groups: linear layers (oneDNN fp32 / int8, F.linear), attention (SDPA), layer norms, activation quantisation (int8
-only: min/max, scaling, rounding, the uint8 copy), and everything else (rotary, copies, GELU outside oneDNN,
+Groups: linear layers (F.linear, oneDNN int8), attention (SDPA), layer norms, activation quantisation (int8
+only: min/max, scaling, rounding, the uint8 copy), and everything else (rotary, copies, GELU, residual additions,
 pooling, Python).
 """
 

@@ -6,8 +6,7 @@
 Candidates, all dynamic quantisation (weights int8 per output channel ahead of time, inputs quantised per call):
 
 - oneDNN int8 linear, `torch.ops.onednn.qlinear_pointwise` (the kernel torch's x86 int8 path lowers to), input
-  quantised by `esmloc.packed_esm._quantise_input`: what `precision="int8"` runs (`_int8_linear`, GELU / residual
-  fused);
+  quantised by `esmloc.varlen_esm._quantise_input`: what `precision="int8"` runs (`varlen_esm.Int8Linear`);
 - `torch.ao.quantization.quantize_dynamic` (FBGEMM; deprecated in torch 2.13, with quantized tensor types that are
   to be removed);
 - torchao `Int8DynamicActivationInt8WeightConfig` in eager mode (the successor torch points to; measured only when
@@ -27,15 +26,14 @@ import common
 
 
 def candidates(linear):
-    from esmloc.packed_esm import _int8_linear, _int8_weight
+    from esmloc.varlen_esm import Int8Linear
 
     weight, bias = linear.weight, linear.bias
     onednn = torch.ops.mkldnn._linear_pointwise
     out = {"fp32, oneDNN": lambda x: onednn(x, weight, bias, "none", [], "")}
     weight16, bias16 = weight.bfloat16(), bias.bfloat16()
     out["bf16, oneDNN"] = lambda x: onednn(x.bfloat16(), weight16, bias16, "none", [], "").float()
-    packed = _int8_weight(weight)
-    out["int8, oneDNN qlinear (esmloc)"] = lambda x: _int8_linear(x, packed, bias)
+    out["int8, oneDNN qlinear (esmloc)"] = Int8Linear(linear)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         from torch.ao.quantization import quantize_dynamic

@@ -28,14 +28,18 @@ column would have to be decoded row group by row group. float16 by default (`--p
 of float32, and its rounding error (~1e-3 relative) is below the bf16/fp16 inference differences users already
 meet; float32 keeps every bit.
 
-Identical sequences (after normalisation and cropping) are embedded once per window of `--chunk_size` records and
-stored once per part in the per-residue shards. The job runs in resumable parts under `<OUT>.parts/` (a rerun of
-the same command continues; see esmloc.jobs), also with one process.
+Identical sequences are embedded once: a record whose sequence repeats an earlier record's anywhere in the input
+(found while planning, by 16-byte digests) is not embedded again, by any process; the merge writes its original's
+vector into its row (and the per-residue index points its key at the original's shard). Within a window of
+`--chunk_size` records, sequences that become identical by normalisation and cropping are also embedded once. The
+job runs in resumable parts under `<OUT>.parts/` (a rerun of the same command continues; see esmloc.jobs), also with
+one process.
 """
 
 import argparse
 import json
 import logging
+import os
 import shutil
 import sys
 import time
@@ -115,12 +119,58 @@ def pooled_features(model, pooling: str):
     return pool
 
 
-def embedding_table(accs, keys, vectors: np.ndarray) -> pa.Table:
+def embedding_table(accs, keys, vectors: np.ndarray, missing=None) -> pa.Table:
+    """The output's rows: one vector per record (`vectors`, records x hidden); records flagged in `missing` (a part
+    file's repeats of earlier sequences, filled in by the merge) get a null embedding and no row of `vectors`."""
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-    offsets = np.arange(len(accs) + 1, dtype=np.int32) * vectors.shape[1]
-    embedding = pa.ListArray.from_arrays(pa.array(offsets), pa.array(vectors.reshape(-1)))
+    present = np.ones(len(accs), dtype=bool) if missing is None else ~np.asarray(missing, dtype=bool)
+    offsets = np.concatenate([[0], np.cumsum(present * vectors.shape[1])]).astype(np.int32)
+    embedding = pa.ListArray.from_arrays(pa.array(offsets), pa.array(vectors.reshape(-1)),
+                                         mask=None if present.all() else pa.array(~present))
     return pa.Table.from_arrays([pa.array(accs, pa.string()), pa.array(keys, pa.string()), embedding],
                                 schema=pa.schema(SCHEMA_FIELDS))
+
+
+class RepeatedSequences:
+    """During the merge: the vectors of the records whose sequence repeats later in the input (`plan.repeat_of`), kept
+    on disk in fixed-size slots of a scratch file (memory stays flat however many repeats there are), and filled
+    into the rows of the repeats (which the processes did not embed again)."""
+
+    def __init__(self, plan, path: Path, hidden_size: int):
+        self.plan, self.path, self.hidden_size = plan, path, hidden_size
+        self.originals = np.unique(plan.repeat_of)  # sorted record indices
+        self.slot_bytes = 64 + 4 * hidden_size  # the sequence key (hex) and the vector
+        self.handle = open(path, "w+b") if len(self.originals) else None
+
+    def fill(self, table: pa.Table, first_record: int) -> pa.Table:
+        """`table` (one part, starting at record `first_record`) with its repeats filled in; the vectors of its
+        originals are kept for later parts. A repeat whose sequence key differs from its original's (two sequences
+        with one 16-byte digest) stops the merge: no wrong vector is ever written."""
+        records = np.arange(first_record, first_record + table.num_rows)
+        originals = np.isin(records, self.originals, assume_unique=True)
+        repeats = np.isin(records, self.plan.repeats, assume_unique=True)
+        if not (originals.any() or repeats.any()):
+            return table
+        keys = table.column("sequence_sha256").to_pylist()
+        vectors = table.column("embedding").to_pylist()
+        for row in np.flatnonzero(originals):
+            slot = int(np.searchsorted(self.originals, records[row]))
+            data = keys[row].encode() + np.asarray(vectors[row], dtype=np.float32).tobytes()
+            os.pwrite(self.handle.fileno(), data, slot * self.slot_bytes)
+        for row in np.flatnonzero(repeats):
+            original = int(self.plan.repeat_of[np.searchsorted(self.plan.repeats, records[row])])
+            data = os.pread(self.handle.fileno(), self.slot_bytes,
+                            int(np.searchsorted(self.originals, original)) * self.slot_bytes)
+            if data[:64].decode() != keys[row]:
+                raise RuntimeError(f"record {records[row] + 1} was taken for a repeat of record {original + 1}, but "
+                                   "their sequences differ; nothing was written. Please report this.")
+            vectors[row] = np.frombuffer(data[64:], dtype=np.float32)
+        return embedding_table(table.column("ACC").to_pylist(), keys, np.asarray(vectors, dtype=np.float32))
+
+    def close(self):
+        if self.handle is not None:
+            self.handle.close()
+            self.path.unlink(missing_ok=True)
 
 
 def embed(argv=None) -> int:
@@ -131,7 +181,7 @@ def embed(argv=None) -> int:
     input_path, output = Path(args.input), Path(args.output)
     suffixes = (".parquet",) + ((".safetensors",) if args.per_residue else ())
     job = jobs.PartsJob("esmloc-embed", input_path, output, suffixes, max_residues=0, part_size=args.part_size,
-                        chunk_size=args.chunk_size, state=state)
+                        chunk_size=args.chunk_size, state=state, with_repeats=True)
     device = torch.device(args.device) if args.device else state.device
     with job.same_everywhere():
         if not input_path.is_file():
@@ -155,6 +205,9 @@ def embed(argv=None) -> int:
     logger.info("%s: %d proteins in %d parts of %d, %d process(es); %s %s, %s pooling, %s, cropped to %d residues "
                 "(%s)", input_path, plan.records, plan.parts, plan.part_size, job.processes, kind, args.model,
                 pooling, engine.precision_name, tokenizer.max_residues, tokenizer.crop)
+    if len(plan.repeats):
+        logger.info("%d record(s) repeat the sequence of an earlier record: embedded once, written for each",
+                    len(plan.repeats))
     settings = {"backbone": None, "pooling": pooling, "precision": engine.precision_name,
                 "max_residues": tokenizer.max_residues, "crop": tokenizer.crop,
                 "per_residue_dtype": args.per_residue_dtype if args.per_residue else None}
@@ -177,9 +230,15 @@ def embed(argv=None) -> int:
               disable=not progress, desc=f"Embedding ({job.rank + 1}/{job.processes})", position=job.rank) as bar:
         for window in job.windows():
             keys = [sequence_key(record.sequence, tokenizer) for record in window.records]
+            # Records repeating an earlier record's sequence anywhere in the input are not embedded again (the merge
+            # fills them in); the others are embedded once per distinct sequence the backbone sees.
+            records = np.concatenate([np.arange(part * plan.part_size, part * plan.part_size + end - start)
+                                      for part, start, end in window.spans])
+            repeats = np.isin(records, plan.repeats, assume_unique=True)
             first = {}
             for index, key in enumerate(keys):
-                first.setdefault(key, index)
+                if not repeats[index]:
+                    first.setdefault(key, index)
             unique = list(first)  # each distinct sequence once
             encoded = engine.encode([window.records[first[key]].sequence for key in unique])
             vectors = np.zeros((len(unique), model.esm.config.hidden_size), dtype=np.float32)
@@ -191,25 +250,31 @@ def embed(argv=None) -> int:
             bar.update(len(keys) - len(unique))
             slot = {key: position for position, key in enumerate(unique)}
             for part, start, end in window.spans:
-                part_keys = keys[start:end]
-                if args.per_residue:
-                    tensors = {key: residues[slot[key]].astype(residue_dtype) for key in dict.fromkeys(part_keys)}
+                part_keys, part_repeats = keys[start:end], repeats[start:end]
+                computed = [key for key, repeat in zip(part_keys, part_repeats) if not repeat]
+                if args.per_residue:  # a repeat's states are those of its original, in an earlier part
+                    tensors = {key: residues[slot[key]].astype(residue_dtype) for key in dict.fromkeys(computed)}
                     with atomic_file(job.part_path(part, ".safetensors")) as handle:
                         handle.write(safetensors_bytes(tensors))
                 table = embedding_table([record.acc for record in window.records[start:end]], part_keys,
-                                        vectors[[slot[key] for key in part_keys]])
+                                        vectors[[slot[key] for key in computed]], missing=part_repeats)
                 with atomic_file(job.part_path(part, ".parquet")) as handle:
                     pq.write_table(table, handle)
 
     def merge(parts):
         repeated = jobs.RepeatedIds()
         metadata = {"esmloc": json.dumps({"model": str(args.model), "kind": kind, **settings})}
-        with atomic_file(output) as handle:
-            with pq.ParquetWriter(handle, pa.schema(SCHEMA_FIELDS, metadata=metadata)) as writer:
-                for part in parts:
-                    table = pq.read_table(job.part_path(part, ".parquet"))
-                    writer.write_table(table.replace_schema_metadata(metadata))
-                    repeated.add(table.column("ACC").to_pylist())
+        sequences = RepeatedSequences(plan, job.parts_dir / "repeated-sequences.bin", model.esm.config.hidden_size)
+        try:
+            with atomic_file(output) as handle:
+                with pq.ParquetWriter(handle, pa.schema(SCHEMA_FIELDS, metadata=metadata)) as writer:
+                    for part in parts:
+                        table = sequences.fill(pq.read_table(job.part_path(part, ".parquet")),
+                                               part * plan.part_size)
+                        writer.write_table(table.replace_schema_metadata(metadata))
+                        repeated.add(table.column("ACC").to_pylist())
+        finally:
+            sequences.close()
         repeated.report(input_path, lambda: (pq.read_table(job.part_path(part, ".parquet"), columns=["ACC"])
                                              .column("ACC").to_pylist() for part in parts))
         if args.per_residue:

@@ -22,7 +22,8 @@ processes, nccl between GPUs):
    (atomically) and removes the parts directory. The output is the same whatever the number of processes.
 
 Memory stays flat: a process holds at most `chunk_size` records and their results; the plan holds one number per
-part; the merge holds one part at a time (and an 8-byte digest per record ID, to report repeated IDs).
+part (and, for tools that skip repeated sequences, the records that repeat one: `find_repeats`); the merge holds one
+part at a time (and an 8-byte digest per record ID, to report repeated IDs).
 """
 
 import hashlib
@@ -144,6 +145,10 @@ class Plan:
     owners: list[int]
     input_size: int
     input_sha256: str
+    # Planned `with_repeats`: the records whose sequence repeats an earlier record's (sorted), and the first record
+    # with that sequence for each (`find_repeats`); int64 arrays, as long as the input has repeats.
+    repeats: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    repeat_of: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
     @property
     def parts(self) -> int:
@@ -156,15 +161,46 @@ def tokens_seen(residues: int, max_residues: int) -> int:
     return min(residues, max_residues) + 2
 
 
-def make_plan(input_path, processes: int, max_residues: int, part_size: int | None = None) -> Plan:
+def sequence_digest(raw: str) -> tuple[int, int]:
+    """A 16-byte digest of a raw sequence, as two integers: repeats are found on digests, not strings, to keep memory
+    small (two different sequences among a billion share one with odds of about 1 in 10^20; the merge checks the
+    sequence key of every repeat against its original's all the same)."""
+    digest = hashlib.blake2b(raw.encode(), digest_size=16).digest()
+    return int.from_bytes(digest[:8], "little"), int.from_bytes(digest[8:], "little")
+
+
+def find_repeats(high: array, low: array) -> tuple[np.ndarray, np.ndarray]:
+    """(repeats, repeat_of): the records whose digest (`sequence_digest`: `high`, `low` per record) equals an earlier
+    record's, in record order, and for each the first record with that digest."""
+    high, low = np.frombuffer(high, dtype=np.uint64), np.frombuffer(low, dtype=np.uint64)
+    if len(high) < 2:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    order = np.lexsort((low, high))  # by digest; equal digests stay in record order (lexsort is stable)
+    sorted_high, sorted_low = high[order], low[order]
+    same = (sorted_high[1:] == sorted_high[:-1]) & (sorted_low[1:] == sorted_low[:-1])  # i+1 repeats i
+    del sorted_high, sorted_low
+    group_start = np.maximum.accumulate(np.where(np.concatenate([[True], ~same]), np.arange(len(order)), 0))
+    repeats, repeat_of = order[1:][same], order[group_start[1:][same]]
+    by_record = np.argsort(repeats, kind="stable")
+    return repeats[by_record].astype(np.int64), repeat_of[by_record].astype(np.int64)
+
+
+def make_plan(input_path, processes: int, max_residues: int, part_size: int | None = None,
+              with_repeats: bool = False) -> Plan:
     """One raw pass over the input: tokens per part (a record counts min(its length, max_residues) + 2, what the
-    backbone sees), the file's digest, and the owner of each part."""
+    backbone sees), the file's digest, and the owner of each part; with `with_repeats`, the records that repeat an
+    earlier record's sequence exactly (`find_repeats`; 16 bytes per record while planning)."""
     step_tokens = array("q")  # tokens per PART_SIZE_STEP records, before the part size is known
+    high, low = array("Q"), array("Q")
     records = 0
     for _, _, raw in raw_records(input_path):
         if records % PART_SIZE_STEP == 0:
             step_tokens.append(0)
         step_tokens[-1] += tokens_seen(len(raw), max_residues)
+        if with_repeats:
+            digest = sequence_digest(raw)
+            high.append(digest[0])
+            low.append(digest[1])
         records += 1
     part_size = part_size or default_part_size(records)
     if part_size % PART_SIZE_STEP:  # an explicit --part_size: count again at its own step
@@ -175,8 +211,11 @@ def make_plan(input_path, processes: int, max_residues: int, part_size: int | No
         steps = np.frombuffer(step_tokens, dtype=np.int64) if records else np.zeros(0, dtype=np.int64)
         per_part = part_size // PART_SIZE_STEP
         part_tokens = np.add.reduceat(steps, np.arange(0, len(steps), per_part)).tolist() if len(steps) else []
-    return Plan(records, part_size, part_tokens, assign_parts(part_tokens, processes),
+    plan = Plan(records, part_size, part_tokens, assign_parts(part_tokens, processes),
                 os.path.getsize(input_path), file_digest(input_path))
+    if with_repeats:
+        plan.repeats, plan.repeat_of = find_repeats(high, low)
+    return plan
 
 
 @dataclass
@@ -198,8 +237,9 @@ class PartsJob:
     """
 
     def __init__(self, prog: str, input_path, output, suffixes: Sequence[str], max_residues: int,
-                 part_size: int | None = None, chunk_size: int = 4096, state=None):
+                 part_size: int | None = None, chunk_size: int = 4096, state=None, with_repeats: bool = False):
         self.prog, self.input_path, self.output = prog, Path(input_path), Path(output)
+        self.with_repeats = with_repeats
         self.suffixes, self.max_residues = tuple(suffixes), max_residues
         self.requested_part_size, self.chunk_size = part_size, chunk_size
         self.state = state if state is not None else distributed_state()
@@ -215,7 +255,8 @@ class PartsJob:
         result = None
         if self.is_main:
             try:
-                result = make_plan(self.input_path, self.processes, self.max_residues, self.requested_part_size)
+                result = make_plan(self.input_path, self.processes, self.max_residues, self.requested_part_size,
+                                   self.with_repeats)
             except DataValidationError as error:
                 result = error
         result = _broadcast(self.state, result)
@@ -358,7 +399,8 @@ class PartsJob:
 
     def _count(self, window: Window) -> None:
         self.computed.update(parts=len(window.spans), records=len(window.records),
-                             tokens=sum(tokens_seen(len(record.sequence), self.max_residues) for record in window.records))
+                             tokens=sum(tokens_seen(len(record.sequence), self.max_residues)
+                                        for record in window.records))
 
     def finish(self, merge: Callable[[list[int]], None]) -> bool:
         """Waits for every process; the main process checks that every part exists, calls `merge(parts)` (which

@@ -19,9 +19,11 @@ tokenizer, a model card (README.md) and the perplexity curve (perplexity_curve.p
 `transformers.EsmForMaskedLM.from_pretrained(DIR)`, `EsmForLocalization.from_esm(DIR)` and
 `train.py --model_name_or_path DIR`.
 
-A rerun into the same `--output_dir` resumes from its last checkpoint, as train.py does, but only the same run:
-`pretrain_fingerprint.json` records what defines it (data content, model, masking, optimisation) and a rerun with
-anything different stops with a message instead of resuming.
+A rerun into the same `--output_dir` resumes from its last checkpoint, or leaves a finished run alone, as train.py
+does and through the same code (`esmloc.runs`), but only the same run: `esmloc_run.json` records what defines it
+(data content, model, masking, optimisation, length) and a rerun with anything different, or an explicit
+`--resume_from_checkpoint` of another run, is refused with what differs (exit status 2); `--overwrite_output_dir`
+starts afresh.
 
 Longer than most modules (about 650 lines) for one job, a pretraining run: its arguments, the masking recipe and its
 dataset (which the standard collator cannot give: see ResidueMasking), the run check, and the outputs of the run
@@ -39,7 +41,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import transformers
 from transformers import (
     DataCollatorForTokenClassification,
     EsmConfig,
@@ -49,11 +50,10 @@ from transformers import (
     TrainingArguments,
     set_seed,
 )
-from transformers.trainer_utils import get_last_checkpoint
-
 from configuration_esmloc import ESM2_ARCHITECTURES
-from esmloc import cli, train
-from esmloc.sequences import DataValidationError, read_sequences
+from esmloc import cli, runs, train
+from esmloc.cli import EnvironmentProblem, InputError
+from esmloc.sequences import read_sequences
 from tokenization_esmloc import EsmLocTokenizer
 
 
@@ -61,7 +61,6 @@ logger = logging.getLogger("esmloc.pretrain")
 
 # Random replacements draw from these: a protein never holds <cls>, <pad>, <mask>, gaps or X/B/U/Z/O at random.
 STANDARD_AMINO_ACIDS = "ACDEFGHIKLMNPQRSTVWY"
-FINGERPRINT_FILE = "pretrain_fingerprint.json"
 DATA_SUMMARY_FILE = "pretrain_data.json"
 CURVE_FILE = "perplexity_curve.png"
 CARD_FILE = "README.md"
@@ -140,7 +139,7 @@ class PretrainDataArguments:
 
 
 @dataclass
-class PretrainingArguments(TrainingArguments):
+class PretrainingArguments(runs.OverwriteArguments, TrainingArguments):
     """`TrainingArguments` with ESM-2's optimiser settings (Adam beta2 0.98, weight decay 0.01, learning rate 4e-4
     with warm-up and linear decay) and defaults for this job: evaluate, save and log by steps, group batches by
     length, report to nobody."""
@@ -183,17 +182,14 @@ def read_unique_sequences(paths) -> tuple[list[str], dict]:
     seen, sequences, files = set(), [], []
     for path in paths:
         if not Path(path).is_file():
-            raise SystemExit(f"{path}: no such file")
+            raise InputError(f"{path}: no such file")
         records = new = 0
-        try:
-            for record in read_sequences(path):
-                records += 1
-                if record.sequence not in seen:
-                    seen.add(record.sequence)
-                    sequences.append(record.sequence)
-                    new += 1
-        except DataValidationError as error:
-            raise SystemExit(str(error)) from None
+        for record in read_sequences(path):  # a bad record raises DataValidationError: file, line, ACC
+            records += 1
+            if record.sequence not in seen:
+                seen.add(record.sequence)
+                sequences.append(record.sequence)
+                new += 1
         files.append({"file": Path(path).name, "records": records, "new_sequences": new})
     return sequences, {"files": files}
 
@@ -228,7 +224,7 @@ def prepare_sequences(data_args: PretrainDataArguments, seed: int) -> tuple[list
     else:
         train, held_out = hold_out(train, data_args.validation_fraction, data_args.max_eval_proteins, seed)
     if not train:
-        raise SystemExit("no training proteins left (all of them are held out)")
+        raise InputError("no training proteins left (all of them are held out)")
     for name, sequences in (("train", train), ("held_out", held_out)):
         lengths = np.array([len(s) for s in sequences]) if sequences else np.zeros(1, dtype=int)
         summary[name] = {
@@ -388,7 +384,7 @@ def parse_config_overrides(text: str | None) -> dict:
     for item in filter(None, (text or "").split(",")):
         key, separator, value = item.partition("=")
         if not separator:
-            raise SystemExit(f"--config_overrides: {item!r} is not key=value")
+            raise InputError(f"--config_overrides: {item!r} is not key=value")
         try:
             overrides[key.strip()] = json.loads(value)
         except json.JSONDecodeError:
@@ -405,16 +401,17 @@ def build_model(model_args: PretrainModelArguments) -> EsmForMaskedLM:
     name = model_args.model_name_or_path
     local = Path(name).expanduser()
     if not local.is_dir() and (name.startswith((".", "/", "~")) or name.count("/") > 1):
-        raise SystemExit(f"--model_name_or_path {name}: no such directory")
+        raise InputError(f"--model_name_or_path {name}: no such directory")
     try:
         return EsmForMaskedLM.from_pretrained(name, attn_implementation=model_args.attn_implementation)
     except OSError as error:
-        raise SystemExit(train.hub_unreachable_message(name, error)) from error
+        raise EnvironmentProblem(train.hub_unreachable_message(name, error)) from error
 
 
-def run_fingerprint(model_args, data_args, training_args, data_summary: dict) -> dict:
-    """What defines a pretraining run: a rerun into the same --output_dir resumes only when all of it is equal."""
-    return {
+def run_identity(model_args, data_args, training_args, data_summary: dict) -> dict:
+    """What defines a pretraining run (`esmloc.runs.identity`): a rerun into the same --output_dir resumes only when
+    all of it is equal. Unlike train.py's, the length is part of it: the learning-rate schedule follows it."""
+    return runs.identity({
         "model": model_args.from_scratch or model_args.model_name_or_path,
         "config_overrides": parse_config_overrides(model_args.config_overrides),
         "train_sequences": {key: data_summary["train"][key] for key in ("proteins", "sha256")},
@@ -427,29 +424,7 @@ def run_fingerprint(model_args, data_args, training_args, data_summary: dict) ->
             "num_train_epochs", "max_steps", "gradient_accumulation_steps")},
         "total_batch_size": training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps
         * training_args.world_size,
-    }
-
-
-def check_run_identity(output_dir: Path, fingerprint: dict, write: bool) -> str | None:
-    """Refuses (SystemExit) to work in an --output_dir that belongs to another run; returns the checkpoint to resume
-    from (None for a fresh run). With `write`, records the fingerprint of a new run."""
-    path = output_dir / FINGERPRINT_FILE
-    last_checkpoint = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
-    if path.is_file():
-        recorded = json.loads(path.read_text())
-        if recorded != fingerprint:
-            changed = sorted(key for key in set(recorded) | set(fingerprint) if recorded.get(key) != fingerprint.get(key))
-            details = "; ".join(f"{key}: was {recorded.get(key)!r}, now {fingerprint.get(key)!r}" for key in changed)
-            raise SystemExit(
-                f"{output_dir} holds a pretraining run with different data or settings ({details}). Resuming it "
-                "would mix two runs: choose another --output_dir, or rerun with the recorded settings to resume.")
-    elif last_checkpoint is not None:
-        raise SystemExit(f"{output_dir} holds checkpoints but no {FINGERPRINT_FILE}: it was not written by "
-                         "esmloc-pretrain (or by an older version). Choose another --output_dir.")
-    elif write:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(fingerprint, indent=2))
-    return last_checkpoint
+    })
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -561,13 +536,9 @@ proteins.csv --output_dir out/`, or `EsmForLocalization.from_esm("{output_dir.re
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def main(argv=None):
+def pretrain(argv=None) -> int:
     model_args, data_args, training_args = parse_arguments(argv)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO,
-                        handlers=[logging.StreamHandler(sys.stdout)])
-    if not training_args.should_log:
-        logger.setLevel(logging.WARNING)
-    transformers.utils.logging.set_verbosity_warning()
+    cli.setup_logging(logging.INFO if training_args.should_log else logging.WARNING)
     set_seed(training_args.seed)
     output_dir = Path(training_args.output_dir)
 
@@ -575,13 +546,17 @@ def main(argv=None):
     train_sequences, held_out, data_summary = prepare_sequences(data_args, training_args.seed)
     logger.info("Proteins: %d for training, %d held out (%s)", len(train_sequences), len(held_out),
                 ", ".join(f"{f['file']}: {f['records']} records, {f['new_sequences']} new" for f in data_summary["files"]))
-    fingerprint = run_fingerprint(model_args, data_args, training_args, data_summary)
-    with training_args.main_process_first(desc="checking the output directory"):
-        last_checkpoint = check_run_identity(output_dir, fingerprint, write=training_args.should_save)
-    if training_args.resume_from_checkpoint:
-        last_checkpoint = training_args.resume_from_checkpoint
+    identity = run_identity(model_args, data_args, training_args, data_summary)
+    length = runs.training_length(training_args)
+    with training_args.main_process_first(desc="checking --output_dir"):
+        last_checkpoint = runs.plan_resume(output_dir, identity, length, training_args.resume_from_checkpoint,
+                                           overwrite=training_args.overwrite_output_dir)
+    if last_checkpoint == runs.FINISHED:
+        logger.info("This pretraining run has already finished in %s (same data, settings and length): its model "
+                    "is there, unchanged. Nothing to do; --overwrite_output_dir trains it again.", output_dir)
+        return 0
     if last_checkpoint:
-        logger.info("Resuming from %s (found in --output_dir)", last_checkpoint)
+        logger.info("Resuming from %s (the same run: data, settings and seed match)", last_checkpoint)
 
     # Model, tokenizer, data pipeline
     model = build_model(model_args)
@@ -603,7 +578,7 @@ def main(argv=None):
     logger.info("EsmForMaskedLM: %d layers, hidden size %d, %s parameters", model.config.num_hidden_layers,
                 model.config.hidden_size, f"{parameters:,}")
 
-    callbacks = [EpochCallback(train_dataset)]
+    callbacks = [EpochCallback(train_dataset), runs.RunRecordCallback(identity)]
     if data_args.max_train_minutes:
         callbacks.append(TimeLimitCallback(data_args.max_train_minutes))
     trainer = ResumingTrainer(
@@ -628,6 +603,8 @@ def main(argv=None):
         trainer.save_metrics(INITIAL_EVAL, initial, combined=False)
     initial = json.loads(initial_path.read_text()) if initial_path.is_file() else None
 
+    if training_args.should_save:
+        runs.write_record(output_dir, identity, finished=False)
     train_result = trainer.train(resume_from_checkpoint=last_checkpoint)
     train_metrics = {**train_result.metrics, "global_step": trainer.state.global_step,
                      "total_batch_size": training_args.per_device_train_batch_size
@@ -647,9 +624,15 @@ def main(argv=None):
         plot_perplexity(trainer.state.log_history, initial, output_dir / CURVE_FILE)
         write_model_card(output_dir, model_args, data_args, training_args, model.config, data_summary, initial, final,
                          train_metrics)
+        runs.write_record(output_dir, identity, finished=True, training_length=length)
         print(f"Masked language model, metrics, perplexity curve and model card saved in {output_dir}")
     trainer.accelerator.wait_for_everyone()
+    return 0
+
+
+def main(argv=None) -> int:
+    return cli.run("esmloc-pretrain", pretrain, argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,7 +1,8 @@
 """A training run's identity, so that an output directory is only ever resumed by the run that started it.
 
-train.py writes `esmloc_run.json` into `--output_dir` before training and into every checkpoint it saves. It holds
-the run's fingerprint: a sha256 over what defines the trained model (see `run_identity`):
+train.py and esmloc-pretrain (each with its own idea of what defines a run: `identity`) write `esmloc_run.json`
+into `--output_dir` before training and into every checkpoint they save. It holds the run's fingerprint: a sha256
+over what defines the trained model (train.py's: `run_identity`):
 
 - the data: the content (sha256) of every data file, the dataset name/config, the split settings and sample limits;
 - the model: where the backbone comes from (hub id, or the resolved local directory), the fine-tuning mode and
@@ -21,6 +22,7 @@ import dataclasses
 import hashlib
 import json
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from transformers import TrainerCallback
@@ -40,6 +42,18 @@ _DATA_FILE_FIELDS = ("train_file", "validation_file", "test_file")
 _RUN_OUTPUTS = ("model.safetensors", "test_results.json", "trainer_state.json")
 
 
+@dataclass
+class OverwriteArguments:
+    """The --overwrite_output_dir flag of the training commands (mixed into their TrainingArguments): transformers 5
+    dropped the field; esmloc keeps the name for what it always meant."""
+
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Start afresh in an --output_dir that holds another run: its checkpoints are deleted. "
+                  "Without it, such a directory is refused, and one holding this same run is resumed."},
+    )
+
+
 def file_digest(path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
@@ -48,8 +62,15 @@ def file_digest(path) -> str:
     return digest.hexdigest()
 
 
+def identity(components: dict) -> dict:
+    """A run's identity: `components` (JSON-able: what defines the run, as each tool decides) with their sha256 under
+    "fingerprint"."""
+    fingerprint = hashlib.sha256(json.dumps(components, sort_keys=True, default=str).encode()).hexdigest()
+    return {"fingerprint": fingerprint, **components}
+
+
 def run_identity(model_args, data_args, seed: int) -> dict:
-    """What defines a run (see the module docstring), with its fingerprint under "fingerprint"."""
+    """What defines a train.py run (see the module docstring), with its fingerprint under "fingerprint"."""
     data = {key: value for key, value in dataclasses.asdict(data_args).items() if key not in _NOT_IDENTITY}
     for key in _DATA_FILE_FIELDS:
         if data.get(key):
@@ -58,9 +79,7 @@ def run_identity(model_args, data_args, seed: int) -> dict:
     source = model.get("model_name_or_path")
     if source and Path(source).expanduser().is_dir():
         model["model_name_or_path"] = str(Path(source).expanduser().resolve())
-    components = {"data": data, "model": model, "seed": seed}
-    fingerprint = hashlib.sha256(json.dumps(components, sort_keys=True, default=str).encode()).hexdigest()
-    return {"fingerprint": fingerprint, **components}
+    return identity({"data": data, "model": model, "seed": seed})
 
 
 def training_length(training_args) -> dict:
@@ -83,10 +102,10 @@ def _settings(identity: dict, prefix: str = ""):
     for key, value in identity.items():
         if key in ("fingerprint", FINISHED, "training_length"):
             continue
-        if isinstance(value, dict) and "sha256" not in value:
-            yield from _settings(value, f"{prefix}{key}.")
-        elif isinstance(value, dict):
+        if isinstance(value, dict) and {"name", "sha256"} <= value.keys():
             yield f"{prefix}{key}", f"{value['name']} (content sha256 {value['sha256'][:12]})"
+        elif isinstance(value, dict):
+            yield from _settings(value, f"{prefix}{key}.")
         else:
             yield f"{prefix}{key}", value
 

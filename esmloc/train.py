@@ -164,7 +164,7 @@ class DataArguments:
 
 
 @dataclass
-class EsmLocTrainingArguments(TrainingArguments):
+class EsmLocTrainingArguments(runs.OverwriteArguments, TrainingArguments):
     """`TrainingArguments` with defaults for this task: evaluate and save every epoch, keep the model with the
     best validation MCC, group batches by length, report to nobody."""
 
@@ -190,12 +190,6 @@ class EsmLocTrainingArguments(TrainingArguments):
     label_names: list[str] | None = field(default_factory=lambda: ["labels"])
     early_stopping_patience: int | None = field(
         default=None, metadata={"help": "Stop after this many evaluations without a better validation MCC."}
-    )
-    # transformers 5 dropped this TrainingArguments field; esmloc keeps the name for what it always meant.
-    overwrite_output_dir: bool = field(
-        default=False,
-        metadata={"help": "Start afresh in an --output_dir that holds another run: its checkpoints are deleted. "
-                  "Without it, such a directory is refused, and one holding this same run is resumed."},
     )
     disable_tqdm: bool | None = field(
         default=None, metadata={"help": "Default: progress bars only when stderr is a terminal."}

@@ -257,7 +257,8 @@ class UnpaddedEsm:
             raise ValueError(f"{int(input_ids.shape[0])} token ids for lengths summing to {sum(lengths)}")
         device = input_ids.device
         config = self.esm.config
-        if config.token_dropout and bool((input_ids == config.mask_token_id).any()):
+        masked = config.mask_token_id is not None and bool((input_ids == config.mask_token_id).any())
+        if config.token_dropout and masked:
             return self._padded(input_ids, lengths)
         mode = self.attention if self.attention != "auto" else ("padded" if device.type == "cuda" else "grouped")
         plan = VarlenPlan(lengths, mode, device)
@@ -268,7 +269,8 @@ class UnpaddedEsm:
         """The model's own padded forward (the view's linear layers, so int8 stays int8)."""
         rows = torch.split(input_ids, lengths)
         ids = nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=self.esm.config.pad_token_id)
-        mask = torch.arange(ids.shape[1], device=ids.device)[None, :] < torch.tensor(lengths, device=ids.device)[:, None]
+        lengths_tensor = torch.tensor(lengths, device=ids.device)
+        mask = torch.arange(ids.shape[1], device=ids.device)[None, :] < lengths_tensor[:, None]
         hidden = self.view(ids, attention_mask=mask.long()).last_hidden_state
         return hidden[mask]
 

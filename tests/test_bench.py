@@ -23,8 +23,8 @@ def test_bench_script_runs_in_smoke_mode(script, tmp_path):
     if script == "embedding_throughput.py":
         assert "% of compute bound" in table[0] and "x baseline" in table[0]
         variants = [line.split(" | ")[0][2:] for line in table[2:]]
-        # Every precision by default, and the stock model padding-free (the question whether the fork pays).
-        assert {"engine", "engine, bf16", "stock EsmModel, padding-free (varlen SDPA)"} <= set(variants)
+        # Every precision by default, and the stock model on sorted, padded batches.
+        assert {"engine", "engine, bf16", "sorted + token budget, EsmModel.forward"} <= set(variants)
         assert "low-precision peaks (GFLOP/s): bf16" in result.stdout
     elif script == "precision_accuracy.py":
         assert "max abs probability difference vs fp32" in table[0] and "test MCC" in table[0]

@@ -1,5 +1,5 @@
-"""The inference engine: padding-free forward pass, token-budget batches, input order, padding invariance, pooling, and the
-tokenizer's fast path."""
+"""The inference engine: padding-free forward pass, token-budget batches, input order, padding invariance, pooling,
+and the tokenizer's fast path."""
 
 import random
 

@@ -114,14 +114,34 @@ def test_two_processes_predict_what_one_process_predicts(work, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one.csv", "two.csv"]  # parts merged and removed
 
 
-def test_two_processes_embed_what_one_process_and_the_engine_embed(work, tmp_path):
+def test_repeated_sequences_are_found_with_their_first_record():
+    from array import array
+
+    high, low = array("Q"), array("Q")
+    for sequence in "MKV MW MKV MA MW MKV MAA MA".split():
+        digest = jobs.sequence_digest(sequence)
+        high.append(digest[0])
+        low.append(digest[1])
+    repeats, repeat_of = jobs.find_repeats(high, low)
+    assert repeats.tolist() == [2, 4, 5, 7] and repeat_of.tolist() == [0, 1, 0, 3]
+
+
+def test_two_processes_embed_what_one_process_and_the_engine_embed(work, tmp_path, monkeypatch):
     args = [work / "attention_model", work / "proteins.fasta", "--no_progress", "--chunk_size", "40"]
     residue_args = ["--per_residue", tmp_path / "residues", "--per_residue_dtype", "float32"]
     result = two_processes("accelerate", "esmloc.embed", args + ["-o", tmp_path / "two.parquet", *residue_args],
                            cwd=tmp_path)
     assert result.returncode == 0, (result.stdout + result.stderr)[-5000:]
     assert "2 process(es)" in result.stderr and "attention pooling" in result.stderr
+    assert "6 record(s) repeat the sequence of an earlier record" in result.stderr
+    # Each distinct sequence is embedded once in the whole job: the repeats lie in other windows of 40 records.
+    embedded = []
+    encode = Engine.encode
+    monkeypatch.setattr(Engine, "encode", lambda self, sequences: embedded.extend(sequences) or encode(self, sequences))
     assert embed_main([str(a) for a in args] + ["-o", str(tmp_path / "one.parquet")]) == 0
+    distinct = {record.sequence for record in read_sequences(work / "proteins.fasta")}
+    assert len(embedded) == len(distinct) == 234
+    monkeypatch.undo()
     assert embed_main([str(a) for a in args] + ["-o", str(tmp_path / "mean.parquet"), "--pooling", "mean"]) == 0
 
     two, one = pd.read_parquet(tmp_path / "two.parquet"), pd.read_parquet(tmp_path / "one.parquet")

@@ -1,4 +1,4 @@
-"""Precisions of the inference engine (auto / fp32 / bf16 / int8), the packed forward's parity self-check and the
+"""Precisions of the inference engine (auto / fp32 / bf16 / int8), the padding-free path's parity self-check and the
 forward's version in the feature cache's key."""
 
 import warnings
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from esmloc import cache, packed_esm
+from esmloc import cache, varlen_esm
 from esmloc.engine import AUTO_PRECISION, Engine, resolve_precision
 from esmloc.export import tokenizer_for
 
@@ -16,7 +16,7 @@ from conftest import PROTEINS, tiny_model
 
 SEQUENCES = PROTEINS + ["MKTAYIAKQRQISFVKSHFSRQ" * 5, "MLSRAVCGTSRQLAPVLGYLGSRQKHSLPDLPYDYGALEPHINAQIMQLHHSKHHAAYV"]
 
-needs_int8 = pytest.mark.skipif(not packed_esm.int8_linear_available(),
+needs_int8 = pytest.mark.skipif(not varlen_esm.int8_linear_available(),
                                 reason="oneDNN's int8 linear does not run in this torch build")
 
 
@@ -25,7 +25,7 @@ def test_auto_is_fp32_on_cpu_and_every_precision_names_itself():
     model = tiny_model()
     tokenizer = tokenizer_for(model.config)
     for precision, name in [("auto", "fp32"), ("fp32", "fp32"), ("bf16", "bf16")] + (
-            [("int8", "int8")] if packed_esm.int8_linear_available() else []):
+            [("int8", "int8")] if varlen_esm.int8_linear_available() else []):
         assert Engine(model, tokenizer, precision=precision, progress=False).precision_name == name
     with pytest.raises(ValueError, match="precision must be one of"):
         Engine(model, tokenizer, precision="int4")
@@ -60,23 +60,35 @@ def test_int8_follows_weight_changes():
 
 @needs_int8
 def test_int8_linear_meets_row_counts_in_buckets(monkeypatch):
-    """oneDNN caches a kernel per shape: the int8 path, like fp32's, only ever sees multiples of ONEDNN_ROW_BUCKET."""
+    """oneDNN caches a kernel per shape: the int8 linear layers only ever see multiples of ONEDNN_ROW_BUCKET."""
     rows_seen = []
-    original = packed_esm._quantise_input
+    original = varlen_esm._quantise_input
 
     def spy(x):
         rows_seen.append(x.shape[0])
         return original(x)
 
-    monkeypatch.setattr(packed_esm, "_quantise_input", spy)
+    monkeypatch.setattr(varlen_esm, "_quantise_input", spy)
     model = tiny_model(max_residues=300)
     Engine(model, tokenizer_for(model.config), progress=False, precision="int8").embed(SEQUENCES, "mean")
-    assert rows_seen and all(rows % packed_esm.ONEDNN_ROW_BUCKET == 0 for rows in rows_seen)
+    assert rows_seen and all(rows % varlen_esm.ONEDNN_ROW_BUCKET == 0 for rows in rows_seen)
 
 
-def test_int8_without_the_packed_forward_is_refused():
+@needs_int8
+def test_int8_leaves_the_model_itself_in_fp32():
+    """int8 swaps the linear layers of the engine's view only: the model keeps its nn.Linear layers and weights."""
     model = tiny_model()
-    with pytest.raises(ValueError, match="int8 runs on CPU through PackedEsm only"):
+    weights = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    engine = Engine(model, tokenizer_for(model.config), progress=False, precision="int8")
+    assert any(isinstance(module, varlen_esm.Int8Linear) for module in engine.packed.view.modules())
+    assert not any(isinstance(module, varlen_esm.Int8Linear) for module in model.modules())
+    engine.embed(SEQUENCES, "mean")
+    assert all(torch.equal(tensor, weights[name]) for name, tensor in model.state_dict().items())
+
+
+def test_int8_without_the_padding_free_path_is_refused():
+    model = tiny_model()
+    with pytest.raises(ValueError, match="int8 runs on CPU through the padding-free path only"):
         Engine(model, tokenizer_for(model.config), precision="int8", packed=False)
 
 
@@ -84,19 +96,19 @@ def test_a_failed_parity_check_warns_once_and_falls_back_to_the_stock_forward(mo
     model = tiny_model()
     tokenizer = tokenizer_for(model.config)
     reference = Engine(model, tokenizer, progress=False, packed=False).embed(SEQUENCES, "mean")
-    original_call = packed_esm.PackedEsm.__call__
-    monkeypatch.setattr(packed_esm.PackedEsm, "__call__", lambda self, ids, lengths: original_call(self, ids, lengths)
-                        + 1e-3)  # a forward that drifted from transformers'
-    monkeypatch.setattr(packed_esm, "_PARITY_OK", None)
-    with pytest.warns(RuntimeWarning, match="falling back to the stock EsmModel.forward"):
+    original_call = varlen_esm.UnpaddedEsm.__call__
+    monkeypatch.setattr(varlen_esm.UnpaddedEsm, "__call__", lambda self, ids, lengths: original_call(self, ids, lengths)
+                        + 1e-3)  # e.g. a transformers release that routes positions differently
+    monkeypatch.setattr(varlen_esm, "_PARITY_OK", None)
+    with pytest.warns(RuntimeWarning, match="falling back to the padded EsmModel.forward"):
         engine = Engine(model, tokenizer, progress=False)
     assert engine.packed is None
     np.testing.assert_allclose(engine.embed(SEQUENCES, "mean"), reference, atol=1e-6)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # once per process
         assert Engine(model, tokenizer, progress=False).packed is None
-    monkeypatch.setattr(packed_esm, "_PARITY_OK", None)
-    monkeypatch.setattr(packed_esm.PackedEsm, "__call__", original_call)
+    monkeypatch.setattr(varlen_esm, "_PARITY_OK", None)
+    monkeypatch.setattr(varlen_esm.UnpaddedEsm, "__call__", original_call)
     assert Engine(model, tokenizer, progress=False).packed is not None
 
 
@@ -104,13 +116,13 @@ def test_the_feature_cache_key_holds_the_forward_version_and_the_precision(monke
     model = tiny_model()
     tokenizer = tokenizer_for(model.config)
     fingerprint = cache.backbone_fingerprint(model.esm)
-    monkeypatch.setattr(packed_esm, "FORK_VERSION", "packed-esm-next")
+    monkeypatch.setattr(varlen_esm, "FORWARD_VERSION", "varlen-stock-next")
     assert cache.backbone_fingerprint(model.esm) != fingerprint
     monkeypatch.undo()
-    monkeypatch.setattr(packed_esm.transformers, "__version__", "5.99.0")
+    monkeypatch.setattr(varlen_esm.transformers, "__version__", "5.99.0")
     assert cache.backbone_fingerprint(model.esm) != fingerprint
     monkeypatch.undo()
     paths = {precision: cache.FeatureCache.for_engine(Engine(model, tokenizer, precision=precision, progress=False),
                                                       "mean", root=tmp_path).path
-             for precision in ["fp32", "bf16"] + (["int8"] if packed_esm.int8_linear_available() else [])}
+             for precision in ["fp32", "bf16"] + (["int8"] if varlen_esm.int8_linear_available() else [])}
     assert len(set(paths.values())) == len(paths) and all(path.name.endswith(p) for p, path in paths.items())

@@ -16,6 +16,7 @@ import torch
 from transformers import DataCollatorForTokenClassification
 
 from esmloc import pretrain
+from esmloc.sequences import DataValidationError
 from tokenization_esmloc import EsmLocTokenizer
 
 from conftest import REPO, run_offline, write_deeploc_layout_csv
@@ -139,7 +140,7 @@ def test_identical_sequences_are_read_once_and_bad_records_named(tmp_path):
                                 {"file": "b.csv", "records": 2, "new_sequences": 1}]
     bad = tmp_path / "bad.csv"
     bad.write_text("ACC,Sequence\nQ1,MKVL\nQ9,MK1L\n")
-    with pytest.raises(SystemExit, match=r"bad.csv, line 3, ACC 'Q9'.*'1' at position 3"):
+    with pytest.raises(DataValidationError, match=r"bad.csv, line 3, ACC 'Q9'.*'1' at position 3"):
         pretrain.read_unique_sequences([bad])
 
 
@@ -174,7 +175,7 @@ def test_run_reports_held_out_perplexity_and_leaves_a_card(pretrained):
     output_dir, log = pretrained
     for name in ("config.json", "model.safetensors", "tokenizer_config.json", "vocab.txt", "tokenization_esmloc.py",
                  "README.md", "perplexity_curve.png", "initial_eval_results.json", "eval_results.json",
-                 "pretrain_data.json", "pretrain_fingerprint.json"):
+                 "pretrain_data.json", "esmloc_run.json"):
         assert (output_dir / name).is_file(), name
     before = json.loads((output_dir / "initial_eval_results.json").read_text())
     after = json.loads((output_dir / "eval_results.json").read_text())
@@ -235,23 +236,31 @@ def test_saved_model_loads_offline_through_every_route(pretrained, tmp_path, els
     assert json.loads((out / "config.json").read_text())["esm_name_or_path"] == str(output_dir)
 
 
-def test_rerun_with_other_data_or_settings_refuses(proteins_fasta, tmp_path, monkeypatch):
+def test_rerun_with_other_data_or_settings_refuses(proteins_fasta, tmp_path, monkeypatch, capsys):
     output_dir = tmp_path / "out"
     args = ["--output_dir", str(output_dir), "--max_steps", "6", "--save_steps", "3", "--eval_steps", "3", *QUICK, *BATCH_8]
     run_pretrain(["--train_files", str(proteins_fasta), *args], cwd=tmp_path)
-    fingerprint = (output_dir / "pretrain_fingerprint.json").read_text()
+    record = (output_dir / "esmloc_run.json").read_text()
+    assert json.loads(record)["finished"] is True
 
     # (The same command resuming is test_killed_run_resumes_...; these stop before any training, in this process.)
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     other = write_fasta(tmp_path / "other.fasta", random_proteins(100, seed=9))
-    for changed, named in ((["--train_files", str(other), *args], "train_sequences"),
+    for changed, named in ((["--train_files", str(other), *args], "train_sequences.sha256"),
                            (["--train_files", str(proteins_fasta), *args, "--mlm_probability", "0.2"], "masking"),
-                           (["--train_files", str(proteins_fasta), *args, "--learning_rate", "1e-3"], "optimiser")):
-        with pytest.raises(SystemExit, match="holds a pretraining run with different data or settings") as refused:
-            pretrain.main(changed)
-        assert f"{named}: was" in str(refused.value)
-    assert (output_dir / "pretrain_fingerprint.json").read_text() == fingerprint
+                           (["--train_files", str(proteins_fasta), *args, "--learning_rate", "1e-3"],
+                            "optimiser.learning_rate"),
+                           (["--train_files", str(proteins_fasta), *args, "--resume_from_checkpoint",
+                             str(tmp_path / "elsewhere" / "checkpoint-3")], "has no esmloc run record")):
+        assert pretrain.main(changed) == 2
+        error = capsys.readouterr().err
+        assert "esmloc-pretrain: error:" in error and named in error, error
+    assert (output_dir / "esmloc_run.json").read_text() == record
     assert sorted(path.name for path in output_dir.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-6"]
+    # The same finished run again: nothing to do, nothing touched.
+    weights = (output_dir / "model.safetensors").read_bytes()
+    assert pretrain.main(["--train_files", str(proteins_fasta), *args]) == 0
+    assert (output_dir / "model.safetensors").read_bytes() == weights
 
 
 def test_killed_run_resumes_and_ends_where_an_uninterrupted_one_does(proteins_fasta, tmp_path):
@@ -312,7 +321,7 @@ def test_two_process_run_produces_one_model(proteins_fasta, tmp_path, elsewhere)
     state = json.loads((output_dir / "trainer_state.json").read_text())
     # 144 training proteins, 8 per process and step, 2 processes: 9 steps an epoch, 18 in all (one process: 36).
     assert state["global_step"] == 18
-    assert json.loads((output_dir / "pretrain_fingerprint.json").read_text())["total_batch_size"] == 16
+    assert json.loads((output_dir / "esmloc_run.json").read_text())["total_batch_size"] == 16
     assert (output_dir / "model.safetensors").is_file() and (output_dir / "eval_results.json").is_file()
 
 
