@@ -1,7 +1,7 @@
 """Large jobs: esmloc-predict in 1 and 2 processes on DeepLoc proteins; scaling efficiency, peak RSS, projections.
 
     python bench/large_jobs.py                 # the first 2,000 DeepLoc proteins, ESM-2 8M architecture
-    python bench/large_jobs.py --n 28303       # all of them (about 30+ min per configuration on 2 cores)
+    python bench/large_jobs.py --n 28303 --skip_default   # all of them: 36 min (2 processes) + 71 min (1)
     python bench/large_jobs.py --smoke         # 48 synthetic proteins, tiny model (the test runs this)
 
 Three configurations of the same command on the same CSV (ACC, Sequence) and model (the ESM-2 8M architecture
