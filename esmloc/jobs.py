@@ -24,6 +24,9 @@ processes, nccl between GPUs):
 Memory stays flat: a process holds at most `chunk_size` records and their results; the plan holds one number per
 part (and, for tools that skip repeated sequences, the records that repeat one: `find_repeats`); the merge holds one
 part at a time (and an 8-byte digest per record ID, to report repeated IDs).
+
+About 450 lines for one job, the large-job machinery both tools share: planning, validation, parts, fingerprint and
+merge are the steps of one protocol between processes; split, each step would need the others' state.
 """
 
 import hashlib

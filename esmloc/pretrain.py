@@ -25,7 +25,7 @@ does and through the same code (`esmloc.runs`), but only the same run: `esmloc_r
 `--resume_from_checkpoint` of another run, is refused with what differs (exit status 2); `--overwrite_output_dir`
 starts afresh.
 
-Longer than most modules (about 650 lines) for one job, a pretraining run: its arguments, the masking recipe and its
+Longer than most modules (about 640 lines) for one job, a pretraining run: its arguments, the masking recipe and its
 dataset (which the standard collator cannot give: see ResidueMasking), the run check, and the outputs of the run
 (curve and card) belong to this command only.
 """

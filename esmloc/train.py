@@ -16,6 +16,10 @@ instead. Both save the same `EsmForLocalization`.
 The module reads like transformers' run_classification.py: the argument dataclasses (a third of its length, the
 documented command line), then one function per phase of a run (arguments, data, model, training, evaluation and
 the saved run, the push), and `train` calling them in order.
+
+About 660 lines for one job, a fine-tuning run as run_glue.py lays it out: its argument dataclasses, the model and
+the fine-tuning mode, the Trainer, then the phases (train, evaluate, save, card, push). Data, caching, evaluation,
+run records and publishing live in their own modules; what is left here is the run's order of steps.
 """
 
 import json
