@@ -4,7 +4,7 @@ The proteins of a batch run flattened into one row: token ids (1, tokens), `posi
 protein (ESM-2's rotary positions), and an attention function registered with transformers' `AttentionInterface`
 (`varlen_sdpa`) through which each protein attends to itself only. The embeddings, projections, rotary, layer norms,
 GELU and residual additions are the stock modules' own code: esmloc keeps no copy of the ESM forward. (It once did,
-`PackedEsm`; bench/embedding_throughput.py measured the stock model run this way against it, and the fork was not
+`PackedEsm`; bench/fork_question.py measures the stock model run this way against it: the fork was not
 faster by the 15% that would have paid for keeping a copy of transformers' code in step: README, "Speed".)
 
 Everything runs on a *view* of the backbone (`backbone_view`): a copy of the module tree that shares every parameter
