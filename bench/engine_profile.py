@@ -40,7 +40,7 @@ def main(argv=None):
         args.architecture, args.n = "tiny", 8
     from configuration_esmloc import ESM2_ARCHITECTURES, EsmLocConfig
     from esmloc.engine import Engine
-    from esmloc.export import tokenizer_for
+    from esmloc.saving import tokenizer_for
     from modeling_esmloc import EsmForLocalization
 
     rows, source = common.load_proteins(args.data, args.n, args.smoke)

@@ -137,7 +137,7 @@ def main(argv=None):
     args = parse_arguments(argv)
     from configuration_esmloc import ESM2_ARCHITECTURES, EsmLocConfig
     from esmloc.engine import AUTO_LIMITS
-    from esmloc.export import tokenizer_for
+    from esmloc.saving import tokenizer_for
     from modeling_esmloc import EsmForLocalization
 
     (train_x, train_y), (test_x, test_y) = load_split(args.data, args.n_train, args.n_test, args.seed, args.smoke)

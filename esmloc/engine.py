@@ -113,8 +113,8 @@ class Engine:
         device: where to run; default the model's device.
         precision: `auto` (per device: `AUTO_PRECISION`, fp32 on CPU; bf16 or fp16 autocast on CUDA), `fp32`,
             `bf16` or `fp16` (autocast), or `int8` (CPU, padding-free path only: the backbone's linear layers with
-            dynamic int8 quantisation through oneDNN, everything else fp32; a protein's result then depends slightly
-            on the other proteins of its batch, which share one input scale per linear layer).
+            dynamic int8 quantisation through oneDNN, inputs per token, so a protein's result does not depend on
+            the other proteins of its batch; everything else fp32).
         progress: show a progress bar.
         packed: run padding-free (`UnpaddedEsm`) when the backbone allows it (False: always `EsmModel.forward` on
             padded batches).

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from configuration_esmloc import ESM2_ARCHITECTURES, EsmLocConfig
+from esmloc import varlen_esm
 from esmloc.engine import Engine, length_batches, predict_probabilities
 from esmloc.saving import tokenizer_for
 from modeling_esmloc import EsmForLocalization
@@ -219,6 +220,9 @@ def test_the_model_itself_is_not_changed_by_the_engine():
     assert model.config.esm_config._attn_implementation == before
     view_weight = engine.packed.view.encoder.layer[0].attention.self.query.weight
     assert view_weight is model.esm.encoder.layer[0].attention.self.query.weight
+    view_intermediate = engine.packed.view.encoder.layer[0].intermediate  # one-pass GELU in the view only
+    assert type(view_intermediate) is varlen_esm.FusedGeluIntermediate
+    assert view_intermediate.dense.weight is model.esm.encoder.layer[0].intermediate.dense.weight
 
 
 def test_absolute_positions_run_padded_through_the_model():

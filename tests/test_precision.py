@@ -45,6 +45,22 @@ def test_int8_stays_close_to_fp32_and_is_not_fp32():
 
 
 @needs_int8
+def test_int8_result_of_a_protein_does_not_depend_on_its_batch():
+    """Inputs are quantised per token: a protein's int8 features are the same alone, with short batch-mates and with
+    one whose activations are far larger (with one scale per call, the batch's largest value set every step)."""
+    model = tiny_model(max_residues=300)
+    tokenizer = tokenizer_for(model.config)
+    with torch.no_grad():  # a batch-mate with an outlier residue: one embedding row 50x larger
+        model.esm.embeddings.word_embeddings.weight[tokenizer.convert_tokens_to_ids("W")] *= 50
+    engine = Engine(model, tokenizer, progress=False, precision="int8", max_tokens_per_batch=10**6)
+    protein, mates = SEQUENCES[-1], ["W" * 40 + SEQUENCES[0], SEQUENCES[1]]
+    alone = engine.embed([protein], "mean")[0]
+    together = engine.embed([protein] + mates, "mean")[0]
+    np.testing.assert_allclose(together, alone, atol=1e-5, rtol=0)
+    assert not np.allclose(alone, Engine(model, tokenizer, progress=False).embed([protein], "mean")[0], atol=1e-4)
+
+
+@needs_int8
 def test_int8_follows_weight_changes():
     model = tiny_model()
     tokenizer = tokenizer_for(model.config)
