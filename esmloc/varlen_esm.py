@@ -275,6 +275,9 @@ class UnpaddedEsm:
         self.attention = attention
         self.int8 = int8
         self.view = backbone_view(esm, int8=int8)
+        for module in self.view.modules():  # quantise and pack every weight now, not inside the first batches
+            if isinstance(module, Int8Linear):
+                module._weight()
 
     def __call__(self, input_ids: torch.Tensor, lengths: Sequence[int]) -> torch.Tensor:
         lengths = [int(length) for length in lengths]

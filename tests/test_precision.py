@@ -96,7 +96,8 @@ def test_int8_leaves_the_model_itself_in_fp32():
     model = tiny_model()
     weights = {name: tensor.clone() for name, tensor in model.state_dict().items()}
     engine = Engine(model, tokenizer_for(model.config), progress=False, precision="int8")
-    assert any(isinstance(module, varlen_esm.Int8Linear) for module in engine.packed.view.modules())
+    int8_layers = [module for module in engine.packed.view.modules() if isinstance(module, varlen_esm.Int8Linear)]
+    assert int8_layers and all(layer._packed is not None for layer in int8_layers)  # quantised when built
     assert not any(isinstance(module, varlen_esm.Int8Linear) for module in model.modules())
     engine.embed(SEQUENCES, "mean")
     assert all(torch.equal(tensor, weights[name]) for name, tensor in model.state_dict().items())
