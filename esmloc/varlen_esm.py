@@ -161,7 +161,8 @@ class Int8Linear(nn.Module):
         self.linear = linear
         self._packed = None
 
-    def _weight(self):
+    def packed_weight(self):
+        """The layer's weight quantised and prepacked (`_quantise_weight`), again whenever the weight changed."""
         weight = self.linear.weight
         stamp = (weight.data_ptr(), None if weight.is_inference() else weight._version)
         if self._packed is None or self._packed[0] != stamp:
@@ -169,7 +170,7 @@ class Int8Linear(nn.Module):
         return self._packed[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight, scales, zero_points = self._weight()
+        weight, scales, zero_points = self.packed_weight()
         shape = x.shape
         x = x.reshape(-1, shape[-1]).float()
         rows = x.shape[0]
@@ -279,7 +280,7 @@ class UnpaddedEsm:
         self.view = backbone_view(esm, int8=int8)
         for module in self.view.modules():  # quantise and pack every weight now, not inside the first batches
             if isinstance(module, Int8Linear):
-                module._weight()
+                module.packed_weight()
 
     def __call__(self, input_ids: torch.Tensor, lengths: Sequence[int]) -> torch.Tensor:
         lengths = [int(length) for length in lengths]
