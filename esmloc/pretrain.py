@@ -601,7 +601,9 @@ def pretrain(argv=None) -> int:
             initial = trainer.evaluate(metric_key_prefix=INITIAL_EVAL)
         trainer.log_metrics(INITIAL_EVAL, initial)
         trainer.save_metrics(INITIAL_EVAL, initial, combined=False)
-    initial = json.loads(initial_path.read_text()) if initial_path.is_file() else None
+    else:
+        # A resumed run reports the figures its first start measured (written by that start, complete).
+        initial = json.loads(initial_path.read_text()) if initial_path.is_file() else None
 
     if training_args.should_save:
         runs.write_record(output_dir, identity, finished=False)
@@ -627,6 +629,7 @@ def pretrain(argv=None) -> int:
         runs.write_record(output_dir, identity, finished=True, training_length=length)
         print(f"Masked language model, metrics, perplexity curve and model card saved in {output_dir}")
     trainer.accelerator.wait_for_everyone()
+    trainer.accelerator.end_training()  # process group closed before exit (else gloo may abort a process at exit)
     return 0
 
 

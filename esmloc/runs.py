@@ -29,6 +29,7 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from esmloc.cli import InputError
+from esmloc.files import atomic_file
 
 
 RUN_RECORD = "esmloc_run.json"
@@ -94,7 +95,8 @@ def read_record(directory) -> dict | None:
 def write_record(directory, identity: dict, **state) -> None:
     path = Path(directory) / RUN_RECORD
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({**identity, **state}, indent=2, default=str))
+    with atomic_file(path, "w") as handle:  # other processes of the run read it
+        handle.write(json.dumps({**identity, **state}, indent=2, default=str))
 
 
 def _settings(identity: dict, prefix: str = ""):

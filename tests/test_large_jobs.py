@@ -24,7 +24,7 @@ from esmloc.saving import save_model
 from esmloc.sequences import read_sequences
 
 from conftest import REPO, tiny_model
-from test_train import loopback_only_namespace
+from test_train import distributed_failure, loopback_only_namespace
 
 
 RESIDUES = "LAGVSERTIDPKQNFYMHWC"
@@ -105,7 +105,7 @@ def test_two_processes_predict_what_one_process_predicts(work, tmp_path):
     result = two_processes("torchrun", "esmloc.predict", [work / "model", work / "proteins.fasta", "-o", two,
                                                           "--no_progress", "--chunk_size", "64"], cwd=tmp_path)
     log = result.stdout + result.stderr
-    assert result.returncode == 0, log[-5000:]
+    assert result.returncode == 0, distributed_failure(result)
     assert "240 proteins in 15 parts of 16, 2 process(es)" in log
     assert log.count("Wrote 240 predictions") == 1 and "record ID(s) occur more than once" in log
     shares = [int(parts) for parts in re.findall(r"process \d: (\d+) parts", log)]
@@ -131,7 +131,7 @@ def test_two_processes_embed_what_one_process_and_the_engine_embed(work, tmp_pat
     residue_args = ["--per_residue", tmp_path / "residues", "--per_residue_dtype", "float32"]
     result = two_processes("accelerate", "esmloc.embed", args + ["-o", tmp_path / "two.parquet", *residue_args],
                            cwd=tmp_path)
-    assert result.returncode == 0, (result.stdout + result.stderr)[-5000:]
+    assert result.returncode == 0, distributed_failure(result)
     assert "2 process(es)" in result.stderr and "attention pooling" in result.stderr
     assert "6 record(s) repeat the sequence of an earlier record" in result.stderr
     # Each distinct sequence is embedded once in the whole job: the repeats lie in other windows of 40 records.

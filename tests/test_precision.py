@@ -9,7 +9,7 @@ import torch
 
 from esmloc import cache, varlen_esm
 from esmloc.engine import AUTO_PRECISION, Engine, resolve_precision
-from esmloc.export import tokenizer_for
+from esmloc.saving import tokenizer_for
 
 from conftest import PROTEINS, tiny_model
 

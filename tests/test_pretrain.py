@@ -20,7 +20,7 @@ from esmloc.sequences import DataValidationError
 from tokenization_esmloc import EsmLocTokenizer
 
 from conftest import REPO, run_offline, write_deeploc_layout_csv
-from test_train import loopback_only_namespace, train_env
+from test_train import distributed_failure, loopback_only_namespace, train_env
 
 
 PRETRAIN = [sys.executable, "-m", "esmloc.pretrain"]
@@ -315,7 +315,7 @@ def test_two_process_run_produces_one_model(proteins_fasta, tmp_path, elsewhere)
         cwd=elsewhere, env=train_env(GLOO_SOCKET_IFNAME="lo", MASTER_ADDR="127.0.0.1"), capture_output=True,
         text=True, timeout=900,
     )
-    assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-5000:]
+    assert result.returncode == 0, distributed_failure(result)
     log = result.stdout + result.stderr
     assert log.count("Masked language model, metrics, perplexity curve and model card saved") == 1
     state = json.loads((output_dir / "trainer_state.json").read_text())

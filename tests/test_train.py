@@ -38,6 +38,13 @@ def run_train(args, cwd, env=None, timeout=600) -> subprocess.CompletedProcess:
     return result
 
 
+def distributed_failure(result: subprocess.CompletedProcess) -> str:
+    """What a failed multi-process run printed: the first failing process's traceback comes early in stderr, the
+    launcher's report of it at the end, so both ends are shown."""
+    stderr = result.stderr if len(result.stderr) < 8000 else result.stderr[:4000] + "\n[...]\n" + result.stderr[-4000:]
+    return result.stdout[-2000:] + stderr
+
+
 def loopback_only_namespace() -> list[str]:
     """A command prefix that runs a command in a network namespace of its own, holding only the loopback
     interface. PyTorch's rendezvous store (torchrun's agent, accelerate's rank 0) listens on all interfaces
@@ -234,7 +241,7 @@ def test_two_process_ddp_produces_one_model(launcher, proteins_csv, tmp_path, el
                    "--finetune", "full", "--use_cpu", *QUICK],
         cwd=elsewhere, env=env, capture_output=True, text=True, timeout=900,
     )
-    assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-5000:]
+    assert result.returncode == 0, distributed_failure(result)
     run_info = json.loads((output_dir / "run_info.json").read_text())
     assert run_info["training"]["world_size"] == 2
     assert (output_dir / "model.safetensors").is_file()
