@@ -10,7 +10,7 @@ Each repeat measures, one after the other on the same proteins (the first N rows
 - baseline: the plain loop a user writes: proteins in dataset order, batches of 8 padded to the longest
   (`tokenizer(batch, padding=True)`), `model.esm(**batch)` under `torch.no_grad()` with the library's default
   attention (SDPA in transformers 5), masked mean over residues;
-- engine: `esmloc.engine.Engine(...).embed(sequences, "mean")` (length-sorted token-budget batches, padding-free forward,
+- engine: `esmloc.engine.Engine(...).embed(sequences, "mean")` (even token-budget batches, padding-free forward,
   inference mode, everything from tokenisation to the pooled vectors in input order); the `Engine` is built before
   the timings (its set-up, printed apart, is the padding-free view and, for int8, every weight quantised and packed:
   a long job pays it once, and esm-cpp's loading and quantisation are not timed either);
@@ -21,8 +21,9 @@ Each repeat measures, one after the other on the same proteins (the first N rows
 - with --peer esm-cpp: the C++ peer (bench/peer_esm_cpp.py; installed into its own environment on first use) on
   the same weights and token ids, fp32 and, from ESM-2 150M up, int8; one protein per call (its only way to
   return hidden states); its time is its forward passes only (process start and model loading excluded);
-- with --variants all, also: the engine running one batch at a time (all threads on each operation); --budgets adds
-  the engine with other token budgets.
+- with --variants all, also: the engine running one batch at a time (all threads on each operation), and the engine
+  with the batches it ran before they were balanced (sorted by length under a padded budget, so the last batches are
+  small and a worker may wait idle at the end); --budgets adds the engine with other token budgets.
 
 The backbone has random weights (the chosen ESM-2 architecture: the same compute as the pretrained model). The
 compute bound is the FLOPs of the real tokens (formula printed) divided by the machine's matmul peak at the
@@ -100,7 +101,7 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     from configuration_esmloc import ESM2_ARCHITECTURES, EsmLocConfig
-    from esmloc.engine import Engine
+    from esmloc.engine import Engine, length_batches
     from esmloc.saving import tokenizer_for
     from modeling_esmloc import EsmForLocalization
 
@@ -143,6 +144,11 @@ def main(argv=None):
     if args.variants == "all":
         name = "engine, one batch at a time (workers=1)"
         variants[name] = lambda built=prepared(name, workers=1): built.embed(sequences, "mean")
+        # The engine's batches before balancing: sorted by length under a padded budget, the last ones small.
+        name = "engine, length-sorted batches (not balanced)"
+        unbalanced = prepared(name)
+        unbalanced.batches = lambda lengths: length_batches(lengths, unbalanced.max_tokens_per_batch)
+        variants[name] = lambda: unbalanced.embed(sequences, "mean")
     for other in args.budgets or []:
         name = f"engine, max_tokens_per_batch {other}"
         variants[name] = lambda built=prepared(name, max_tokens_per_batch=other): built.embed(sequences, "mean")

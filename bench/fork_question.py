@@ -84,9 +84,10 @@ def main(argv=None):
     torch.manual_seed(0)
     model = EsmForLocalization(EsmLocConfig(esm_config=dict(ESM2_ARCHITECTURES[args.architecture]))).eval()
     tokenizer = tokenizer_for(model.config)
+    stock = Engine(model, tokenizer, progress=False)
     fork = Engine(model, tokenizer, progress=False)
     fork.packed = load_fork()(model.esm)  # the fork's call signature is the padding-free path's
-    stock = Engine(model, tokenizer, progress=False)
+    fork.batches = stock.batches  # and it runs the same batches
     onednn = Engine(model, tokenizer, progress=False)
     for module in list(onednn.packed.view.modules()):
         for name, child in module.named_children():

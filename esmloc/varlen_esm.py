@@ -282,6 +282,12 @@ class UnpaddedEsm:
             if isinstance(module, Int8Linear):
                 module.packed_weight()
 
+    def attention_mode(self, device) -> str:
+        """`grouped` or `padded` (see `VarlenPlan`): as asked, or for `auto` per device."""
+        if self.attention != "auto":
+            return self.attention
+        return "padded" if torch.device(device).type == "cuda" else "grouped"
+
     def __call__(self, input_ids: torch.Tensor, lengths: Sequence[int]) -> torch.Tensor:
         lengths = [int(length) for length in lengths]
         if int(input_ids.shape[0]) != sum(lengths):
@@ -291,8 +297,7 @@ class UnpaddedEsm:
         masked = config.mask_token_id is not None and bool((input_ids == config.mask_token_id).any())
         if config.token_dropout and masked:
             return self._padded(input_ids, lengths)
-        mode = self.attention if self.attention != "auto" else ("padded" if device.type == "cuda" else "grouped")
-        plan = VarlenPlan(lengths, mode, device)
+        plan = VarlenPlan(lengths, self.attention_mode(device), device)
         output = self.view(input_ids[None], position_ids=plan.position_ids(device), esmloc_varlen=plan)
         return output.last_hidden_state[0]
 

@@ -9,7 +9,7 @@ import torch
 
 from configuration_esmloc import ESM2_ARCHITECTURES, EsmLocConfig
 from esmloc import varlen_esm
-from esmloc.engine import Engine, length_batches, predict_probabilities
+from esmloc.engine import Engine, balanced_batches, length_batches, predict_probabilities
 from esmloc.saving import tokenizer_for
 from modeling_esmloc import EsmForLocalization
 from tokenization_esmloc import EsmLocTokenizer
@@ -177,6 +177,45 @@ def test_length_batches_respect_the_token_budget():
             assert padded <= budget or len(batch) == 1
         flat = [lengths[i] for batch in batches for i in batch]
         assert flat == sorted(flat, reverse=True)  # longest first, so little padding
+
+
+def test_balanced_batches_are_even_and_respect_the_token_budget():
+    rng = random.Random(2)
+    for n, budget, parts in [(500, 2048, 2), (500, 600, 4), (37, 2048, 3), (3, 2048, 2), (0, 2048, 2),
+                             (200, 1, 2), (200, 10**6, 1)]:
+        lengths = [rng.randint(3, 600) for _ in range(n)]
+        batches = balanced_batches(lengths, budget, parts)
+        assert sorted(np.concatenate(batches).tolist() if batches else []) == list(range(n))
+        tokens = [sum(lengths[i] for i in batch) for batch in batches]
+        assert all(t <= budget or len(batch) == 1 for t, batch in zip(tokens, batches))
+        for batch in batches:  # longest first within a batch, and batches by their longest protein
+            assert [lengths[i] for i in batch] == sorted((lengths[i] for i in batch), reverse=True)
+        assert [lengths[b[0]] for b in batches] == sorted((lengths[b[0]] for b in batches), reverse=True)
+        shared = [t for t, batch in zip(tokens, batches) if t <= budget]
+        if n > 4 * parts and budget > 600:
+            assert len(batches) % parts == 0
+            assert max(shared) - min(shared) <= 600  # within one protein of each other
+
+
+def test_balanced_batches_keep_both_workers_busy_on_a_few_proteins():
+    # The first 8 DeepLoc proteins (tokens): sorted under a padded budget they made batches of 1654 and 528 tokens,
+    # so one of two workers sat idle for two thirds of the other's batch.
+    lengths = [128, 80, 80, 80, 80, 80, 630, 1024]
+    assert [sum(lengths[i] for i in b) for b in length_batches(lengths, 2048)] == [1654, 528]
+    tokens = [sum(lengths[i] for i in b) for b in balanced_batches(lengths, 2048, parts=2)]
+    assert len(tokens) == 2 and max(tokens) <= 1.02 * sum(lengths) / 2
+
+
+def test_engine_balances_batches_only_where_attention_runs_without_padding():
+    model = tiny_model()
+    tokenizer = tokenizer_for(model.config)
+    lengths = [128, 80, 80, 80, 80, 80, 630, 1024]
+    balanced = balanced_batches(lengths, 2048, parts=2)
+    cpu = Engine(model, tokenizer, max_tokens_per_batch=2048, progress=False, workers=2)
+    assert [b.tolist() for b in cpu.batches(lengths)] == [b.tolist() for b in balanced]
+    for kwargs in ({"packed": False}, {"attention": "padded"}):  # padded batches: sorted, padded budget
+        engine = Engine(model, tokenizer, max_tokens_per_batch=2048, progress=False, workers=2, **kwargs)
+        assert [b.tolist() for b in engine.batches(lengths)] == [b.tolist() for b in length_batches(lengths, 2048)]
 
 
 # --- tokenizer fast path ---------------------------------------------------------------------------------------
