@@ -90,6 +90,20 @@ def test_int8_linear_meets_row_counts_in_buckets(monkeypatch):
     assert rows_seen and all(rows % varlen_esm.ONEDNN_ROW_BUCKET == 0 for rows in rows_seen)
 
 
+def test_input_quantisation_is_round_to_nearest_per_row_plus_128():
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 300, generator=generator) * torch.logspace(-3, 2, 64)[:, None]
+    x[0] = 0.0  # an all-zero row (padding)
+    x[1, 7], x[2, 9] = -1e3, 1e3  # a row whose largest magnitude is negative, one positive
+    x[3] = torch.linspace(-127, 127, 300).round() / 127 * 5 + 5 / 254  # halves: ties round to even
+    quantised, scales = varlen_esm._quantise_input(x)
+    expected_scales = (x.abs().amax(dim=1, keepdim=True) / 127).clamp(min=1e-12)
+    expected = (torch.round(x / expected_scales) + varlen_esm.INPUT_ZERO_POINT).to(torch.uint8)
+    assert quantised.dtype == torch.uint8 and torch.equal(scales, expected_scales)
+    assert torch.equal(quantised, expected)
+    assert quantised[1, 7] == 1 and quantised[2, 9] == 255 and (quantised[0] == 128).all()
+
+
 @needs_int8
 def test_int8_leaves_the_model_itself_in_fp32():
     """int8 swaps the linear layers of the engine's view only: the model keeps its nn.Linear layers and weights."""
