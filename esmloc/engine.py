@@ -90,7 +90,7 @@ def balanced_batches(lengths: Sequence[int], max_tokens_per_batch: int, parts: i
     """For the padding-free path, where a batch costs its tokens, not proteins x longest: indices grouped into
     batches of at most `max_tokens_per_batch` tokens that are as even as possible, as many as a multiple of `parts`
     (the workers running batches at once), so that no worker waits idle for another's last, bigger batch (8 proteins
-    of ESM-2 650M in batches of 1654 and 528 tokens kept one of two cores idle for a third of the run). Longest
+    of ESM-2 650M in batches of 1654 and 528 tokens kept one of two cores idle for two thirds of the run). Longest
     first: each batch is filled longest first (proteins go, longest first, to the batch with the fewest tokens) and
     the batches are ordered by their longest protein. A protein longer than the budget gets a batch of its own."""
     lengths = np.asarray(lengths)
@@ -109,8 +109,7 @@ def balanced_batches(lengths: Sequence[int], max_tokens_per_batch: int, parts: i
         else:
             break
         count += parts
-    batches = alone + sorted((np.asarray(b) for b in bins if b), key=lambda batch: -lengths[batch[0]])
-    return batches
+    return alone + sorted((np.asarray(b) for b in bins if b), key=lambda batch: -lengths[batch[0]])
 
 
 def resolve_precision(device, precision: str = "auto") -> str:
