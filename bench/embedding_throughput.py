@@ -19,7 +19,7 @@ Each repeat measures, one after the other on the same proteins (the first N rows
   the precision it runs in (bf16 and int8 matmul peaks are measured in the same run, as fp32's);
 - sorted + token budget, EsmModel.forward: the engine's batching with the stock model on padded batches;
 - with --peer esm-cpp: the C++ peer (bench/peer_esm_cpp.py; installed into its own environment on first use) on
-  the same weights and token ids, fp32 and, from ESM-2 150M up, int8; one protein per call (its only way to
+  the same weights and token ids, fp32 and, from ESM-2 150M up, int8 (those of --precisions); one protein per call (its only way to
   return hidden states); its time is its forward passes only (process start and model loading excluded);
 - with --variants all, also: the engine running one batch at a time (all threads on each operation), and the engine
   with the batches it ran before they were balanced (sorted by length under a padded budget, so the last batches are
@@ -53,7 +53,7 @@ def parse_arguments(argv=None):
     parser.add_argument("--architecture", default="esm2_t6_8M",
                         help="ESM-2 architecture: esm2_t6_8M (default), esm2_t12_35M, esm2_t30_150M, esm2_t33_650M")
     parser.add_argument("--precisions", type=lambda text: text.split(","), default=["fp32", "bf16", "int8"],
-                        help="engine precisions to time (default fp32,bf16,int8)")
+                        help="precisions to time (default fp32,bf16,int8): the engine's, and the peer's where it has them")
     parser.add_argument("--peer", choices=["none", "esm-cpp"], default="none",
                         help="also time the esm-cpp peer (installed into bench/results/esm-cpp-venv on first use)")
     parser.add_argument("--no_baseline", action="store_true",
@@ -159,10 +159,10 @@ def main(argv=None):
         python = peer_esm_cpp.ensure_environment()
         work = Path(__file__).resolve().parent / "results" / "esm-cpp" / args.architecture
         weights = peer_esm_cpp.write_masked_lm_weights(model.esm, work / "model.safetensors")
-        peer_precisions = ["fp32"]
+        supported = ["fp32"]
         if model.config.esm_config.num_hidden_layers >= peer_esm_cpp.INT8_MIN_LAYERS:
-            peer_precisions.append("int8")
-        for precision in peer_precisions:
+            supported.append("int8")
+        for precision in [p for p in supported if p in args.precisions]:
             name = f"esm-cpp {peer_esm_cpp.ESM_CPP_REQUIREMENT.split('==')[1]}, {precision}, one protein per call"
 
             def peer(precision=precision, name=name):
