@@ -17,7 +17,7 @@ The decision threshold is, in this order: --threshold; the threshold tuned for M
 training run (`test_threshold_tuned`, per label `test_threshold_<label>_tuned`, from MODEL_DIR/test_results.json);
 0.5. The log (stderr) says which one was used.
 
-Streaming: records are read and predicted in chunks of --chunk_size (sorted by length within a chunk by the engine)
+Streaming: records are read and predicted in chunks of --chunk_size (batched within a chunk by the engine)
 and written as they come, so memory does not grow with the input; the progress bar moves with every batch.
 
 Malformed records: the whole input is checked before any prediction (a fast pass that reads every record). A bad
