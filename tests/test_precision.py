@@ -95,13 +95,15 @@ def test_input_quantisation_is_round_to_nearest_per_row_plus_128():
     x = torch.randn(64, 300, generator=generator) * torch.logspace(-3, 2, 64)[:, None]
     x[0] = 0.0  # an all-zero row (padding)
     x[1, 7], x[2, 9] = -1e3, 1e3  # a row whose largest magnitude is negative, one positive
-    x[3] = torch.linspace(-127, 127, 300).round() / 127 * 5 + 5 / 254  # halves: ties round to even
+    x[3] = 0.0
+    x[3, :255] = torch.cat([torch.tensor([127.0]), torch.arange(-126.5, 127.0)])  # scale 1: exact halves, to even
     quantised, scales = varlen_esm._quantise_input(x)
     expected_scales = (x.abs().amax(dim=1, keepdim=True) / 127).clamp(min=1e-12)
     expected = (torch.round(x / expected_scales) + varlen_esm.INPUT_ZERO_POINT).to(torch.uint8)
     assert quantised.dtype == torch.uint8 and torch.equal(scales, expected_scales)
     assert torch.equal(quantised, expected)
     assert quantised[1, 7] == 1 and quantised[2, 9] == 255 and (quantised[0] == 128).all()
+    assert quantised[3, 1] == 128 - 126 and quantised[3, 128] == 128  # -126.5 -> -126, 0.5 -> 0
 
 
 @needs_int8
