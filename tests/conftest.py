@@ -4,8 +4,10 @@ import csv
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -61,6 +63,35 @@ def run_offline(code: str, cwd: Path, tmp_path: Path, env: dict | None = None) -
     if result.returncode != 0:
         raise AssertionError(f"subprocess failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def run_processes(command: list, cwd: Path, env: dict, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Runs a multi-process launch (torchrun, accelerate launch) like `subprocess.run(..., capture_output=True,
+    text=True)`. A launch still running after `timeout` seconds fails the test with every one of its Python
+    processes' stacks (faulthandler, on SIGABRT), so that a hang shows where each process waits."""
+    import psutil  # accelerate's dependency
+
+    env = {**env, "PYTHONFAULTHANDLER": "1"}
+    with subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True) as process:
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for child in psutil.Process(process.pid).children(recursive=True):  # the workers first, then their
+                child.send_signal(signal.SIGABRT)                                # launcher (it stops them on failure)
+            time.sleep(2)
+            process.send_signal(signal.SIGABRT)
+            try:
+                stdout, stderr = process.communicate(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                stdout, stderr = process.communicate()
+            pytest.fail(f"{' '.join(map(str, command))}\nstill running after {timeout} s; its processes' stacks "
+                        f"(SIGABRT) and output:\n{stdout[-3000:]}\n{stderr[-12000:]}")
+        finally:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 
 @pytest.fixture

@@ -23,7 +23,7 @@ from esmloc.predict import main as predict_main
 from esmloc.saving import save_model
 from esmloc.sequences import read_sequences
 
-from conftest import REPO, tiny_model
+from conftest import REPO, run_processes, tiny_model
 from test_train import distributed_failure, loopback_only_namespace
 
 
@@ -73,8 +73,7 @@ def two_processes(launcher, module, args, cwd):
         launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                   "--main_process_ip", "127.0.0.1", "--main_process_port", "29500", "-m", module]
-    return subprocess.run(loopback_only_namespace() + launch + [str(arg) for arg in args], cwd=cwd, env=env(),
-                          capture_output=True, text=True, timeout=600)
+    return run_processes(loopback_only_namespace() + launch + [str(arg) for arg in args], cwd=cwd, env=env())
 
 
 def read_csv(path):

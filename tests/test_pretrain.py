@@ -19,7 +19,7 @@ from esmloc import pretrain
 from esmloc.sequences import DataValidationError
 from tokenization_esmloc import EsmLocTokenizer
 
-from conftest import REPO, run_offline, write_deeploc_layout_csv
+from conftest import REPO, run_offline, run_processes, write_deeploc_layout_csv
 from test_train import distributed_failure, loopback_only_namespace, train_env
 
 
@@ -309,11 +309,10 @@ def test_two_process_run_produces_one_model(proteins_fasta, tmp_path, elsewhere)
                                            "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
                                            "--master_port", "29500", "-m", "esmloc.pretrain"]
     output_dir = tmp_path / "out"
-    result = subprocess.run(
+    result = run_processes(
         command + ["--train_files", str(proteins_fasta), "--output_dir", str(output_dir), "--use_cpu",
                    "--num_train_epochs", "2", "--eval_steps", "5", "--save_steps", "5", *QUICK, *BATCH_8],
-        cwd=elsewhere, env=train_env(GLOO_SOCKET_IFNAME="lo", MASTER_ADDR="127.0.0.1"), capture_output=True,
-        text=True, timeout=900,
+        cwd=elsewhere, env=train_env(GLOO_SOCKET_IFNAME="lo", MASTER_ADDR="127.0.0.1"),
     )
     assert result.returncode == 0, distributed_failure(result)
     log = result.stdout + result.stderr

@@ -15,7 +15,7 @@ import torch
 from esmloc.demo import write_demo_csv
 from esmloc.train import balanced_class_weights
 
-from conftest import REPO, run_offline, write_deeploc_layout_csv
+from conftest import REPO, run_offline, run_processes, write_deeploc_layout_csv
 
 
 TRAIN = [sys.executable, str(REPO / "train.py")]
@@ -224,6 +224,16 @@ def test_arguments_from_a_json_or_yaml_file(proteins_csv, tmp_path):
     assert json.loads((tmp_path / "out" / "config.json").read_text())["max_residues"] == 100
 
 
+def test_a_hung_launch_fails_with_every_process_stack(tmp_path):
+    # A launcher whose worker never ends: the failure must show where the worker waits, not only "timed out".
+    worker = "import time\ndef waiting_for_a_peer():\n    time.sleep(600)\nwaiting_for_a_peer()\n"
+    launcher = f"import subprocess, sys\nsubprocess.run([sys.executable, '-c', {worker!r}])\n"
+    started = time.monotonic()
+    with pytest.raises(pytest.fail.Exception, match=r"(?s)still running after 3 s.*in waiting_for_a_peer"):
+        run_processes([sys.executable, "-c", launcher], cwd=tmp_path, env=train_env(), timeout=3)
+    assert time.monotonic() - started < 60
+
+
 @pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
 def test_two_process_ddp_produces_one_model(launcher, proteins_csv, tmp_path, elsewhere):
     port = "29500"  # the namespace is empty: any port is free there
@@ -236,10 +246,10 @@ def test_two_process_ddp_produces_one_model(launcher, proteins_csv, tmp_path, el
                    "--main_process_ip", "127.0.0.1", "--main_process_port", port]
     output_dir = tmp_path / "out"
     env = train_env(GLOO_SOCKET_IFNAME="lo", MASTER_ADDR="127.0.0.1")
-    result = subprocess.run(
+    result = run_processes(
         command + [str(REPO / "train.py"), "--train_file", str(proteins_csv), "--output_dir", str(output_dir),
                    "--finetune", "full", "--use_cpu", *QUICK],
-        cwd=elsewhere, env=env, capture_output=True, text=True, timeout=900,
+        cwd=elsewhere, env=env,
     )
     assert result.returncode == 0, distributed_failure(result)
     run_info = json.loads((output_dir / "run_info.json").read_text())
