@@ -99,7 +99,7 @@ def balanced_batches(lengths: Sequence[int], max_tokens_per_batch: int, parts: i
     alone = [np.asarray([index]) for index in order if lengths[index] > max_tokens_per_batch]
     shared = [index for index in order if lengths[index] <= max_tokens_per_batch]
     count = parts * max(1, math.ceil(int(lengths[shared].sum()) / (parts * max_tokens_per_batch)))
-    while True:  # more batches (`parts` at a time) until every protein fits
+    while True:  # more batches until every protein fits: 1% more a pass (a multiple of `parts`), so few passes
         loads, bins = [(0, b) for b in range(count)], [[] for _ in range(count)]
         for index in shared:
             load, b = heapq.heappop(loads)
@@ -109,7 +109,7 @@ def balanced_batches(lengths: Sequence[int], max_tokens_per_batch: int, parts: i
             heapq.heappush(loads, (load + int(lengths[index]), b))
         else:
             break
-        count += parts
+        count += parts * math.ceil(count / (100 * parts))
     return alone + sorted((np.asarray(b) for b in bins if b), key=lambda batch: -lengths[batch[0]])
 
 
