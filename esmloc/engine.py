@@ -58,10 +58,10 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
 # nor int8 (0.172) did (README, "Speed"), so fp32. CUDA (not measured here): bf16/fp16 autocast, as before.
 AUTO_LIMITS = {"max_probability_difference": 0.01, "max_mcc_drop": 0.005}
 AUTO_PRECISION = {"cpu": "fp32"}
-# Token budgets per batch (see `Engine.batches`). CPU: measured (as padded budgets, before batches were balanced)
-# with bench/embedding_throughput.py --budgets on 2 cores (ESM-2 8M): 1024-4096 within 3% of each other, 8192
-# slower, 2048 best; batches whose activations stay in the caches beat big ones. A GPU wants large batches (not
-# measured here).
+# Token budgets per batch (see `Engine.batches`). CPU: measured with even batches, bench/embedding_throughput.py
+# --budgets on 2 cores (README, "Prediction and speed"): at 8M, 35M and 150M 1024-4096 within 5% of each other, 8192
+# 4-13% slower; batches whose activations stay in the caches beat big ones. A GPU wants large batches (not measured
+# here).
 DEFAULT_MAX_TOKENS_PER_BATCH = {"cpu": 2048, "cuda": 65536}
 
 
