@@ -1,6 +1,7 @@
 """The interactive demo: a Gradio app around a saved esmloc model.
 
     esmloc-demo MODEL_DIR [--host 127.0.0.1] [--port 7860]      # or: ESMLOC_MODEL=MODEL_DIR python app.py
+                                                                # (the command: esmloc.commands.demo)
 
 MODEL_DIR is a model directory saved by train.py, or a hub repository id (downloaded with `snapshot_download`, as a
 Hugging Face Space does). Needs the `demo` extra: `pip install 'esmloc[demo]'`.
@@ -17,35 +18,23 @@ returns one JSON object per protein: ACC, `probability_<label>` for every label 
 (`predicted_labels` for multi-label models), the columns of esmloc-predict's CSV.
 """
 
-import argparse
 import logging
-import os
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from esmloc import loading, predictions, sequences, task
-from esmloc.cli import InputError
+from esmloc.errors import InputError
 from esmloc.engine import Engine
 from esmloc.explain import Explainer, seen_positions
-from esmloc.predict import RESULTS_FILE, decision_thresholds
+from esmloc.task import RESULTS_FILE, decision_thresholds
 
 
 logger = logging.getLogger("esmloc.webapp")
 
 MAX_SEQUENCES = 20  # proteins per interactive request; explaining one costs a forward pass per residue
 TITLE = "esmloc: where does this protein live?"
-
-
-def resolve_model_dir(model: str) -> Path:
-    """A local model directory, or a hub repository id downloaded to the local cache (a Space's case)."""
-    path = Path(model).expanduser()
-    if path.is_dir():
-        return path
-    from huggingface_hub import snapshot_download
-
-    return Path(snapshot_download(model))
 
 
 def _raw_records(text: str):
@@ -178,7 +167,7 @@ def build_app(model, device: str = "cpu"):
     import gradio as gr
     import pandas as pd
 
-    demo_model = DemoModel(resolve_model_dir(model), device=device)
+    demo_model = DemoModel(loading.resolve_model_dir(model), device=device)
     labels = ", ".join(f"`{name}`" for name in demo_model.names)
     attention = demo_model.explainer.attention_pooling
 
@@ -240,19 +229,3 @@ def build_app(model, device: str = "cpu"):
         chosen.change(on_explain, [chosen, state], [residues, plot, weights], api_visibility="private")
         gr.api(predict, api_name="predict")
     return app
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(prog="esmloc-demo", description="Serve the interactive esmloc demo (Gradio).")
-    parser.add_argument("model", metavar="MODEL_DIR", help="a saved model directory, or a hub repository id")
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=7860, help="port (default 7860)")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, ... (default cpu)")
-    args = parser.parse_args(argv)
-    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no usage reports to Gradio's servers
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    build_app(args.model, device=args.device).launch(server_name=args.host, server_port=args.port)
-
-
-if __name__ == "__main__":
-    main()
