@@ -571,5 +571,3 @@ def write_model_card(output_dir, **card_options) -> Path:
     if (output_dir / ADAPTER_DIR / ADAPTER_FILES[0]).is_file():
         render_model_card(output_dir, what="adapter", **card_options).save(output_dir / ADAPTER_DIR / CARD_FILE)
     return path
-
-

@@ -62,6 +62,8 @@ def resolve_model_dir(name) -> Path:
     from huggingface_hub import snapshot_download
 
     return Path(from_hub(snapshot_download, source))
+
+
 STOCK_ESM_ADVICE = ("a stock ESM-2 checkpoint ({architecture}), not an esmloc model: train from it with "
                     "train.py --model_name_or_path {path}, or build one with EsmForLocalization.from_esm({path!r})")
 

@@ -218,7 +218,6 @@ class EsmLocTrainingArguments(runs.RunArguments, TrainingArguments):
                     f"--early_stopping_patience must be a positive integer, got {self.early_stopping_patience}")
 
 
-
 def parse_arguments(argv=None) -> tuple:
     """The command line (or one .json/.yaml file with the same arguments) into the three dataclasses."""
     parser = cli.DataclassParser((ModelArguments, DataArguments, EsmLocTrainingArguments), prog="train.py")
