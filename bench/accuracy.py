@@ -64,6 +64,10 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script from anywhere: the repository's modules come first
     sys.path.insert(0, str(REPO))
+if str(REPO / "bench") not in sys.path:  # imported by the tests from its file: bench/common.py beside it
+    sys.path.insert(0, str(REPO / "bench"))
+
+import common  # noqa: E402
 
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "deeploc2_swissprot.csv"
 DEFAULT_OUTPUT = REPO / "bench" / "results" / "accuracy"
@@ -619,6 +623,10 @@ def main(argv=None) -> dict:
         report = write_report(sections, budget, tasks, info, results, output_dir, started)
     print("\n" + report)
     print(f"Written: {output_dir / 'accuracy.md'}, {output_dir / 'accuracy.json'}")
+    common.write_table("accuracy-pretrain" if args.pretrain else "accuracy",
+                       f"Accuracy on DeepLoc 2.0 ({data_file.name}), homology partitions", report, smoke=args.smoke,
+                       other_load="load average at start "
+                       + ", ".join(f"{x:.2f}" for x in info["host"]["load_average_at_start"]))
     return results
 
 

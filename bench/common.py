@@ -212,3 +212,38 @@ def table(headers: list[str], rows: list[list]) -> str:
 def median(values):
     values = [value for value in values if value is not None]
     return statistics.median(values) if values else None
+
+
+STARTED = time.time()  # when the benchmark started (it imports this module first): the start of a table's dates
+TABLES_DIR = REPO / "docs" / "bench"
+SMOKE_LINE = ("- **run: SMOKE RUN** (a tiny model and a few proteins, to check that the script runs): these figures "
+              "are not measurements")
+
+
+def write_table(name: str, title: str, body: str, *, smoke: bool = False,
+                other_load: str | None = None) -> Path | None:
+    """Writes a benchmark's result (`body`: its Markdown table(s) and notes) to docs/bench/<name>.md, which the
+    documentation includes, headed by what a reader needs to judge and repeat it: the command, the dates (UTC), the
+    machine, the load average and `other_load` (the script's own measure of other processes' share of the CPUs),
+    and whether it was a smoke run. Returns the path (and prints it). The environment variable ESMLOC_BENCH_TABLES
+    names another folder (the tests use one of their own).
+
+    A smoke run says so above its table, and never replaces a measured table: where docs/bench/<name>.md holds one,
+    nothing is written and None is returned."""
+    path = Path(os.environ.get("ESMLOC_BENCH_TABLES") or TABLES_DIR) / f"{name}.md"
+    if smoke and path.is_file() and SMOKE_LINE not in path.read_text():
+        print(f"{path} holds a measured table: a smoke run leaves it as it is")
+        return None
+    start, end = (time.strftime("%Y-%m-%d %H:%M", time.gmtime(moment)) for moment in (STARTED, time.time()))
+    dates = start if start == end else f"{start} to {end[11:] if start[:10] == end[:10] else end}"
+    header = [f"<!-- written by bench/{Path(sys.argv[0]).name}: rerun its command to replace it -->", "",
+              f"**{title}**", "", f"- command: `{command_line()}`", f"- date: {dates} UTC",
+              f"- machine: {machine_description()}",
+              f"- load: load average {load_average()} at the end" + (f"; {other_load}" if other_load else "")]
+    text = "\n".join(header + ([SMOKE_LINE] if smoke else []) + ["", body.strip(), ""])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(text)
+    temporary.replace(path)  # whole or not at all
+    print(f"table written to {path}")
+    return path

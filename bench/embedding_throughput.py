@@ -31,8 +31,10 @@ precision a variant runs in, measured in the same run right before each repeat: 
 median of 5; fp32 through torch.matmul (MKL) and through oneDNN, the faster of the two (on AMD processors MKL runs
 its AVX2 code and oneDNN is about twice as fast); bf16 likewise; int8 through oneDNN's int8 linear.
 "% of compute bound" is the achieved FLOP/s over that peak. Figures are medians over the repeats; ratios are medians
-of the per-repeat ratios. Peak memory is the process's peak resident set size during each variant (first repeat),
-minus the resident size before it (the peer runs in its own process: n/a).
+of the per-repeat ratios. "RSS rise" is the process's peak resident set size during a variant's first run minus its
+resident size just before: the memory that variant added. It is not the variant's own peak: memory that earlier
+variants freed is reused first, so it depends on the run order (bench/predict_memory.py measures whole processes).
+The peer runs in its own process: n/a. The table is also written to docs/bench/embedding_throughput-ARCH.md.
 """
 
 import argparse
@@ -224,7 +226,8 @@ def main(argv=None):
     baseline_name = names[0]
     reference = outputs["engine"] if "engine" in outputs else outputs[baseline_name]
     header = ["variant", "seq/s", "real tokens/s", "GFLOP/s", "precision", "% of compute bound",
-              f"x {baseline_name.split(' (')[0]}", "max abs diff vs fp32 engine", "peak memory (MiB)"]
+              f"x {baseline_name.split(' (')[0]}", "max abs diff vs fp32 engine",
+              "RSS rise, run-order dependent (MiB)"]
     table_rows = []
     for name in names:
         per_repeat = seconds[name]
@@ -241,27 +244,37 @@ def main(argv=None):
                            f"{memory[name]:.0f}" if name in memory else "n/a"])
     peak = common.median([p["fp32"] for p in peaks])
     bound_seq_s = peak * 1e9 / (flops / args.n)
-    print()
-    print(f"Embedding throughput: {source}, ESM-2 {args.architecture} architecture (random weights), "
-          f"max_residues {model.config.max_residues}; {sum(lengths):,} real tokens, {flops / 1e12:.3f} TFLOP; "
-          f"median of {args.repeats} repeat(s)")
-    print(f"command: {common.command_line()}")
-    print(f"machine: {common.machine_description()}; load average before {load_before}, after {load_after}; "
-          f"other processes' share of the CPUs during the kept repeats: at most "
-          f"{100 * max(contamination):.0f}% ({attempts - args.repeats} repeat(s) discarded)")
+    title = (f"Embedding throughput: {source}, ESM-2 {args.architecture} architecture (random weights), "
+             f"max_residues {model.config.max_residues}; {sum(lengths):,} real tokens, {flops / 1e12:.3f} TFLOP; "
+             f"median of {args.repeats} repeat(s)")
+    other_load = (f"other processes' share of the CPUs during the kept repeats: at most "
+                  f"{100 * max(contamination):.0f}% ({attempts - args.repeats} repeat(s) discarded)")
     libraries = ", ".join(f"{name} {common.median([m[name] for m in library_peaks]):.0f}"
                           for name in library_peaks[0] if name != "peak")
     low_peaks = ", ".join(f"{key} {common.median([p.get(key) for p in peaks]):.0f}"
                           for key in peaks[0] if key != "fp32")
     fp32_peaks = ", ".join(f"{p['fp32']:.0f}" for p in peaks)
-    print(f"fp32 matmul peak: {peak:.0f} GFLOP/s (median of the faster library per repeat: "
-          f"{fp32_peaks}; medians by library: {libraries}) "
-          f"-> compute bound {bound_seq_s:.1f} seq/s for these proteins; low-precision peaks (GFLOP/s): {low_peaks}")
-    print(f"engine token budget: {engine().max_tokens_per_batch}; engine set-up, not timed (as esm-cpp's loading and "
-          "quantisation): " + ", ".join(f"{name} {seconds:.2f} s" for name, seconds in setup_seconds.items()))
-    print(common.FLOP_FORMULA)
+    notes = [
+        f"fp32 matmul peak: {peak:.0f} GFLOP/s (median of the faster library per repeat: {fp32_peaks}; medians by "
+        f"library: {libraries}) -> compute bound {bound_seq_s:.1f} seq/s for these proteins; low-precision peaks "
+        f"(GFLOP/s): {low_peaks}",
+        f"engine token budget: {engine().max_tokens_per_batch}; engine set-up, not timed (as esm-cpp's loading and "
+        "quantisation): " + ", ".join(f"{name} {seconds:.2f} s" for name, seconds in setup_seconds.items()),
+        common.FLOP_FORMULA,
+    ]
+    result = common.table(header, table_rows)
     print()
-    print(common.table(header, table_rows))
+    print(title)
+    print(f"command: {common.command_line()}")
+    print(f"machine: {common.machine_description()}; load average before {load_before}, after {load_after}; "
+          f"{other_load}")
+    print("\n".join(notes))
+    print()
+    print(result)
+    common.write_table(f"embedding_throughput-{args.architecture}", title,
+                       result + "\n\n" + "\n\n".join(notes), smoke=args.smoke,
+                       other_load=f"load average before {load_before}; {other_load}")
+
 
 if __name__ == "__main__":
     main()

@@ -66,12 +66,15 @@ def main(argv=None):
                                                        if event.key == QUANTISATION)
         shares["everything else"] = total - sum(shares.values())
         table.append([precision, f"{total / 1e6:.2f}"] + [f"{100 * value / total:.0f}%" for value in shares.values()])
-    print(f"Engine profile: {source}, ESM-2 {args.architecture} architecture (random weights), workers=1")
+    title = f"Engine profile: {source}, ESM-2 {args.architecture} architecture (random weights), workers=1"
+    result = common.table(["precision", "profiled CPU s"] + [name for name, _ in GROUPS]
+                          + ["activation quantisation (int8)", "everything else"], table)
+    print(title)
     print(f"command: {common.command_line()}")
     print(f"machine: {common.machine_description()}; load average {common.load_average()}")
     print()
-    print(common.table(["precision", "profiled CPU s"] + [name for name, _ in GROUPS]
-                       + ["activation quantisation (int8)", "everything else"], table))
+    print(result)
+    common.write_table(f"engine_profile-{args.architecture}", title, result, smoke=args.smoke)
 
 
 if __name__ == "__main__":

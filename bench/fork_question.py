@@ -112,15 +112,20 @@ def main(argv=None):
         table.append([name, f"{common.median([args.n / s for s in seconds[name]]):.2f}", f"{ratio:.2f}x",
                       f"{float(np.abs(outputs[name] - outputs[fork_name]).max()):.1e}"])
     lead = common.median([s / f for f, s in zip(seconds[fork_name], seconds[list(variants)[1]])])
-    print(f"The fork question: {source}, ESM-2 {args.architecture} architecture (random weights), median of "
-          f"{args.repeats} alternating repeat(s)")
+    title = (f"The fork question: {source}, ESM-2 {args.architecture} architecture (random weights), median of "
+             f"{args.repeats} alternating repeat(s)")
+    result = common.table(["forward", "proteins/s", "x the fork", "max abs diff vs the fork"], table)
+    verdict = (f"the fork ahead of the engine by {lead:.2f}x: {'above' if lead >= BAR else 'below'} the {BAR:.2f}x "
+               "bar for keeping it")
+    print(title)
     print(f"command: {common.command_line()}")
     print(f"machine: {common.machine_description()}; load average before {load_before}, after "
           f"{common.load_average()}")
     print()
-    print(common.table(["forward", "proteins/s", "x the fork", "max abs diff vs the fork"], table))
-    print(f"\nthe fork ahead of the engine by {lead:.2f}x: {'above' if lead >= BAR else 'below'} the {BAR:.2f}x bar "
-          "for keeping it")
+    print(result)
+    print(f"\n{verdict}")
+    common.write_table(f"fork_question-{args.architecture}", title, f"{result}\n\n{verdict}", smoke=args.smoke,
+                       other_load=f"load average before {load_before}")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ Reported per path (medians over repeats; ratios are medians of per-repeat ratios
   3 epochs with their evaluations, checkpoints);
 - end to end: `train.main` from start to finish (data, model, training, saving, final evaluation, plots; imports
   excluded, they cost both paths the same);
-- peak memory: the process's peak resident set size;
+- process peak RSS: the peak resident set size of the training process (each run is a process of its own);
 - the largest difference between the test-set probabilities of the two paths (test_predictions.csv).
 With --warm, the cached path also runs a third time on the filled cache (what a second run with the same backbone,
 e.g. another head or learning rate, costs).
@@ -173,21 +173,27 @@ def main(argv=None):
             f"{common.median([m['peak_rss_mb'] for m in measured]):.0f}",
         ]
 
-    header = ["path", "training (s)", "speed-up", "end to end (s)", "speed-up", "peak memory (MiB)"]
+    header = ["path", "training (s)", "speed-up", "end to end (s)", "speed-up", "process peak RSS (MiB)"]
     rows_out = [row("plain", "plain Trainer (--no_feature_cache)"), row("cached", "cached features, empty cache")]
     if runs["warm"]:
         rows_out.append(row("warm", "cached features, filled cache"))
+    title = (f"Frozen-backbone training, {EPOCHS} epochs: {source}, ESM-2 {ARCHITECTURE} architecture (random "
+             f"weights), train.py defaults; median of {args.repeats} repeat(s)")
+    other_load = (f"other processes' share of the CPUs during the kept repeats: at most "
+                  f"{100 * max(contamination):.0f}% ({attempts - args.repeats} repeat(s) discarded)")
+    agreement = (f"test-set probabilities, cached vs plain: max abs difference {max(differences):.1e} "
+                 f"(per repeat: {', '.join(f'{d:.1e}' for d in differences)})")
+    result = common.table(header, rows_out)
     print()
-    print(f"Frozen-backbone training, {EPOCHS} epochs: {source}, ESM-2 {ARCHITECTURE} architecture (random "
-          f"weights), train.py defaults; median of {args.repeats} repeat(s)")
+    print(title)
     print(f"command: {common.command_line()}")
     print(f"machine: {common.machine_description()}; load average before {load_before}, after {load_after}; "
-          f"other processes' share of the CPUs during the kept repeats: at most "
-          f"{100 * max(contamination):.0f}% ({attempts - args.repeats} repeat(s) discarded)")
-    print(f"test-set probabilities, cached vs plain: max abs difference {max(differences):.1e} "
-          f"(per repeat: {', '.join(f'{d:.1e}' for d in differences)})")
+          f"{other_load}")
+    print(agreement)
     print()
-    print(common.table(header, rows_out))
+    print(result)
+    common.write_table("frozen_training", title, f"{result}\n\n{agreement}", smoke=args.smoke,
+                       other_load=f"load average before {load_before}; {other_load}")
     print(f"\n(runs kept in {work})")
 
 

@@ -76,12 +76,16 @@ def main(argv=None):
                     error = float((function(x) - reference).abs().max())
                     rate = flops / common.median_seconds(lambda: function(x), args.repeats) / 1e9
                     rows.append([f"{size} {fan_in}->{fan_out}", name, f"{rate:.0f}", f"{error:.1e}"])
-    print(f"int8 candidates: {args.rows} rows, 1 thread, median of {args.repeats}")
+    title = f"int8 candidates: {args.rows} rows, 1 thread, median of {args.repeats}"
+    result = common.table(["linear (in -> out)", "candidate", "GFLOP/s", "max abs error vs fp32"], rows)
+    print(title)
     print(f"command: {common.command_line()}")
     print(f"machine: {common.machine_description()}; load average before {load_before}, after "
           f"{common.load_average()}")
     print()
-    print(common.table(["linear (in -> out)", "candidate", "GFLOP/s", "max abs error vs fp32"], rows))
+    print(result)
+    common.write_table("int8_candidates", title, result, smoke=args.smoke,
+                       other_load=f"load average before {load_before}")
 
 
 if __name__ == "__main__":

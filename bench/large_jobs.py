@@ -33,7 +33,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import DEEPLOC_CSV, REPO, command_line, load_average, load_proteins, machine_description, table
+from common import (DEEPLOC_CSV, REPO, command_line, load_average, load_proteins, machine_description, table,
+                    write_table)
 
 
 CHILD = """
@@ -136,7 +137,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     n = 48 if args.smoke else args.n
     print(f"command: {command_line()}")
-    print(f"machine: {machine_description()}; load average before: {load_average()}")
+    load_before = load_average()
+    print(f"machine: {machine_description()}; load average before: {load_before}")
     rows, source = load_proteins(args.data, n, args.smoke)
     with tempfile.TemporaryDirectory() as work:
         work = Path(work)
@@ -166,14 +168,13 @@ def main(argv=None):
         lines.append([name, f"{result['seconds']:.1f}", f"{rate:.2f}", f"{rate / baseline:.2f}x",
                       " / ".join(f"{rss:.0f}" for rss in result["rss_mib"]),
                       " / ".join(f"{seconds:.1f}" for seconds in result["process_seconds"])])
-    print(table(["configuration", "seconds", "proteins/s", f"x {reference}", "peak RSS per process (MiB)",
-                 "seconds per process"], lines))
-    for name, _, _ in configurations:
-        if results[name]["computed"]:
-            print(f"{name}: {results[name]['computed']}")
-    print(f"scaling efficiency, 1 -> 2 processes: {100 * efficiency:.0f}% of linear (target >= 85%)")
-    print(f"2-process output vs 1-process output: same rows in the same order: {same_rows}; largest probability "
-          f"difference {difference:.2g}")
+    measured = [table(["configuration", "seconds", "proteins/s", f"x {reference}", "peak RSS per process (MiB)",
+                       "seconds per process"], lines)]
+    measured += [f"{name}: {results[name]['computed']}" for name, _, _ in configurations if results[name]["computed"]]
+    measured.append(f"scaling efficiency, 1 -> 2 processes: {100 * efficiency:.0f}% of linear (target >= 85%)")
+    measured.append(f"2-process output vs 1-process output: same rows in the same order: {same_rows}; largest "
+                    f"probability difference {difference:.2g}")
+    print("\n".join(measured))
     print(f"load average after: {load_average()} (the machine is shared: other work competes for the 2 cores)")
     per_process = args.per_process_rate or single
     origin = "--per_process_rate" if args.per_process_rate else "the measured 1-process, 1-thread rate"
@@ -181,10 +182,15 @@ def main(argv=None):
                                                                                         else 1.0)))
                                                  for total in PROJECTIONS.values()]
                   for count in PROCESS_COUNTS]
-    print(f"\nPROJECTION (arithmetic, not a measurement): {per_process:.2f} proteins/s per process ({origin}) x N "
-          f"processes x {100 * efficiency:.0f}% efficiency, proteins of DeepLoc's length distribution")
-    print(table(["processes at that rate"] + [f"{name} ({count:,})" for name, count in PROJECTIONS.items()],
-                projection))
+    projected = (f"PROJECTION (arithmetic, not a measurement): {per_process:.2f} proteins/s per process ({origin}) x "
+                 f"N processes x {100 * efficiency:.0f}% efficiency, proteins of DeepLoc's length distribution\n\n"
+                 + table(["processes at that rate"] + [f"{name} ({count:,})" for name, count in PROJECTIONS.items()],
+                         projection))
+    print(f"\n{projected}")
+    write_table("large_jobs", f"Large jobs: esmloc-predict in 1 and 2 processes, {source}; "
+                f"{'tiny model' if args.smoke else 'ESM-2 8M architecture'} (random weights)",
+                "\n\n".join(measured) + "\n\n" + projected, smoke=args.smoke,
+                other_load=f"load average before {load_before}")
 
 
 if __name__ == "__main__":

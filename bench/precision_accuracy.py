@@ -172,19 +172,25 @@ def main(argv=None):
             rows.append([label, precision, f"{result['max_probability_difference']:.4f}",
                          f"{100 * result['changed_labels']:.2f}%", f"{result['mcc']:.4f}", f"{result['mcc'] - results[args.precisions[0]]['mcc']:+.4f}",
                          "yes" if within else "no"])
+    title = (f"Precision cost on trained models: DeepLoc 2.0 Mitochondrion, {len(train_x)} training proteins "
+             f"(partitions 0-2), {len(test_x)} test proteins (partition 4), cropped to {args.max_residues} residues")
+    limits = (f"limits for precision=\"auto\" (esmloc.engine.AUTO_LIMITS): probabilities within "
+              f"{AUTO_LIMITS['max_probability_difference']} of fp32, MCC at most {AUTO_LIMITS['max_mcc_drop']} lower")
+    result = common.table(["model", "precision", "max abs probability difference vs fp32", "changed labels",
+                           "test MCC", "MCC vs fp32", "within limits"], rows)
+    verdict = "qualifying on every model: " + ", ".join(p for p, ok in qualifies.items() if ok)
     print()
-    print(f"Precision cost on trained models: DeepLoc 2.0 Mitochondrion, {len(train_x)} training proteins "
-          f"(partitions 0-2), {len(test_x)} test proteins (partition 4), cropped to {args.max_residues} residues")
+    print(title)
     print(f"command: {common.command_line()}")
     print(f"machine: {common.machine_description()}; load average before {load_before}, "
           f"after {common.load_average()}")
-    print(f"limits for precision=\"auto\" (esmloc.engine.AUTO_LIMITS): probabilities within "
-          f"{AUTO_LIMITS['max_probability_difference']} of fp32, MCC at most {AUTO_LIMITS['max_mcc_drop']} lower")
+    print(limits)
     print()
-    print(common.table(["model", "precision", "max abs probability difference vs fp32", "changed labels", "test MCC", "MCC vs fp32",
-                        "within limits"], rows))
+    print(result)
     print()
-    print("qualifying on every model: " + ", ".join(p for p, ok in qualifies.items() if ok))
+    print(verdict)
+    common.write_table("precision_accuracy", title, f"{limits}\n\n{result}\n\n{verdict}", smoke=args.smoke,
+                       other_load=f"load average before {load_before}")
     return qualifies
 
 

@@ -124,3 +124,12 @@ def run_main(main, argv, capsys):
     status = main([str(argument) for argument in argv])
     captured = capsys.readouterr()
     return status, captured.out, captured.err
+
+
+@pytest.fixture(autouse=True, scope="session")
+def bench_tables_elsewhere(tmp_path_factory):
+    """The benchmarks' smoke runs write their tables into a folder of the test run, never into docs/bench/ (the
+    processes the tests start inherit the variable)."""
+    os.environ["ESMLOC_BENCH_TABLES"] = str(tmp_path_factory.mktemp("bench_tables"))
+    yield
+    os.environ.pop("ESMLOC_BENCH_TABLES", None)

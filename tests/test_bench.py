@@ -1,12 +1,51 @@
-"""The benchmark scripts still run (smoke mode: tiny model, a few proteins; not timed, no figures checked)."""
+"""The benchmark scripts still run (smoke mode: tiny model, a few proteins; not timed, no figures checked), and
+write their tables for the documentation (bench/common.py's write_table)."""
 
+import importlib.util
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from conftest import REPO
+
+
+def bench_common():
+    spec = importlib.util.spec_from_file_location("bench_common", REPO / "bench" / "common.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_write_table_heads_the_table_with_command_date_machine_and_load(tmp_path, monkeypatch):
+    common = bench_common()
+    monkeypatch.setenv("ESMLOC_BENCH_TABLES", str(tmp_path))
+    monkeypatch.setattr(sys, "argv", [str(REPO / "bench" / "example.py"), "--n", "8"])
+    body = common.table(["variant", "seq/s"], [["engine", "12.50"]])
+    path = common.write_table("example-8M", "Example: 8 proteins", body + "\n\nnote", other_load="others 0%")
+    text = path.read_text()
+    assert path == tmp_path / "example-8M.md" and not list(tmp_path.glob(".*.tmp"))
+    lines = text.splitlines()
+    assert "**Example: 8 proteins**" in lines
+    assert "- command: `python bench/example.py --n 8`" in lines
+    assert any(line.startswith("- date: 20") and line.endswith(" UTC") for line in lines)
+    assert any(line.startswith("- machine: ") and "torch " in line for line in lines)
+    assert any(line.startswith("- load: load average ") and line.endswith("; others 0%") for line in lines)
+    assert "SMOKE" not in text and text.endswith("| engine | 12.50 |\n\nnote\n")
+
+
+def test_a_smoke_run_says_so_and_never_replaces_a_measured_table(tmp_path, monkeypatch):
+    common = bench_common()
+    monkeypatch.setenv("ESMLOC_BENCH_TABLES", str(tmp_path))
+    smoke = common.write_table("example", "Example", "| a |\n| --- |\n| 1 |", smoke=True)
+    assert common.SMOKE_LINE in smoke.read_text()
+    assert common.write_table("example", "Example", "| a |\n| --- |\n| 2 |", smoke=True) == smoke  # smoke over smoke
+    measured = common.write_table("example", "Example", "| a |\n| --- |\n| 3 |")  # a measurement replaces it
+    assert common.SMOKE_LINE not in measured.read_text()
+    assert common.write_table("example", "Example", "| a |\n| --- |\n| 4 |", smoke=True) is None
+    assert "| 3 |" in measured.read_text() and "| 4 |" not in measured.read_text()
 
 
 @pytest.mark.parametrize("script", ["embedding_throughput.py", "frozen_training.py", "precision_accuracy.py",
@@ -16,13 +55,20 @@ def test_bench_script_runs_in_smoke_mode(script, tmp_path):
                                                        capture_output=True).returncode != 0:
         pytest.skip("a shallow clone: the fork's commit is not here")
     extra = ["--work_dir", str(tmp_path / "work")] if script == "frozen_training.py" else []
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home")}
+    tables = tmp_path / "tables"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home"),
+           "ESMLOC_BENCH_TABLES": str(tables)}
     result = subprocess.run([sys.executable, str(REPO / "bench" / script), "--smoke", *extra], cwd=tmp_path, env=env,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "command: python bench/" in result.stdout
     table = [line for line in result.stdout.splitlines() if line.startswith("| ")]
     assert len(table) >= 3  # header + at least two measured rows
+    written = list(tables.iterdir())  # the table for the documentation: the same rows, marked as a smoke run
+    assert len(written) == 1 and written[0].name.startswith(Path(script).stem), written
+    text = written[0].read_text()
+    assert f"- command: `python bench/{script} --smoke" in text and "**run: SMOKE RUN**" in text
+    assert [line for line in text.splitlines() if line.startswith("| ")] == table
     if script == "embedding_throughput.py":
         assert "% of compute bound" in table[0] and "x baseline" in table[0]
         variants = [line.split(" | ")[0][2:] for line in table[2:]]
