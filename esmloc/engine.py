@@ -11,15 +11,17 @@ What makes it fast:
 
 - Proteins are tokenised once (EsmLocTokenizer's fast path) and grouped into batches bounded by a token budget,
   `max_tokens_per_batch`, rather than by a protein count: many short proteins or a few long ones per batch. Where
-  attention runs without padding (CPU) the budget counts the proteins' tokens and the batches are even, as many as
-  a multiple of the workers (`balanced_batches`); otherwise proteins are sorted by length and the budget counts the
-  padded size, proteins x longest (`length_batches`): almost no padding. `Engine.batches` decides which.
+  attention runs without padding the budget counts the proteins' tokens and the batches are even, as many as a
+  multiple of the workers (`balanced_batches`); otherwise (the `padded` attention, or no padding-free path) proteins
+  are sorted by length and the budget counts the padded size, proteins x longest (`length_batches`): almost no
+  padding. `Engine.batches` decides which.
 - The backbone runs *padding-free* (`esmloc.varlen_esm.UnpaddedEsm`): the proteins of a batch are flattened into one
   row that goes through transformers' own `EsmModel.forward`, with per-protein rotary positions (`position_ids`) and
-  an attention function registered with transformers (`varlen_sdpa`: `scaled_dot_product_attention` once per run of
-  equal-length proteins, without a mask; on CUDA one call per batch with a key-padding mask), so the linear layers
-  never see padding. It computes what `EsmModel.forward` computes on padded batches (equal within 1e-5 in fp32,
-  tests/test_engine.py); a backbone it cannot run flattened (absolute positions, a decoder) runs padded.
+  an attention function registered with transformers (`varlen_sdpa`: on CPU `scaled_dot_product_attention` once per
+  run of equal-length proteins, without a mask; on CUDA one of torch's variable-length kernels, chosen by
+  `varlen_esm.choose_attention`), so the linear layers never see padding. It computes what `EsmModel.forward`
+  computes on padded batches (equal within 1e-5 in fp32, tests/test_engine.py); a backbone it cannot run flattened
+  (absolute positions, a decoder) runs padded.
 - precision="int8" (CPU): the backbone's linear layers with dynamic int8 quantisation through oneDNN
   (`varlen_esm.Int8Linear`, on a view of the backbone; the model is not changed); the other operations stay fp32.
   What it and bf16 cost in accuracy and gain in speed: README, "Speed".
@@ -150,8 +152,10 @@ class Engine:
         progress: show a progress bar.
         packed: run padding-free (`UnpaddedEsm`) when the backbone allows it (False: always `EsmModel.forward` on
             padded batches).
-        attention: the padding-free attention: `grouped` (per run of equal lengths, no mask; the CPU default) or
-            `padded` (one masked call per batch; the CUDA default).
+        attention: the padding-free attention (`esmloc.varlen_esm.ATTENTION_MODES`): `auto` (per device, dtype and
+            head size: `varlen_esm.choose_attention`), `grouped` (per run of equal lengths, no mask; CPU's),
+            `padded` (one masked call per batch), or one of torch's variable-length kernels: `varlen`, `nested`,
+            `flex`.
         workers: batches run at once (see `map_batches`); default on CPU: torch's intra-op threads, at most 4;
             on CUDA 1.
     """
@@ -183,6 +187,12 @@ class Engine:
                              f"{reason or self.device.type}")
         if not reason:
             self.packed = UnpaddedEsm(self.esm, attention=attention, int8=int8)
+            self.attention_mode()  # an attention asked for that cannot run here fails now, not at the first batch
+
+    def attention_mode(self) -> str:
+        """The padding-free path's attention on this engine's device and precision (`UnpaddedEsm.attention_mode`)."""
+        dtype = self.autocast_dtype or next(self.esm.parameters()).dtype
+        return self.packed.attention_mode(self.device, dtype)
 
     def encode(self, sequences: Sequence[str]) -> list[list[int]]:
         """Token ids (`<cls>` residues `<eos>`, normalised and cropped by the tokenizer) of each protein."""
@@ -195,9 +205,9 @@ class Engine:
 
     def batches(self, lengths: Sequence[int]) -> list[np.ndarray]:
         """How proteins of these token counts are grouped into batches, in the order they run: where attention
-        runs without padding (grouped, the CPU default), even batches of tokens for the workers
+        runs without padding (every padding-free mode but `padded`), even batches of tokens for the workers
         (`balanced_batches`); otherwise batches sorted by length under a padded budget (`length_batches`)."""
-        if self.packed is not None and self.packed.attention_mode(self.device) == "grouped":
+        if self.packed is not None and self.attention_mode() != "padded":
             return balanced_batches(lengths, self.max_tokens_per_batch, self.workers)
         return length_batches(lengths, self.max_tokens_per_batch)
 
