@@ -97,6 +97,8 @@ class EsmLocConfig(PreTrainedConfig):
     def __post_init__(self, **kwargs):
         if self.esm_config is None:
             self.esm_config = dict(ESM2_ARCHITECTURES["esm2_t6_8M"])
+        if isinstance(self.esm_config, dict):  # transformers before sub_configs_defaults (5.17) leaves a dict as it is
+            self.esm_config = EsmConfig(**self.esm_config)
         if self.id2label is None and kwargs.get("num_labels", 2) == 2:
             self.id2label = {0: "Other", 1: "Mitochondrion"}
         if self.id2label is not None and self.label2id is None:
