@@ -461,6 +461,12 @@ def cached_feature_trainer(model, tokenizer, dataset, model_args, training_args,
     feature cache), and a Trainer trains the model's head (`EsmLocHead`, sharing the model's pooler and classifier)
     on the features with the same arguments, sampler, loss and metrics as the ordinary path. The main process
     embeds first; the other processes of a distributed run then find everything in the cache."""
+    # No backbone runs while the head trains on features: nothing to checkpoint (and the head has no such method).
+    for name in ("gradient_checkpointing", "activation_checkpointing"):  # the latter: transformers >= 5.2x's name
+        if getattr(training_args, name, False):
+            setattr(training_args, name, False)
+            log_main(training_args, "--%s: nothing to checkpoint, --finetune frozen trains the head on cached "
+                     "features (ignored)", name)
     model.to(training_args.device)
     inference = engine.Engine(model, tokenizer, max_tokens_per_batch=model_args.max_tokens_per_batch,
                               device=training_args.device, progress=not training_args.disable_tqdm,
