@@ -1,5 +1,6 @@
 """The benchmark scripts still run (smoke mode: tiny model, a few proteins; not timed, no figures checked)."""
 
+import json
 import os
 import subprocess
 import sys
@@ -43,3 +44,38 @@ def test_bench_script_runs_in_smoke_mode(script, tmp_path):
         assert "for keeping it" in result.stdout
     elif script == "frozen_training.py":
         assert "speed-up" in table[0] and "max abs difference" in result.stdout
+
+
+def test_gpu_check_runs_in_smoke_mode(tmp_path):
+    """bench/gpu_check.py, the one script a GPU session runs, in its CPU smoke mode: the CUDA tests collected and
+    skipped, the speed and fine-tuning benchmarks on a tiny model, everything in the output folder."""
+    sys.path.insert(0, str(REPO / "bench"))
+    import gpu_check
+
+    # The docstring names the device tool's call that the code prints.
+    assert gpu_check.DEVICE_COMMAND in " ".join(gpu_check.__doc__.split())
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home")}
+    out = tmp_path / "out"
+    result = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_check.py"), "--smoke", "--out", str(out)],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1800)
+    assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-3000:]
+    # What comes back from the device tool: at most 8 files, no folders.
+    assert sorted(path.name for path in out.iterdir()) == ["finetune.log", "results.json", "speed.log", "summary.md",
+                                                          "tests.log"]
+    summary = (out / "summary.md").read_text()
+    for section in ("tests", "speed", "finetune"):
+        assert f"| {section} | ok |" in summary
+    assert "no GPU" in summary and " skipped" in summary and " passed" not in summary  # collected, skipped here
+    rows = {line.split(" | ")[0][2:]: line for line in summary.splitlines() if line.startswith("| (")}
+    assert {"(a) stock, file order, batches of 8", "(b) stock, sorted, token budget", "(c) engine, padded",
+            "(c) engine, nested", "(c) engine, flex", "(c) engine, varlen"} <= set(rows)
+    assert "does not run here: varlen (flash attention) runs on CUDA only" in rows["(c) engine, varlen"]
+    assert "failed" not in rows["(c) engine, flex"] and "failed" not in rows["(c) engine, nested"]
+    assert "recommended esmloc.engine.DEFAULT_MAX_TOKENS_PER_BATCH['cuda']" in summary
+    assert [line.split(" | ")[:3] for line in summary.splitlines() if line.startswith("| tiny |")] == [
+        ["| tiny", "full", "yes"], ["| tiny", "full", "no"], ["| tiny", "lora", "yes"]]
+    results = json.loads((out / "results.json").read_text())
+    assert {name: section["status"] for name, section in results["sections"].items()} == {
+        "tests": "ok", "speed": "ok", "finetune": "ok"}
+    assert results["speed"]["tiny"]["fastest_attention"] in ("padded", "nested", "flex")
+    assert set(results["finetune"]["recommendations"]) == {"tiny lora", "tiny full"}
