@@ -166,11 +166,18 @@ def report(text: str) -> str:
     return "\n".join(lines[starts[0]:] if starts else lines[-40:])
 
 
+# What tests/test_cuda.py prints of its comparisons (each a largest error against its reference).
+MEASURED_MARKERS = ("largest relative", " vs ", "peak GPU memory")
+
+
 def tests_report(text: str) -> str:
-    """pytest's short summary and durations (what passed, failed and was skipped, and why)."""
+    """The errors the CUDA tests measured (their printed lines) and pytest's short summary: what passed, failed or
+    was skipped, and why."""
     lines = text.splitlines()
-    starts = [i for i, line in enumerate(lines) if "slowest" in line and "durations" in line]
-    return "\n".join(lines[starts[0]:] if starts else lines[-60:])
+    measured = [line for line in lines if any(marker in line for marker in MEASURED_MARKERS)
+                and not line.startswith(("PASSED", "FAILED", "SKIPPED", "ERROR"))]
+    starts = [i for i, line in enumerate(lines) if "short test summary info" in line]
+    return "\n".join(measured + (lines[starts[-1]:] if starts else lines[-60:]))
 
 
 def main(argv=None) -> int:
