@@ -116,7 +116,11 @@ class VarlenPlan:
             self.block_mask = document_block_mask(self.lengths, device)
 
     def position_ids(self, device) -> torch.Tensor:
-        return torch.cat([torch.arange(length, device=device) for length in self.lengths])[None]
+        """Each token's position in its protein, (1, tokens): computed on the host and copied once (one `arange` per
+        protein was a kernel launch per protein on a GPU)."""
+        lengths = np.asarray(self.lengths)
+        starts = np.repeat(np.cumsum(lengths) - lengths, lengths)
+        return torch.from_numpy(np.arange(self.total) - starts)[None].to(device)
 
     def attend(self, query, key, value, scaling) -> torch.Tensor:
         """query, key, value: (1, heads, tokens, head_size), as transformers' attention functions receive them;
