@@ -195,7 +195,15 @@ def main(argv=None):
     budget = args.max_tokens_per_batch or default_max_tokens_per_batch(device)
     attentions = args.attentions or [mode for mode in varlen_esm.ATTENTION_MODES if mode != "grouped"]
     order = [size for size in RUN_ORDER if size in args.sizes] + [size for size in args.sizes if size not in RUN_ORDER]
-    tables, skipped, summary, auto_choice, fastest = {}, [], {}, {}, {}
+    skipped, summary, auto_choice, fastest = [], {}, {}, {}
+    # The header first and each table as soon as it is measured (sizes in RUN_ORDER): a run stopped from outside
+    # keeps what it measured.
+    print(f"\nGPU inference speed: {gpu}; {source}, first N proteins per size, cropped to 1022 residues, random "
+          f"weights, bf16 autocast; engine token budget {budget}; median of {args.repeats} pass(es); measured bf16 "
+          f"matmul peak {peak_tflops:.3g} TFLOP/s")
+    print(f"command: {common.command_line()}")
+    print(f"machine: {common.machine_description()}")
+    print(common.FLOP_FORMULA, flush=True)
     for size in order:
         if clock.out_of_time():
             skipped.append(size)
@@ -235,7 +243,8 @@ def main(argv=None):
         for name, problem in unavailable.items():
             results[name] = {"seconds": [], "peak_gib": None, "output": None, "error": f"does not run here: {problem}"}
         reference = next(iter(variants))
-        tables[size] = rows_for(results, n, sum(tokens), flops, peak_tflops, reference)
+        print(f"\n### {size} ({n} proteins, {sum(tokens):,} tokens, {flops / 1e12:.1f} TFLOP)\n")
+        print(common.table(HEADER, rows_for(results, n, sum(tokens), flops, peak_tflops, reference)))
         engines = {name: common.median(r["seconds"]) for name, r in results.items()
                    if name.startswith("(c)") and r["seconds"]}
         summary[size] = {"proteins": n, "tokens": sum(tokens), "tflop": flops / 1e12,
@@ -248,6 +257,7 @@ def main(argv=None):
             summary[size]["fastest_attention"] = fastest[size]
             summary[size]["engine_vs_a"] = seconds_a / engines[best] if seconds_a else None
             summary[size]["engine_bound"] = flops / engines[best] / 1e12 / peak_tflops
+        print(f"\nattention='auto' picks here: {auto_choice[size]}; fastest: {fastest.get(size, 'n/a')}", flush=True)
         if size == (BUDGET_SIZE if not args.smoke else args.sizes[0]) and args.budgets and fastest.get(size):
             budget_variants = {
                 f"engine, {fastest[size]}, {other} tokens": lambda chosen, engine=Engine(
@@ -255,35 +265,21 @@ def main(argv=None):
                     max_tokens_per_batch=other, progress=False, workers=1): engine.embed(chosen, "mean")
                 for other in args.budgets}
             budget_results = measure(budget_variants, device, args.repeats, clock, sequences)
-            tables[f"{size}, token budgets"] = rows_for(budget_results, n, sum(tokens), flops, peak_tflops,
-                                                        next(iter(budget_variants)))
+            print(f"\n### {size}, token budgets ({fastest[size]} attention)\n")
+            print(common.table([*HEADER[:4], "x first budget", *HEADER[5:]],
+                               rows_for(budget_results, n, sum(tokens), flops, peak_tflops,
+                                        next(iter(budget_variants)))), flush=True)
             timed = {other: common.median(r["seconds"]) for other, r in zip(args.budgets, budget_results.values())
                      if r["seconds"]}
             if timed:
                 quickest = min(timed.values())
                 # The smallest budget within 3% of the fastest: bigger batches then buy nothing but memory.
                 summary["recommended_cuda_budget"] = min(b for b, s in timed.items() if s <= 1.03 * quickest)
-        del model, variants
+        del model, variants, results  # the engines hold the model: free them before the next size
+        budget_variants = budget_results = None
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
-    print()
-    print(f"GPU inference speed: {gpu}; {source}, first N proteins per size, cropped to 1022 residues, random "
-          f"weights, bf16 autocast; engine token budget {budget}; median of {args.repeats} pass(es); measured bf16 "
-          f"matmul peak {peak_tflops:.3g} TFLOP/s")
-    print(f"command: {common.command_line()}")
-    print(f"machine: {common.machine_description()}")
-    print(common.FLOP_FORMULA)
-    for size in [s for s in args.sizes if s in tables] + [key for key in tables if key not in args.sizes]:
-        n = summary.get(size, {}).get("proteins")
-        print()
-        print(f"### {size}" + (f" ({n} proteins, {summary[size]['tokens']:,} tokens, "
-                               f"{summary[size]['tflop']:.1f} TFLOP)" if n else ""))
-        print()
-        print(common.table(HEADER if "token budgets" not in size else
-                           [*HEADER[:4], "x first budget", *HEADER[5:]], tables[size]))
-        if size in auto_choice:
-            print(f"\nattention='auto' picks here: {auto_choice[size]}; fastest: {fastest.get(size, 'n/a')}")
     print()
     if skipped:
         print(f"skipped (out of time after {clock.elapsed():.0f} s): {', '.join(skipped)}")
@@ -294,6 +290,11 @@ def main(argv=None):
         met = goal["engine_vs_a"] >= 2 and goal["engine_bound"] >= 0.40
         print(f"goal at 650M (engine >= 2x (a) and >= 40% of the bf16 bound): {goal['engine_vs_a']:.2f}x, "
               f"{100 * goal['engine_bound']:.0f}%: {'met' if met else 'NOT met'}")
+    if device.type == "cuda" and "flex" in attentions:  # each size compiles flex again; more means recompiles
+        from torch._dynamo.utils import counters
+
+        print(f"torch.compile for flex attention: {counters['stats']['unique_graphs']} graph(s) compiled in this run "
+              f"({len(auto_choice)} size(s))")
     if "recommended_cuda_budget" in summary:
         print(f"recommended esmloc.engine.DEFAULT_MAX_TOKENS_PER_BATCH['cuda'] (smallest budget within 3% of the "
               f"fastest at {BUDGET_SIZE if not args.smoke else args.sizes[0]}): {summary['recommended_cuda_budget']}")

@@ -72,8 +72,9 @@ def test_gpu_check_runs_in_smoke_mode(tmp_path):
     assert "does not run here: varlen (flash attention) runs on CUDA only" in rows["(c) engine, varlen"]
     assert "failed" not in rows["(c) engine, flex"] and "failed" not in rows["(c) engine, nested"]
     assert "recommended esmloc.engine.DEFAULT_MAX_TOKENS_PER_BATCH['cuda']" in summary
-    assert [line.split(" | ")[:3] for line in summary.splitlines() if line.startswith("| tiny |")] == [
-        ["| tiny", "full", "yes"], ["| tiny", "full", "no"], ["| tiny", "lora", "yes"]]
+    # Fine-tuning: the first row of each model and mode first, then the rest.
+    assert [line.split(" | ")[:4] for line in summary.splitlines() if line.startswith("| tiny |")] == [
+        ["| tiny", "lora", "yes", "512"], ["| tiny", "full", "no", "512"], ["| tiny", "full", "yes", "1024"]]
     results = json.loads((out / "results.json").read_text())
     assert {name: section["status"] for name, section in results["sections"].items()} == {
         "tests": "ok", "speed": "ok", "finetune": "ok"}
