@@ -10,8 +10,15 @@ from transformers.models.esm.modeling_esm import EsmPreTrainedModel
 
 try:
     from .configuration_esmloc import EsmLocConfig
+    from .tokenization_esmloc import window_spans
 except ImportError:  # imported as a top-level module (an installed package or the repository root)
     from configuration_esmloc import EsmLocConfig
+    from tokenization_esmloc import window_spans
+
+
+# Windows of long proteins run through the encoder this many at a time (without gradients, this bounds the memory of
+# a very long protein; with them, every window's activations are kept for the backward pass anyway).
+WINDOWS_PER_PASS = 8
 
 
 @dataclass
@@ -32,6 +39,20 @@ def residue_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     first = mask.int().argmax(dim=1, keepdim=True)
     last = mask.shape[1] - 1 - mask.flip(1).int().argmax(dim=1, keepdim=True)
     return mask & (positions > first) & (positions < last)
+
+
+def stitch_windows(states, spans):
+    """One protein's token states (`<cls>` residues `<eos>`) from the states of its windows (`spans` as
+    `tokenization_esmloc.window_spans` gives them; one `(end - start + 2, hidden)` tensor per window, `<cls>` window
+    `<eos>`): each residue's state comes from the window that keeps it (the one it lies most central in), the
+    `<cls>` and `<eos>` states are the mean of the windows' ones. One window is returned as it is."""
+    if len(states) == 1:
+        return states[0]
+    residues = [state[1 + keep_start - start:1 + keep_end - start]
+                for state, (start, _, keep_start, keep_end) in zip(states, spans, strict=True)]
+    cls = torch.stack([state[0] for state in states]).mean(dim=0, keepdim=True)
+    eos = torch.stack([state[-1] for state in states]).mean(dim=0, keepdim=True)
+    return torch.cat([cls, *residues, eos])
 
 
 class EsmLocPooler(nn.Module):
@@ -98,8 +119,10 @@ class EsmForLocalization(EsmLocPreTrainedModel):
     `problem_type="multi_label_classification"` (e.g. DeepLoc's 10 locations) uses BCE, both weighted by
     `config.class_weights` when set.
 
-    Inputs must be tokenized as `EsmLocTokenizer` does (`<cls>` residues `<eos>`, at most `config.max_residues`
-    residues); longer inputs are refused rather than silently run outside what ESM-2 was trained on.
+    Inputs must be tokenized as `EsmLocTokenizer` does (`<cls>` residues `<eos>`). With `config.long_proteins="crop"`
+    they hold at most `config.max_residues` residues (the tokenizer crops) and longer inputs are refused rather than
+    silently run outside what ESM-2 was trained on; with `"windows"` a batch with a longer protein runs window by
+    window (`windowed_states`) and is pooled and classified whole.
     """
 
     def __init__(self, config: EsmLocConfig):
@@ -124,6 +147,31 @@ class EsmForLocalization(EsmLocPreTrainedModel):
         model = cls(config)
         model.esm.load_state_dict(esm.state_dict())
         return model
+
+    def windowed_states(self, input_ids, attention_mask, **kwargs):
+        """The encoder's last hidden states (batch x length x hidden) of a batch holding proteins longer than
+        `config.max_residues`: every protein (its attended tokens) is cut into windows (`window_spans`), the windows
+        run through the encoder `WINDOWS_PER_PASS` at a time, and each protein's states are stitched back together
+        (`stitch_windows`) at its positions; zero at padding."""
+        config, windows, spans = self.config, [], []
+        for ids, mask in zip(input_ids, attention_mask.bool()):
+            tokens = ids[mask]
+            spans.append(window_spans(len(tokens) - 2, config.max_residues, config.window_overlap))
+            windows += [torch.cat([tokens[:1], tokens[1 + start:1 + end], tokens[-1:]])
+                        for start, end, _, _ in spans[-1]]
+        states = []
+        for first in range(0, len(windows), WINDOWS_PER_PASS):
+            chunk = windows[first:first + WINDOWS_PER_PASS]
+            ids = nn.utils.rnn.pad_sequence(chunk, batch_first=True, padding_value=config.esm_config.pad_token_id)
+            mask = nn.utils.rnn.pad_sequence([torch.ones_like(window) for window in chunk], batch_first=True)
+            hidden = self.esm(ids, attention_mask=mask, **kwargs).last_hidden_state
+            states += [row[:len(window)] for row, window in zip(hidden, chunk)]
+        output = hidden.new_zeros(*input_ids.shape, hidden.shape[-1])
+        first = 0
+        for row, row_spans in enumerate(spans):
+            output[row, attention_mask[row].bool()] = stitch_windows(states[first:first + len(row_spans)], row_spans)
+            first += len(row_spans)
+        return output
 
     def get_input_embeddings(self):
         return self.esm.embeddings.word_embeddings
@@ -164,13 +212,20 @@ class EsmForLocalization(EsmLocPreTrainedModel):
         output_pooling_weights (`bool`, *optional*):
             Return the attention-pooling weight of every token (attention pooling only).
         """
-        if input_ids.shape[1] > self.config.max_residues + 2:
-            raise ValueError(
-                f"input of {input_ids.shape[1]} tokens is longer than max_residues={self.config.max_residues} "
-                "(+ <cls> and <eos>); tokenize proteins with EsmLocTokenizer, which crops them"
-            )
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
+        if input_ids.shape[1] > self.config.max_residues + 2:
+            if self.config.long_proteins != "windows":
+                raise ValueError(
+                    f"input of {input_ids.shape[1]} tokens is longer than max_residues={self.config.max_residues} "
+                    "(+ <cls> and <eos>); tokenize proteins with EsmLocTokenizer, which crops them (or use a model "
+                    "with long_proteins='windows', which embeds long proteins in windows)"
+                )
+            if kwargs.get("output_attentions") or kwargs.get("output_hidden_states"):
+                raise ValueError("output_attentions and output_hidden_states are per window for proteins longer than "
+                                 f"max_residues={self.config.max_residues}, which run in windows: not returned")
+            hidden = self.windowed_states(input_ids, attention_mask, **kwargs)
+            return self.classify(hidden, attention_mask, labels, output_pooling_weights)
         outputs = self.esm(input_ids, attention_mask=attention_mask, **kwargs)
         output = self.classify(outputs.last_hidden_state, attention_mask, labels, output_pooling_weights)
         output.hidden_states = outputs.hidden_states
@@ -181,4 +236,4 @@ class EsmForLocalization(EsmLocPreTrainedModel):
 EsmForLocalization.register_for_auto_class("AutoModel")
 
 
-__all__ = ["EsmForLocalization", "EsmLocPreTrainedModel", "LocalizationOutput"]
+__all__ = ["EsmForLocalization", "EsmLocPreTrainedModel", "LocalizationOutput", "stitch_windows"]

@@ -1,4 +1,5 @@
-"""EsmLoc tokenizer: the ESM-2 tokenizer with protein normalisation and cropping on every path."""
+"""EsmLoc tokenizer: the ESM-2 tokenizer with protein normalisation and the long-protein rule (crop, or whole proteins
+for windows) on every path."""
 
 import re
 import tempfile
@@ -9,9 +10,15 @@ from transformers.models.esm.configuration_esm import get_default_vocab_list
 
 
 try:  # relative as remote code (transformers collects it; it ignores imports inside `try`), absolute as a module
-    from .configuration_esmloc import CROP_STRATEGIES, DEFAULT_CROP, DEFAULT_MAX_RESIDUES
+    from .configuration_esmloc import (
+        CROP_STRATEGIES, DEFAULT_CROP, DEFAULT_LONG_PROTEINS, DEFAULT_MAX_RESIDUES, LONG_PROTEIN_RULES,
+        window_overlap_for,
+    )
 except ImportError:
-    from configuration_esmloc import CROP_STRATEGIES, DEFAULT_CROP, DEFAULT_MAX_RESIDUES
+    from configuration_esmloc import (
+        CROP_STRATEGIES, DEFAULT_CROP, DEFAULT_LONG_PROTEINS, DEFAULT_MAX_RESIDUES, LONG_PROTEIN_RULES,
+        window_overlap_for,
+    )
 
 
 # The ESM-2 vocabulary (fair-esm's `Alphabet("ESM-1b")`, as in facebook/esm2_* `vocab.txt`), from transformers, so
@@ -38,6 +45,27 @@ def crop_sequence(sequence: str, max_residues: int = DEFAULT_MAX_RESIDUES, crop:
     raise ValueError(f"crop must be one of {CROP_STRATEGIES}, got {crop!r}")
 
 
+def window_spans(residues: int, max_residues: int = DEFAULT_MAX_RESIDUES, window_overlap: int | None = None
+                 ) -> list[tuple[int, int, int, int]]:
+    """The windows of a protein of `residues` residues under `long_proteins="windows"`, as `(start, end, keep_start,
+    keep_end)` residue positions (0-based, end exclusive): the window `[start, end)` is embedded (as `<cls>` window
+    `<eos>`) and supplies the states of the residues `[keep_start, keep_end)`; the kept ranges tile the protein.
+
+    A protein of at most `max_residues` residues is one window, itself. A longer one gets the fewest windows of exactly
+    `max_residues` residues whose neighbours overlap by at least `window_overlap` residues (default a quarter of
+    `max_residues`: `window_overlap_for`), the first at the N-terminus, the last at the C-terminus, the others evenly
+    spaced between them (a stride of at most `max_residues - window_overlap`). Each residue keeps the state of the
+    window in which it lies most central: neighbouring windows are cut at the middle of their overlap.
+    """
+    overlap = window_overlap_for(max_residues, window_overlap)
+    if residues <= max_residues:
+        return [(0, residues, 0, residues)]
+    steps = -(-(residues - max_residues) // (max_residues - overlap))  # ceil: gaps between the first and last start
+    starts = [step * (residues - max_residues) // steps for step in range(steps + 1)]
+    cuts = [0] + [(start + following + max_residues) // 2 for start, following in zip(starts, starts[1:])] + [residues]
+    return [(start, start + max_residues, cuts[i], cuts[i + 1]) for i, start in enumerate(starts)]
+
+
 def normalize_sequence(text: str) -> str:
     """Removes all whitespace and upper-cases residues; special tokens such as `<mask>` are kept as written."""
     parts = _SPECIAL_TOKEN.split(_WHITESPACE.sub("", text))
@@ -47,17 +75,24 @@ def normalize_sequence(text: str) -> str:
 class EsmLocTokenizer(EsmTokenizer):
     """
     An ESM-2 tokenizer that normalises each protein (whitespace removed, residues upper-cased; the stock
-    `EsmTokenizer` turns `"mktayiak"` into a single `<unk>`) and crops it to `max_residues` residues per `crop`
-    (see `crop_sequence`) before tokenising, so that the pipeline, the Trainer and a user's own call all feed the
-    model the same input; `normalize_and_crop` is that rule, public for whoever must know what the model sees (the
-    feature cache keys on it). `vocab_file=None` uses transformers' ESM-2 vocabulary.
+    `EsmTokenizer` turns `"mktayiak"` into a single `<unk>`) and applies the long-protein rule before tokenising: with
+    `long_proteins="crop"` it crops a protein to `max_residues` residues per `crop` (see `crop_sequence`); with
+    `"windows"` it keeps the whole protein, which the model embeds in windows (`window_spans`, with `window_overlap`;
+    `EsmForLocalization` and esmloc's engine both window any protein longer than `max_residues`). So the pipeline,
+    the Trainer and a user's own call all feed the model the same input; `normalize_and_crop` is that rule, public for
+    whoever must know what the model sees (the feature cache keys on it). `vocab_file=None` uses transformers' ESM-2
+    vocabulary. `INPUT_SETTINGS` name the settings a model's config and its tokenizer must share.
     """
+
+    INPUT_SETTINGS = ("max_residues", "crop", "long_proteins", "window_overlap")
 
     def __init__(
         self,
         vocab_file=None,
         max_residues=DEFAULT_MAX_RESIDUES,
         crop=DEFAULT_CROP,
+        long_proteins=DEFAULT_LONG_PROTEINS,
+        window_overlap=None,
         unk_token="<unk>",
         cls_token="<cls>",
         pad_token="<pad>",
@@ -67,9 +102,15 @@ class EsmLocTokenizer(EsmTokenizer):
     ):
         if crop not in CROP_STRATEGIES:
             raise ValueError(f"crop must be one of {CROP_STRATEGIES}, got {crop!r}")
+        if long_proteins not in LONG_PROTEIN_RULES:
+            raise ValueError(f"long_proteins must be one of {LONG_PROTEIN_RULES}, got {long_proteins!r}")
+        window_overlap_for(max_residues, window_overlap)  # raises for an overlap the windows cannot have
         self.max_residues = max_residues
         self.crop = crop
-        kwargs.setdefault("model_max_length", max_residues + 2)
+        self.long_proteins = long_proteins
+        self.window_overlap = window_overlap
+        # With windows the model takes proteins of any length: no limit for transformers to warn about.
+        kwargs.setdefault("model_max_length", max_residues + 2 if long_proteins == "crop" else int(1e30))
         with tempfile.TemporaryDirectory() as folder:
             if vocab_file is None:  # EsmTokenizer reads its vocabulary from a file (as transformers' convert_esm.py)
                 vocab_file = Path(folder, "vocab.txt")
@@ -83,14 +124,19 @@ class EsmLocTokenizer(EsmTokenizer):
                 eos_token=eos_token,
                 max_residues=max_residues,
                 crop=crop,
+                long_proteins=long_proteins,
+                window_overlap=window_overlap,
                 **kwargs,
             )
 
     def normalize_and_crop(self, text: str) -> str:
         """The residues the model sees of `text`: whitespace removed, residues upper-cased (`normalize_sequence`),
-        cropped to `max_residues` per `crop` (`crop_sequence`). Text with special tokens such as `<mask>` is not
-        cropped; it raises `ValueError` when it is longer than `max_residues`."""
+        cropped to `max_residues` per `crop` (`crop_sequence`); with `long_proteins="windows"` the whole protein
+        (the model embeds it in `window_spans`). Text with special tokens such as `<mask>` is not cropped; it raises
+        `ValueError` when it is longer than `max_residues` and would be cropped."""
         text = normalize_sequence(text)
+        if self.long_proteins == "windows":
+            return text
         residues = _SPECIAL_TOKEN.split(text)
         if len(residues) == 1:
             return crop_sequence(text, self.max_residues, self.crop)
@@ -100,6 +146,14 @@ class EsmLocTokenizer(EsmTokenizer):
                 "crop it before adding special tokens"
             )
         return text
+
+    def window_spans(self, residues: int) -> list[tuple[int, int, int, int]]:
+        """The windows a protein of `residues` residues (as `normalize_and_crop` returns it) is embedded in:
+        `window_spans` with this tokenizer's settings; one window, the protein itself, under `long_proteins="crop"`
+        (the protein is cropped already)."""
+        if self.long_proteins == "crop":
+            return [(0, residues, 0, residues)]
+        return window_spans(residues, self.max_residues, self.window_overlap)
 
     def prepare_for_tokenization(self, text, is_split_into_words=False, **kwargs):
         return self.normalize_and_crop(text), kwargs
@@ -148,4 +202,4 @@ class EsmLocTokenizer(EsmTokenizer):
 EsmLocTokenizer.register_for_auto_class("AutoTokenizer")
 
 
-__all__ = ["EsmLocTokenizer", "crop_sequence", "normalize_sequence", "ESM2_VOCAB"]
+__all__ = ["EsmLocTokenizer", "crop_sequence", "normalize_sequence", "window_spans", "ESM2_VOCAB"]

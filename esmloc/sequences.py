@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
 
+from configuration_esmloc import window_overlap_for
 from esmloc.errors import DataValidationError
 from tokenization_esmloc import ESM2_VOCAB
 
@@ -78,10 +79,17 @@ def validate_sequence(raw: str) -> tuple[str, tuple[str, ...]]:
     return sequence, tuple(changes)
 
 
-def crop_note(cropped: int, total: int, max_residues: int, crop: str) -> str | None:
-    """What a run says once about the proteins longer than the model's window (None when there are none)."""
+def crop_note(cropped: int, total: int, max_residues: int, crop: str, long_proteins: str = "crop",
+              window_overlap: int | None = None) -> str | None:
+    """What a run says once about the proteins longer than the model's window (None when there are none): cropped,
+    or with `long_proteins="windows"` embedded whole in overlapping windows."""
     if not cropped:
         return None
+    if long_proteins == "windows":
+        overlap = window_overlap_for(max_residues, window_overlap)
+        return (f"{cropped} of {total} proteins are longer than the model's window of {max_residues} residues: each is "
+                f"embedded whole, in windows of {max_residues} residues overlapping by at least {overlap} (a stride of "
+                f"at most {max_residues - overlap}), each residue's state from the window it is most central in")
     kept = "the N-terminal residues" if crop == "n_terminal" else "the N- and C-terminal halves"
     return (f"{cropped} of {total} proteins are longer than the model's window of {max_residues} residues: each is "
             f"cropped to {max_residues} residues ({crop} crop: {kept} are kept, the rest is not seen)")

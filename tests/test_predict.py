@@ -181,5 +181,5 @@ def test_a_tokenizer_that_crops_otherwise_than_the_model_is_refused(binary_model
     tokenizer_config.write_text(json.dumps({**settings, "max_residues": 100}))
     fasta = write_fasta(tmp_path / "p.fasta", NAMES[:1], SEQUENCES[:1])
     assert predict_main([str(model_dir), str(fasta), "-o", str(tmp_path / "o.csv")]) == 2
-    assert "the tokenizer crops to 100 residues (middle) but the model config says 300" in capsys.readouterr().err
+    assert "max_residues 100 in the tokenizer, 300 in the config" in capsys.readouterr().err
     assert not (tmp_path / "o.csv").exists()

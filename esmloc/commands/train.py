@@ -28,7 +28,8 @@ import torch
 from transformers import DataCollatorWithPadding, EarlyStoppingCallback, Trainer, TrainingArguments, set_seed
 
 from configuration_esmloc import (
-    CROP_STRATEGIES, DEFAULT_CROP, DEFAULT_MAX_RESIDUES, ESM2_ARCHITECTURES, POOLING_MODES,
+    CROP_STRATEGIES, DEFAULT_CROP, DEFAULT_LONG_PROTEINS, DEFAULT_MAX_RESIDUES, ESM2_ARCHITECTURES, LONG_PROTEIN_RULES,
+    POOLING_MODES, window_overlap_for,
 )
 from esmloc import cache, cli, data, dataset_hub, demo, evaluation, finetuning, progress, publish, report, runs, task
 from esmloc.engine import PRECISIONS
@@ -63,8 +64,19 @@ class ModelArguments:
     )
     pooling: str = field(default="mean", metadata={"choices": list(POOLING_MODES)})
     classifier_dropout: float = field(default=0.1)
-    max_residues: int = field(default=DEFAULT_MAX_RESIDUES, metadata={"help": "Proteins longer than this are cropped."})
-    crop: str = field(default=DEFAULT_CROP, metadata={"choices": list(CROP_STRATEGIES)})
+    max_residues: int = field(default=DEFAULT_MAX_RESIDUES, metadata={
+        "help": "The model's window: proteins longer than this are cropped (--long_proteins crop) or embedded in "
+                "windows of this many residues (--long_proteins windows)."})
+    crop: str = field(default=DEFAULT_CROP, metadata={"choices": list(CROP_STRATEGIES),
+                                                      "help": "How --long_proteins crop crops."})
+    long_proteins: str = field(default=DEFAULT_LONG_PROTEINS, metadata={
+        "choices": list(LONG_PROTEIN_RULES),
+        "help": "crop: a protein longer than --max_residues is cropped (--crop); windows: it is embedded whole, in "
+                "overlapping windows of --max_residues residues (each residue's state from the window it is most "
+                "central in), and pooled whole. Saved with the model; every esmloc tool honours it."})
+    window_overlap: int | None = field(default=None, metadata={
+        "help": "With --long_proteins windows: the least overlap of neighbouring windows, in residues (default a "
+                "quarter of --max_residues; the stride is at most --max_residues minus this)."})
     class_weights: bool = field(
         default=True,
         metadata={"help": "Weight the loss by class frequencies of the training split (balanced cross-entropy, "
@@ -112,6 +124,10 @@ class ModelArguments:
         cli.require(not (self.model_name_or_path and self.from_scratch),
                     "give one of --model_name_or_path (an ESM-2 checkpoint) or --from_scratch, not both")
         cli.require(self.max_residues >= 1, f"--max_residues must be at least 1, got {self.max_residues}")
+        try:
+            window_overlap_for(self.max_residues, self.window_overlap)
+        except ValueError as error:  # the config's own check, in the option's name
+            raise ValueError(f"--{error}") from None
         for name in ("classifier_dropout", "lora_dropout"):
             value = getattr(self, name)
             cli.require(0 <= value < 1, f"--{name} must lie in [0, 1), got {value}")
@@ -310,7 +326,7 @@ def load_data(data_args: DataArguments, model_args: ModelArguments, training_arg
     log_main(training_args, "Data:\n%s", data.format_summary(dataset))
     lengths = [len(sequence) for split in dataset.values() for sequence in split["Sequence"]]
     note = crop_note(sum(length > model_args.max_residues for length in lengths), len(lengths),
-                     model_args.max_residues, model_args.crop)
+                     model_args.max_residues, model_args.crop, model_args.long_proteins, model_args.window_overlap)
     if note:
         log_main(training_args, "%s", note, level=logging.WARNING)
     return dataset, labels, split_targets
