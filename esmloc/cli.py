@@ -188,6 +188,14 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    """argparse `type` for counts that may be 0."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative, got {text}")
+    return value
+
+
 def probability(text: str) -> float:
     """argparse `type` for a decision threshold: a number in [0, 1]."""
     value = float(text)
@@ -213,6 +221,7 @@ def file_job_parser(prog: str, description: str, model: str, model_help: str, wr
 
 def add_engine_options(parser: argparse.ArgumentParser, done: str) -> None:
     """The options of how the engine and large jobs run (esmloc-predict, esmloc-embed)."""
+    from configuration_esmloc import LONG_PROTEIN_RULES
     from esmloc.engine import PRECISIONS
 
     parser.add_argument("--max_tokens_per_batch", "--batch", type=positive_int, default=None,
@@ -225,6 +234,13 @@ def add_engine_options(parser: argparse.ArgumentParser, done: str) -> None:
     parser.add_argument("--precision", default="auto", choices=PRECISIONS,
                         help="auto: per device (esmloc.engine.AUTO_PRECISION: fp32 on CPU, bf16 or fp16 autocast on "
                              "CUDA); int8: dynamic int8 linear layers on CPU (docs: speed and precision)")
+    parser.add_argument("--long_proteins", choices=LONG_PROTEIN_RULES, default=None,
+                        help="a protein longer than the model's window (max_residues): crop (as the model's crop "
+                             "says) or windows (embedded whole, in overlapping windows); default: the model's own "
+                             "rule, saved with it (crop for a stock ESM-2 checkpoint)")
+    parser.add_argument("--window_overlap", type=non_negative_int, default=None,
+                        help="with windows: the least overlap of neighbouring windows, in residues (default: the "
+                             "model's own; a quarter of max_residues)")
     parser.add_argument("--no_progress", action="store_true",
                         help="no progress bar (default: a bar when stderr is a terminal)")
     parser.add_argument("--part_size", type=positive_int, default=None,

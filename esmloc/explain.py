@@ -24,7 +24,9 @@ models (logit 1 - logit 0 for a binary one), the label's logit for multi-label m
 
 Cropping: the model sees at most `max_residues` residues, cropped by its tokenizer; the scores belong to those
 residues, and `Explanation.positions` says where each sits in the original sequence (residues cropped away have
-no score).
+no score). A model with `long_proteins="windows"` sees, and scores, every residue: the engine runs each occluded
+variant window by window, as it predicts, so a protein of n windows costs about n times what a cropped one does per
+residue (its length times n window passes in all).
 
     explainer = Explainer(model, tokenizer)
     explanation = explainer.explain("MLRTSSLF...", acc="P12345")
@@ -90,7 +92,10 @@ class Explanation:
 
 
 def seen_positions(sequence: str, tokenizer) -> np.ndarray:
-    """The 0-based positions in `sequence` of the residues `tokenizer` keeps: its own crop applied to the indices."""
+    """The 0-based positions in `sequence` of the residues `tokenizer` keeps: its own crop applied to the indices;
+    every position when long proteins are embedded whole, in windows."""
+    if tokenizer.long_proteins == "windows":
+        return np.arange(len(sequence), dtype=np.int64)
     kept = crop_sequence(list(range(len(sequence))), tokenizer.max_residues, tokenizer.crop)
     if "".join(sequence[i] for i in kept) != crop_sequence(sequence, tokenizer.max_residues, tokenizer.crop):
         raise AssertionError("the crop of the positions differs from the crop of the sequence")  # a broken crop

@@ -16,6 +16,7 @@ from pathlib import Path
 from huggingface_hub import constants as hub_constants
 from safetensors import SafetensorError, safe_open
 
+from configuration_esmloc import window_overlap_for
 from esmloc.errors import EnvironmentProblem, InputError
 from esmloc.saving import TOKENIZER_FILES, WEIGHTS_FILE, crop_mismatch, tokenizer_for
 from modeling_esmloc import EsmForLocalization
@@ -127,6 +128,28 @@ def load_model_or_backbone(name, device="cpu") -> tuple[EsmForLocalization, EsmL
         return model, tokenizer, "esmloc"
     model = from_hub(EsmForLocalization.from_esm, str(source))
     return model.to(device).eval(), tokenizer_for(model.config), "esm"
+
+
+def with_long_proteins(model, long_proteins: str | None = None, window_overlap: int | None = None
+                       ) -> EsmLocTokenizer | None:
+    """A command line's `--long_proteins` / `--window_overlap` applied to a loaded model: its config takes them (the
+    config is what outputs and job fingerprints record) and the tokenizer that follows them is returned; None when
+    neither is given (the model's own rule stands). InputError for an overlap the windows cannot have, or an overlap
+    without windows."""
+    if long_proteins is None and window_overlap is None:
+        return None
+    config = model.config
+    rule = long_proteins or config.long_proteins
+    if window_overlap is not None and rule != "windows":
+        raise InputError("--window_overlap applies to windows only: add --long_proteins windows")
+    try:
+        window_overlap_for(config.max_residues, window_overlap if window_overlap is not None else config.window_overlap)
+    except ValueError as error:
+        raise InputError(f"--{error}") from None
+    config.long_proteins = rule
+    if window_overlap is not None:
+        config.window_overlap = window_overlap
+    return tokenizer_for(config)
 
 
 def load_model_dir(path, device="cpu") -> tuple[EsmForLocalization, EsmLocTokenizer]:

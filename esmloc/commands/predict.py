@@ -17,6 +17,10 @@ The decision threshold is, in this order: --threshold; the threshold tuned for M
 training run (`test_threshold_tuned`, per label `test_threshold_<label>_tuned`, from MODEL_DIR/test_results.json);
 0.5. The log (stderr) says which one was used.
 
+Long proteins (longer than the model's window, `max_residues`) are cropped or embedded whole in overlapping windows,
+as the model's config says (`long_proteins`, saved with the model); `--long_proteins` / `--window_overlap` choose
+otherwise, with a warning (the model was trained and evaluated with its own rule). The log says how many there are.
+
 Streaming: records are read and predicted in chunks of --chunk_size (batched within a chunk by the engine)
 and written as they come, so memory does not grow with the input; the progress bar moves with every batch.
 
@@ -156,8 +160,8 @@ def predict(argv=None) -> int:
     if repeated_ids:
         logger.warning("%s: %d record ID(s) occur more than once; each record gets its own row, in input order "
                        "(listed at the end)", input_path, len(repeated_ids))
-    note_cropped(cropped, total, config)
-    model, tokenizer = loading.load_model_dir(args.model_dir, device)
+    model, tokenizer = load(args, device)
+    note_cropped(cropped, total, model.config)
     thresholds, source = decision_thresholds(args.model_dir, model.config, args.threshold)
     logger.info("%s: %d proteins (%d residues); model %s (%s pooling); decision threshold: %s", input_path, total,
                 residues, args.model_dir, model.config.pooling, source)
@@ -179,9 +183,23 @@ def predict(argv=None) -> int:
     return 0
 
 
-def note_cropped(cropped: int, total: int, config: dict) -> None:
-    """Says once per run how many proteins are longer than the model's window, and so cropped."""
-    message = crop_note(cropped, total, config["max_residues"], config["crop"])
+def load(args, device):
+    """The model and tokenizer of MODEL_DIR, with the long-protein rule of --long_proteins / --window_overlap when
+    given (a warning when it is not the one the model was trained and evaluated with)."""
+    model, tokenizer = loading.load_model_dir(args.model_dir, device)
+    saved = (model.config.long_proteins, model.config.window_overlap)
+    tokenizer = loading.with_long_proteins(model, args.long_proteins, args.window_overlap) or tokenizer
+    if (model.config.long_proteins, model.config.window_overlap) != saved:
+        logger.warning("%s was trained and evaluated with long_proteins=%s (window_overlap %s); predicting with %s "
+                       "(window_overlap %s), as asked", args.model_dir, *saved, model.config.long_proteins,
+                       model.config.window_overlap)
+    return model, tokenizer
+
+
+def note_cropped(cropped: int, total: int, config) -> None:
+    """Says once per run how many proteins are longer than the model's window, and so cropped (or windowed)."""
+    message = crop_note(cropped, total, config.max_residues, config.crop, config.long_proteins,
+                        config.window_overlap)
     if message:
         logger.warning("%s", message)
 
@@ -198,9 +216,9 @@ def predict_in_parts(args, state) -> int:
                         part_size=args.part_size, chunk_size=args.chunk_size, state=state)
     plan = job.plan()
     job.validate()
-    note_cropped(plan.cropped, plan.records, config)
-    model, tokenizer = loading.load_model_dir(args.model_dir, device)
+    model, tokenizer = load(args, device)
     config = model.config
+    note_cropped(plan.cropped, plan.records, config)
     thresholds, source = decision_thresholds(args.model_dir, config, args.threshold)
     engine = Engine(model, tokenizer, max_tokens_per_batch=args.max_tokens_per_batch, device=device,
                     precision=args.precision, progress=False)
