@@ -4,7 +4,10 @@ models, train.py, esmloc-predict, esmloc-embed and the explanations."""
 
 import csv
 import json
+import os
 import random
+import subprocess
+import sys
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -24,7 +27,7 @@ from esmloc.saving import save_model, tokenizer_for
 from esmloc.sequences import crop_note
 from tokenization_esmloc import EsmLocTokenizer, window_spans
 
-from conftest import PROTEINS, run_main, run_offline, tiny_model
+from conftest import PROTEINS, REPO, run_main, run_offline, tiny_model
 
 
 WINDOW, OVERLAP = 20, 6  # a small window, so that a 50-residue protein needs four
@@ -372,3 +375,30 @@ def test_esmloc_embed_windows_a_stock_checkpoint_on_request(tmp_path, capsys):
     np.testing.assert_allclose(residues, engine(windowed).embed([protein], "residues")[0], atol=1e-5)
     metadata = json.loads(pq.read_schema(tmp_path / "e.parquet").metadata[b"esmloc"])
     assert (metadata["long_proteins"], metadata["window_overlap"]) == ("windows", 100)
+
+
+def test_train_py_trains_on_windowed_cached_features_and_saves_the_rule(tmp_path):
+    from esmloc.demo import write_demo_csv
+
+    proteins = write_demo_csv(tmp_path / "proteins.csv", n_rows=160, seed=3)  # median 305 residues
+    output, cache = tmp_path / "out", tmp_path / "cache"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    result = subprocess.run([sys.executable, str(REPO / "train.py"), "--from_scratch", "tiny", "--train_file",
+                             str(proteins), "--max_residues", "128", "--long_proteins", "windows", "--window_overlap",
+                             "32", "--num_train_epochs", "1", "--feature_cache_dir", str(cache), "--output_dir",
+                             str(output), "--num_examples_to_show", "0"], cwd=tmp_path, env=env, capture_output=True,
+                            text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "152 of 160 proteins are longer than the model's window of 128 residues: each is embedded whole, in " \
+        "windows of 128 residues overlapping by at least 32" in result.stderr
+    for name in ("config.json", "tokenizer_config.json"):
+        saved = json.loads((output / name).read_text())
+        assert (saved["long_proteins"], saved["window_overlap"]) == ("windows", 32)
+    assert [path.name.split("-", 1)[1] for path in cache.iterdir()] == ["mean-r128-windows32-fp32"]
+    assert "embedded whole, in windows of 128 residues overlapping by at least 32" in (output / "README.md").read_text()
+    # The test predictions the run wrote (from cached windowed features) are the saved model's, windowed.
+    sequences = {row["ACC"]: row["Sequence"] for row in csv.DictReader(open(proteins))}
+    rows = list(csv.DictReader(open(output / "test_predictions.csv")))
+    model, tokenizer = load_model_dir(output)
+    expected = Engine(model, tokenizer, progress=False).predict_probabilities([sequences[row["ACC"]] for row in rows])
+    np.testing.assert_allclose([float(row["probability_Mitochondrion"]) for row in rows], expected[:, 1], atol=1e-5)
