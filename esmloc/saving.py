@@ -27,7 +27,7 @@ def crop_mismatch(tokenizer: EsmLocTokenizer, config) -> str | None:
     if ours == theirs:
         return None
     differ = [name for name in names if ours[name] != theirs[name]]
-    return ("the tokenizer and the model config treat long proteins differently: "
+    return ("the tokenizer crops (or windows) long proteins otherwise than the model config says: "
             + ", ".join(f"{name} {ours[name]!r} in the tokenizer, {theirs[name]!r} in the config" for name in differ))
 
 
