@@ -522,31 +522,34 @@ def embedding_seconds(log: Path) -> float | None:
 
 def long_protein_metrics(run_dir: Path, test_split, multi_label: bool, window: int) -> dict:
     """A run's test metrics on the proteins longer than `window` residues, at the run's thresholds tuned on
-    validation (over all proteins), from its test_predictions.csv: `long_<metric>_tuned`, and `long_proteins` (how
-    many there are)."""
+    validation (over all proteins): `long_<metric>_tuned` for the metrics of the decisions (MCC, F1, ...; not the
+    AUCs), and `long_proteins` (how many there are). The decisions are read from the run's test_predictions.csv,
+    where they were taken on the unrounded probabilities, and scored by the same metric module as the run's own."""
     import pandas as pd
 
     from esmloc import evaluation, task
     from esmloc.data import LOCATIONS
 
-    results = json.loads((run_dir / "test_results.json").read_text())
-    predictions = pd.read_csv(run_dir / "test_predictions.csv", keep_default_na=False, dtype={"ACC": str})
+    predictions = pd.read_csv(run_dir / "test_predictions.csv", keep_default_na=False, dtype=str)
     if predictions["ACC"].tolist() != list(test_split["ACC"]):
         raise RuntimeError(f"{run_dir / 'test_predictions.csv'}: not the test split's proteins in order")
     long = np.array([len(sequence) > window for sequence in test_split["Sequence"]])
+
+    def chosen(column, names):  # 1 where a protein's cell names the label (a ";"-joined list for multi-label)
+        return np.array([[name in cell.split(task.LABEL_SEPARATOR) for name in names]
+                         for cell in predictions[column]], dtype=np.int64)
+
     if multi_label:
         names = list(LOCATIONS)
-        scores = predictions[[f"probability_{name}" for name in names]].to_numpy()
-        truth = np.array([[name in cell.split(task.LABEL_SEPARATOR) for name in names]
-                          for cell in predictions["true_labels"]], dtype=np.int64)
-        thresholds = [results[f"test_threshold_{name}_tuned"] for name in names]
-        metrics = evaluation.classification_metrics(scores[long], truth[long], thresholds, names)
+        decided, truth = chosen("predicted_labels", names), chosen("true_labels", names)
+        metrics = evaluation.classification_metrics(decided[long], truth[long], [0.5] * len(names), names)
     else:
-        scores = predictions[f"probability_{task.POSITIVE_LABEL}"].to_numpy()
-        truth = (predictions["true_label"] == task.POSITIVE_LABEL).to_numpy().astype(np.int64)
-        metrics = evaluation.classification_metrics(scores[long], truth[long], results["test_threshold_tuned"])
+        decided, truth = chosen("predicted_label", [task.POSITIVE_LABEL])[:, 0], chosen("true_label",
+                                                                                       [task.POSITIVE_LABEL])[:, 0]
+        metrics = evaluation.classification_metrics(decided[long], truth[long], 0.5)
     return {"long_proteins": int(long.sum()),
-            **{f"long_{key}_tuned": value for key, value in metrics.items() if isinstance(value, (int, float))}}
+            **{f"long_{key}_tuned": value for key, value in metrics.items()
+               if isinstance(value, (int, float)) and "auc" not in key and "threshold" not in key}}
 
 
 def backbone_tokens(sequences, window: int, rule: str) -> int:
