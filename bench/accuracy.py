@@ -510,14 +510,14 @@ def pretraining_table(infos: dict[str, dict]) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 
 SHARED_CACHE = "feature_cache"  # under --output_dir, with --share_feature_cache
-_EMBEDDED = re.compile(r"embedded now in ([0-9.]+) s")  # esmloc.cache.cached_features' log line
+_EMBEDDED = re.compile(r"(\d+) embedded now in ([0-9.]+) s")  # esmloc.cache.cached_features' log line
 
 
 def embedding_seconds(log: Path) -> float | None:
-    """The seconds a train.py run spent embedding proteins into its feature cache (the sum over its splits, from its
-    log); None for a run without a feature cache."""
+    """The seconds a train.py run spent embedding proteins into its feature cache (the sum over the splits it
+    embedded, from its log: 0 when everything came from the cache); None for a run without a feature cache."""
     found = _EMBEDDED.findall(log.read_text()) if log.is_file() else []
-    return sum(map(float, found)) if found else None
+    return sum(float(seconds) for count, seconds in found if int(count)) if found else None
 
 
 def long_protein_metrics(run_dir: Path, test_split, multi_label: bool, window: int) -> dict:

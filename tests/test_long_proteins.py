@@ -402,3 +402,11 @@ def test_train_py_trains_on_windowed_cached_features_and_saves_the_rule(tmp_path
     model, tokenizer = load_model_dir(output)
     expected = Engine(model, tokenizer, progress=False).predict_probabilities([sequences[row["ACC"]] for row in rows])
     np.testing.assert_allclose([float(row["probability_Mitochondrion"]) for row in rows], expected[:, 1], atol=1e-5)
+
+
+def test_the_one_protein_memory_benchmark_runs(tmp_path):
+    result = subprocess.run([sys.executable, str(REPO / "bench" / "predict_memory.py"), "--one_protein", "--sizes",
+                             "1100", "3000"], cwd=tmp_path, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "peak RSS growth from 1,100 to 3,000 residues of one protein" in result.stdout
