@@ -1,0 +1,122 @@
+"""What a per-residue explanation of one long protein costs: the occlusion explainer (esmloc.explain, windows every
+`stride` residues as its token budget allows) beside the per-residue occlusion it replaced (a window of 5 centred on
+every residue: one forward pass per residue), in the same run, on ESM-2 architectures with random weights.
+
+    python bench/explain_cost.py                                   # 8M, 35M, 150M; a 1,022-residue protein
+    python bench/explain_cost.py --architectures esm2_t6_8M --precisions fp32,bf16 --full_baseline
+    python bench/explain_cost.py --smoke
+
+Timing needs no trained weights: the cost of a forward pass does not depend on their values. The protein is drawn
+from Swiss-Prot's amino-acid frequencies (esmloc.demo) with a fixed seed. Each method runs once to warm up, then
+`--repeats` times; the table gives the median. The per-residue method is timed on its first `--baseline_passes`
+variants (the same engine call it made, all its variants at once) and scaled to all of them, since every variant has
+the protein's length and costs the same (`--full_baseline` runs them all). On a shared machine the other processes'
+load is printed per row: rows measured while it is high are slower than the machine can do.
+"""
+
+import argparse
+import random
+import sys
+import time
+
+import numpy as np
+import torch
+
+import common
+
+
+PER_RESIDUE_WINDOW = 5  # the method as it was first written: window 5 centred on every residue
+
+
+def random_protein(residues: int, seed: int = 0) -> str:
+    from esmloc.demo import _BACKGROUND, _draw
+
+    return "M" + _draw(random.Random(seed), _BACKGROUND, residues - 1)
+
+
+def per_residue_seconds(explainer, ids, passes: int | None) -> tuple[float, int]:
+    """Seconds for the per-residue method's variants (the first `passes`, or all) in one engine call, as it ran
+    them; and how many that was."""
+    variants = explainer.occluded(ids, window=PER_RESIDUE_WINDOW)
+    variants = variants[:passes] if passes else variants
+    engine = explainer.engine
+    started = time.perf_counter()
+    for _ in engine.map_batches(variants, lambda lengths, hidden: engine.logits_from_hidden(hidden, lengths)):
+        pass
+    return time.perf_counter() - started, len(variants)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--architectures", type=lambda text: text.split(","),
+                        default=["esm2_t6_8M", "esm2_t12_35M", "esm2_t30_150M"])
+    parser.add_argument("--residues", type=int, default=1022)
+    parser.add_argument("--precisions", type=lambda text: text.split(","), default=["fp32"])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--baseline_passes", type=int, default=96,
+                        help="variants of the per-residue method timed and scaled to all (default 96)")
+    parser.add_argument("--full_baseline", action="store_true", help="time every variant of the per-residue method")
+    parser.add_argument("--smoke", action="store_true")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.architectures, args.residues, args.repeats, args.full_baseline = ["tiny"], 300, 1, True
+    from configuration_esmloc import ESM2_ARCHITECTURES, EsmLocConfig
+    from esmloc.explain import DEFAULT_TOKEN_BUDGET, Explainer, occlusion_centres, stride_for, window_for
+    from esmloc.saving import tokenizer_for
+    from modeling_esmloc import EsmForLocalization
+
+    sequence = random_protein(args.residues)
+    rows = []
+    for architecture in args.architectures:
+        torch.manual_seed(0)
+        model = EsmForLocalization(EsmLocConfig(esm_config=dict(ESM2_ARCHITECTURES[architecture]))).eval()
+        tokenizer = tokenizer_for(model.config)
+        baseline_per_pass = None
+        for precision in args.precisions:
+            explainer = Explainer(model, tokenizer, precision=precision)
+            ids = explainer.engine.encode([sequence])[0]
+            residues = len(ids) - 2
+            passes = None if args.full_baseline else args.baseline_passes
+            per_residue_seconds(explainer, ids, 2 * explainer.engine.workers)  # warm-up
+            times = []
+            with common.OtherLoad() as load:
+                for _ in range(args.repeats):
+                    seconds, timed = per_residue_seconds(explainer, ids, passes)
+                    times.append(seconds / timed)
+            per_pass = float(np.median(times))
+            all_passes = residues + 1
+            if precision == args.precisions[0]:
+                baseline_per_pass = per_pass
+            scaled = "" if timed == all_passes else f", {timed} of them timed and scaled"
+            rows.append([f"per-residue occlusion (before), {precision}", architecture, residues,
+                         f"{PER_RESIDUE_WINDOW} / 1", all_passes, f"{per_pass * all_passes:.1f}{scaled}",
+                         f"{per_pass:.3f}", f"{baseline_per_pass / per_pass:.2f}x", f"{load.fraction:.0%}"])
+            explainer.explain(sequence)  # warm-up
+            times = []
+            with common.OtherLoad() as load:
+                for _ in range(args.repeats):
+                    started = time.perf_counter()
+                    explanation = explainer.explain(sequence)
+                    times.append(time.perf_counter() - started)
+            seconds = float(np.median(times))
+            passes = len(occlusion_centres(residues, explanation.stride)) + 1
+            passes += explainer.attention_pooling  # the pooling weights' own forward pass
+            rows.append([f"strided occlusion (esmloc.explain, default budget), {precision}", architecture, residues,
+                         f"{explanation.window} / {explanation.stride}", passes, f"{seconds:.1f}",
+                         f"{seconds / passes:.3f}", f"{baseline_per_pass * all_passes / seconds:.1f}x",
+                         f"{load.fraction:.0%}"])
+    strides = ", ".join(f"{length}: {stride_for(length, DEFAULT_TOKEN_BUDGET)} "
+                        f"(window {window_for(stride_for(length, DEFAULT_TOKEN_BUDGET))})"
+                        for length in (100, 220, 300, 500, 750, 1022))
+    print(f"Explanation cost: one protein of {args.residues} residues, ESM-2 architectures with random weights; "
+          f"seconds: median of {args.repeats} after a warm-up")
+    print(f"command: {common.command_line()}")
+    print(f"machine: {common.machine_description()}; load average {common.load_average()}")
+    print(f"default token budget {DEFAULT_TOKEN_BUDGET}: stride by protein length: {strides}")
+    print()
+    print(common.table(["method", "architecture", "residues", "window / stride", "forward passes", "seconds",
+                        "s per pass", "x faster than per-residue fp32", "other load"], rows))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
