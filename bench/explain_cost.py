@@ -10,8 +10,9 @@ Timing needs no trained weights: the cost of a forward pass does not depend on t
 from Swiss-Prot's amino-acid frequencies (esmloc.demo) with a fixed seed. Each method runs once to warm up, then
 `--repeats` times; the table gives the median. The per-residue method is timed on its first `--baseline_passes`
 variants (the same engine call it made, all its variants at once) and scaled to all of them, since every variant has
-the protein's length and costs the same (`--full_baseline` runs them all). On a shared machine the other processes'
-load is printed per row: rows measured while it is high are slower than the machine can do.
+the protein's length and costs the same (`--full_baseline` runs them all). On a shared machine each measurement waits
+(up to `--max_wait` s) until other processes use less than `--max_other_load` of the CPUs, and the load they caused
+while it ran is printed per row: rows measured under load are slower than the machine can do, ratios less so.
 """
 
 import argparse
@@ -53,9 +54,11 @@ def main(argv=None):
     parser.add_argument("--residues", type=int, default=1022)
     parser.add_argument("--precisions", type=lambda text: text.split(","), default=["fp32"])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--baseline_passes", type=int, default=96,
-                        help="variants of the per-residue method timed and scaled to all (default 96)")
+    parser.add_argument("--baseline_passes", type=int, default=48,
+                        help="variants of the per-residue method timed and scaled to all (default 48)")
     parser.add_argument("--full_baseline", action="store_true", help="time every variant of the per-residue method")
+    parser.add_argument("--max_other_load", type=float, default=0.05)
+    parser.add_argument("--max_wait", type=float, default=900, help="seconds to wait for a quiet machine, each time")
     parser.add_argument("--smoke", action="store_true")
     args = parser.parse_args(argv)
     if args.smoke:
@@ -65,7 +68,13 @@ def main(argv=None):
     from esmloc.saving import tokenizer_for
     from modeling_esmloc import EsmForLocalization
 
+    def quiet():
+        if not args.smoke:
+            common.wait_until_quiet(args.max_other_load, timeout=args.max_wait)
+
     sequence = random_protein(args.residues)
+    quiet()
+    peak = common.matmul_peaks_gflops(1024 if args.smoke else 4096)["peak"]
     rows = []
     for architecture in args.architectures:
         torch.manual_seed(0)
@@ -79,6 +88,7 @@ def main(argv=None):
             passes = None if args.full_baseline else args.baseline_passes
             per_residue_seconds(explainer, ids, 2 * explainer.engine.workers)  # warm-up
             times = []
+            quiet()
             with common.OtherLoad() as load:
                 for _ in range(args.repeats):
                     seconds, timed = per_residue_seconds(explainer, ids, passes)
@@ -93,6 +103,7 @@ def main(argv=None):
                          f"{per_pass:.3f}", f"{baseline_per_pass / per_pass:.2f}x", f"{load.fraction:.0%}"])
             explainer.explain(sequence)  # warm-up
             times = []
+            quiet()
             with common.OtherLoad() as load:
                 for _ in range(args.repeats):
                     started = time.perf_counter()
@@ -111,7 +122,8 @@ def main(argv=None):
     print(f"Explanation cost: one protein of {args.residues} residues, ESM-2 architectures with random weights; "
           f"seconds: median of {args.repeats} after a warm-up")
     print(f"command: {common.command_line()}")
-    print(f"machine: {common.machine_description()}; load average {common.load_average()}")
+    print(f"machine: {common.machine_description()}; load average {common.load_average()}; fp32 matmul peak "
+          f"{peak:.0f} GFLOP/s at the start")
     print(f"default token budget {DEFAULT_TOKEN_BUDGET}: stride by protein length: {strides}")
     print()
     print(common.table(["method", "architecture", "residues", "window / stride", "forward passes", "seconds",

@@ -10,7 +10,8 @@ from conftest import REPO
 
 
 @pytest.mark.parametrize("script", ["embedding_throughput.py", "frozen_training.py", "precision_accuracy.py",
-                                    "engine_profile.py", "int8_candidates.py", "fork_question.py"])
+                                    "engine_profile.py", "int8_candidates.py", "fork_question.py",
+                                    "explain_cost.py"])
 def test_bench_script_runs_in_smoke_mode(script, tmp_path):
     if script == "fork_question.py" and subprocess.run(["git", "cat-file", "-e", "0d553df"], cwd=REPO,
                                                        capture_output=True).returncode != 0:
@@ -41,5 +42,13 @@ def test_bench_script_runs_in_smoke_mode(script, tmp_path):
     elif script == "fork_question.py":
         assert [line.split(" | ")[0][2:] for line in table[2:]][0].startswith("PackedEsm (the fork")
         assert "for keeping it" in result.stdout
+    elif script == "explain_cost.py":
+        assert "x faster than per-residue fp32" in table[0] and "forward passes" in table[0]
+        methods = [line.split(" | ")[0][2:] for line in table[2:]]
+        assert methods == ["per-residue occlusion (before), fp32",
+                           "strided occlusion (esmloc.explain, default budget), fp32"]
+        # The smoke protein has 300 residues: every one occluded before, windows every 2 residues now.
+        assert [line.split(" | ")[3:5] for line in table[2:]] == [["5 / 1", "301"], ["5 / 2", "152"]]
+        assert "stride by protein length: 100: 1 (window 5)" in result.stdout
     elif script == "frozen_training.py":
         assert "speed-up" in table[0] and "max abs difference" in result.stdout
