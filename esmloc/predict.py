@@ -106,7 +106,10 @@ def parse_run_arguments(parser: argparse.ArgumentParser, argv, done: str) -> arg
     parser.add_argument("--explain", metavar="DIR", default=None,
                         help="also write per-residue explanations into DIR: explanations.csv (occlusion scores, and "
                              "attention-pooling weights, for every residue) and a PNG per protein for the first "
-                             "--explain_plots (esmloc.explain; a second pass, one forward pass per residue)")
+                             "--explain_plots (esmloc.explain; a second pass: occlusion windows centred on every "
+                             "residue of proteins up to ~220 residues, every few residues beyond, at most ~48 "
+                             "forward passes of a 1,022-residue protein each; the CSV says each protein's window and "
+                             "stride)")
     parser.add_argument("--explain_plots", type=int, default=10, help="proteins drawn by --explain (default 10)")
     parser.add_argument("--part_size", type=int, default=None,
                         help="records per resumable part (large jobs: several processes or --resumable); default "

@@ -161,7 +161,8 @@ def test_a_long_protein_is_refused_before_any_pass_and_a_slow_one_stopped_at_its
     within = Explainer(model, tokenizer, time_budget_s=600)
     np.testing.assert_allclose(within.explain(PROTEINS[1]).attributions,
                                Explainer(model, tokenizer).explain(PROTEINS[1]).attributions, atol=1e-9)
-    for wrong in ({"stride": 0}, {"time_budget_s": 0}, {"max_residues_explained": -1}, {"window": 4}):
+    for wrong in ({"stride": 0}, {"stride": 2.5}, {"time_budget_s": 0}, {"max_residues_explained": -1},
+                  {"window": 4}):
         with pytest.raises(ValueError):
             Explainer(model, tokenizer, **wrong)
 
