@@ -8,19 +8,21 @@ every residue: one forward pass per residue), in the same run, on ESM-2 architec
 
 Timing needs no trained weights: the cost of a forward pass does not depend on their values. The protein is drawn
 from Swiss-Prot's amino-acid frequencies (esmloc.demo) with a fixed seed. Each method runs once to warm up, then
-`--repeats` times; the table gives the median. The per-residue method is timed on its first `--baseline_passes`
-variants (the same engine call it made, all its variants at once) and scaled to all of them, since every variant has
-the protein's length and costs the same (`--full_baseline` runs them all). On a shared machine each measurement waits
-(up to `--max_wait` s) until other processes use less than `--max_other_load` of the CPUs, and the load they caused
-while it ran is printed per row: rows measured under load are slower than the machine can do, ratios less so.
+`--repeats` times; the table gives the median of the wall time and of this process's CPU time. The per-residue
+method is timed on its first `--baseline_passes` variants (the same engine call it made, all its variants at once)
+and scaled to all of them, since every variant has the protein's length and costs the same (`--full_baseline` runs
+them all). On a shared machine each measurement waits (up to `--max_wait` s) until other processes use less than
+`--max_other_load` of the CPUs, and the load they caused while it ran is printed per row: rows measured under load
+are slower than the machine can do (their CPU seconds / cores say more), ratios less so.
 """
 
 import argparse
+import os
 import random
+import statistics
 import sys
 import time
 
-import numpy as np
 import torch
 
 import common
@@ -35,16 +37,31 @@ def random_protein(residues: int, seed: int = 0) -> str:
     return "M" + _draw(random.Random(seed), _BACKGROUND, residues - 1)
 
 
-def per_residue_seconds(explainer, ids, passes: int | None) -> tuple[float, int]:
-    """Seconds for the per-residue method's variants (the first `passes`, or all) in one engine call, as it ran
-    them; and how many that was."""
-    variants = explainer.occluded(ids, window=PER_RESIDUE_WINDOW)
-    variants = variants[:passes] if passes else variants
+def run_per_residue(explainer, ids, passes: int) -> None:
+    """The per-residue method's first `passes` variants in one engine call, as it ran them (all at once)."""
+    variants = explainer.occluded(ids, window=PER_RESIDUE_WINDOW)[:passes]
     engine = explainer.engine
-    started = time.perf_counter()
     for _ in engine.map_batches(variants, lambda lengths, hidden: engine.logits_from_hidden(hidden, lengths)):
         pass
-    return time.perf_counter() - started, len(variants)
+
+
+def own_cpu_seconds() -> float:
+    times = os.times()
+    return times.user + times.system
+
+
+def measure(function, repeats: int) -> tuple[float, float, float | None]:
+    """Medians over `repeats` runs of `function()`: wall seconds and this process's CPU seconds (all its threads;
+    on a loaded machine, CPU seconds / cores estimates the quiet wall time better than the wall time does); and the
+    share of the CPUs other processes used meanwhile."""
+    walls, cpus = [], []
+    with common.OtherLoad() as load:
+        for _ in range(repeats):
+            cpu, wall = own_cpu_seconds(), time.perf_counter()
+            function()
+            walls.append(time.perf_counter() - wall)
+            cpus.append(own_cpu_seconds() - cpu)
+    return statistics.median(walls), statistics.median(cpus), load.fraction
 
 
 def main(argv=None):
@@ -80,42 +97,30 @@ def main(argv=None):
         torch.manual_seed(0)
         model = EsmForLocalization(EsmLocConfig(esm_config=dict(ESM2_ARCHITECTURES[architecture]))).eval()
         tokenizer = tokenizer_for(model.config)
-        baseline_per_pass = None
         for precision in args.precisions:
             explainer = Explainer(model, tokenizer, precision=precision)
             ids = explainer.engine.encode([sequence])[0]
             residues = len(ids) - 2
-            passes = None if args.full_baseline else args.baseline_passes
-            per_residue_seconds(explainer, ids, 2 * explainer.engine.workers)  # warm-up
-            times = []
-            quiet()
-            with common.OtherLoad() as load:
-                for _ in range(args.repeats):
-                    seconds, timed = per_residue_seconds(explainer, ids, passes)
-                    times.append(seconds / timed)
-            per_pass = float(np.median(times))
             all_passes = residues + 1
-            if precision == args.precisions[0]:
-                baseline_per_pass = per_pass
-            scaled = "" if timed == all_passes else f", {timed} of them timed and scaled"
-            rows.append([f"per-residue occlusion (before), {precision}", architecture, residues,
-                         f"{PER_RESIDUE_WINDOW} / 1", all_passes, f"{per_pass * all_passes:.1f}{scaled}",
-                         f"{per_pass:.3f}", f"{baseline_per_pass / per_pass:.2f}x", f"{load.fraction:.0%}"])
-            explainer.explain(sequence)  # warm-up
-            times = []
+            passes = all_passes if args.full_baseline else min(args.baseline_passes, all_passes)
+            run_per_residue(explainer, ids, 2 * explainer.engine.workers)  # warm-up
             quiet()
-            with common.OtherLoad() as load:
-                for _ in range(args.repeats):
-                    started = time.perf_counter()
-                    explanation = explainer.explain(sequence)
-                    times.append(time.perf_counter() - started)
-            seconds = float(np.median(times))
+            wall, cpu, load = measure(lambda: run_per_residue(explainer, ids, passes), args.repeats)
+            scale = all_passes / passes
+            if precision == args.precisions[0]:
+                baseline_seconds = wall * scale
+            scaled = "" if passes == all_passes else f" ({passes} passes timed, scaled)"
+            rows.append([f"per-residue occlusion (before), {precision}", architecture, residues,
+                         f"{PER_RESIDUE_WINDOW} / 1", all_passes, f"{wall * scale:.1f}{scaled}", f"{cpu * scale:.1f}",
+                         f"{wall / passes:.3f}", f"{baseline_seconds / (wall * scale):.2f}x", f"{load:.0%}"])
+            explanation = explainer.explain(sequence)  # warm-up
+            quiet()
+            wall, cpu, load = measure(lambda: explainer.explain(sequence), args.repeats)
             passes = len(occlusion_centres(residues, explanation.stride)) + 1
             passes += explainer.attention_pooling  # the pooling weights' own forward pass
             rows.append([f"strided occlusion (esmloc.explain, default budget), {precision}", architecture, residues,
-                         f"{explanation.window} / {explanation.stride}", passes, f"{seconds:.1f}",
-                         f"{seconds / passes:.3f}", f"{baseline_per_pass * all_passes / seconds:.1f}x",
-                         f"{load.fraction:.0%}"])
+                         f"{explanation.window} / {explanation.stride}", passes, f"{wall:.1f}", f"{cpu:.1f}",
+                         f"{wall / passes:.3f}", f"{baseline_seconds / wall:.1f}x", f"{load:.0%}"])
     strides = ", ".join(f"{length}: {stride_for(length, DEFAULT_TOKEN_BUDGET)} "
                         f"(window {window_for(stride_for(length, DEFAULT_TOKEN_BUDGET))})"
                         for length in (100, 220, 300, 500, 750, 1022))
@@ -127,7 +132,7 @@ def main(argv=None):
     print(f"default token budget {DEFAULT_TOKEN_BUDGET}: stride by protein length: {strides}")
     print()
     print(common.table(["method", "architecture", "residues", "window / stride", "forward passes", "seconds",
-                        "s per pass", "x faster than per-residue fp32", "other load"], rows))
+                        "CPU s (own)", "s per pass", "x faster than per-residue fp32", "other load"], rows))
 
 
 if __name__ == "__main__":
