@@ -43,7 +43,8 @@ def test_bench_script_runs_in_smoke_mode(script, tmp_path):
         assert [line.split(" | ")[0][2:] for line in table[2:]][0].startswith("PackedEsm (the fork")
         assert "for keeping it" in result.stdout
     elif script == "explain_cost.py":
-        assert "x faster than per-residue fp32" in table[0] and "forward passes" in table[0]
+        assert all(column in table[0] for column in ("forward passes", "GFLOP", "CPU s (own)",
+                                                     "x faster than per-residue fp32", "other load"))
         methods = [line.split(" | ")[0][2:] for line in table[2:]]
         assert methods == ["per-residue occlusion (before), fp32",
                            "strided occlusion (esmloc.explain, default budget), fp32"]
