@@ -45,7 +45,7 @@ def run_pretrain(args, cwd, env=None, expect_ok=True, timeout=600) -> subprocess
     result = subprocess.run(PRETRAIN + args, cwd=cwd, env=env or train_env(), capture_output=True, text=True,
                             timeout=timeout)
     if expect_ok and result.returncode != 0:
-        raise AssertionError(f"esmloc.pretrain failed ({result.returncode}):\n{result.stdout[-5000:]}\n"
+        raise AssertionError(f"esmloc-pretrain failed ({result.returncode}):\n{result.stdout[-5000:]}\n"
                              f"{result.stderr[-5000:]}")
     return result
 
@@ -365,7 +365,7 @@ def test_benchmark_pretrain_mode_smoke(tmp_path):
                              str(data_file), "--output_dir", str(output_dir), "--setups", "pretrain_frozen"],
                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
-    assert "python -m esmloc.pretrain --from_scratch tiny" in result.stdout
+    assert "python -m esmloc.commands.pretrain --from_scratch tiny" in result.stdout
     assert "none of partitions [3, 4] (checked)" in result.stdout
     row = "esmloc, ESM-2 `tiny` pretrained here (MLM on the training partitions), frozen"
     line = next(line for line in result.stdout.splitlines() if line.startswith(f"| {row} |"))
