@@ -11,8 +11,10 @@ Needs no `datasets`: `esmloc-predict` streams its input through `read_sequences`
 - `DataValidationError`: bad input, naming the file, line and accession of each problem.
 """
 
+import contextlib
 import csv
 import gzip
+import io
 import re
 from collections.abc import Iterator
 from typing import NamedTuple
@@ -93,6 +95,8 @@ class ProteinRecord(NamedTuple):
 
 
 def _open_text(path):
+    if isinstance(path, io.TextIOBase):  # text already in memory (the demo's pastes and uploads), named by str(path)
+        return contextlib.nullcontext(path)
     # utf-8-sig: spreadsheet programs start CSV exports with a byte-order mark, which must not end up in "ACC".
     if str(path).endswith(".gz"):
         return gzip.open(path, "rt", encoding="utf-8-sig", newline="")
