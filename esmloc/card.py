@@ -29,6 +29,9 @@ CARD_MARKER = "rendered by esmloc.publish.render_model_card"
 ADAPTER_DIR = "adapter"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 CARD_KINDS = ("merged", "adapter")
+# What a finished training run writes beside its model (esmloc.report), read here and pushed by esmloc.publish.
+RUN_INFO_FILE = "run_info.json"
+PREDICTIONS_FILE = "test_predictions.csv"
 DEFAULT_LICENSE = "apache-2.0"
 TAGS = ["protein", "esm", "esm2", "biology", "subcellular-localization", "mitochondrion"]
 PLOT_TITLES = {
@@ -141,7 +144,7 @@ class RunRecord:
     def __init__(self, output_dir: Path):
         self.dir = output_dir
         self.config = _read_json(output_dir / "config.json")
-        self.info = _read_json(output_dir / "run_info.json")
+        self.info = _read_json(output_dir / RUN_INFO_FILE)
         self.test = {k: v for k, v in _read_json(output_dir / "test_results.json").items() if _number(v)}
         all_results = _read_json(output_dir / "all_results.json")
         self.train = _read_json(output_dir / "train_results.json") or {

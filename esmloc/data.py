@@ -35,6 +35,7 @@ from esmloc.sequences import (
     DataValidationError,
     ProteinRecord,
     SequenceError,
+    check_text_file,
     csv_rows,
     describe_row,
     fasta_entries,
@@ -366,6 +367,9 @@ class EsmLocDataset(datasets.GeneratorBasedBuilder):
             yield example["ACC"], {column: example[column] for column in columns}
 
 
+CONFIG_NAMES = tuple(config.name for config in EsmLocDataset.BUILDER_CONFIGS)
+
+
 def _from_working_dir(data_files):
     if isinstance(data_files, os.PathLike):
         data_files = os.fspath(data_files)
@@ -482,12 +486,29 @@ def load_dataset(
         cache_dir, download_mode: as in `datasets.load_dataset`.
         config_kwargs: `EsmLocDatasetConfig` fields: `split_method`, `seed`, `validation_size`, `test_size`,
             `validation_partitions`, `test_partitions`.
+
+    Every data file is checked first (`esmloc.sequences.check_text_file`: present, a file, UTF-8 text, and FASTA or
+    CSV as its name says), so that a bad file is one message naming it, before datasets resolves any path.
     """
+    for path in _file_list(data_files):
+        if not any(character in str(path) for character in "*?["):  # a glob pattern: datasets resolves it
+            check_text_file(path, "FASTA" if is_fasta(path) else "CSV")
     builder = EsmLocDataset(
         config_name=config_name, data_files=data_files, cache_dir=cache_dir, **config_kwargs
     )
     builder.download_and_prepare(download_mode=download_mode)
     return builder.as_dataset()
+
+
+def _file_list(data_files) -> list:
+    """The paths of `data_files` (a path, a list of paths, or a dict of either per split)."""
+    if data_files is None:
+        return []
+    if isinstance(data_files, dict):
+        return [path for value in data_files.values() for path in _file_list(value)]
+    if isinstance(data_files, (list, tuple)):
+        return list(data_files)
+    return [data_files]
 
 
 def dataset_summary(dataset: datasets.DatasetDict) -> dict:

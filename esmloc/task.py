@@ -13,16 +13,22 @@ Three kinds of problem, told apart by the config (`problem_type`, `num_labels`):
 - multi-class (single-label, more than two classes): softmax; the most probable label is predicted.
 """
 
+import json
 import re
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
+
+from esmloc.errors import InputError
 
 
 BINARY_LABELS = ("Other", "Mitochondrion")
 MULTI_LABEL = "multi_label_classification"
 SINGLE_LABEL = "single_label_classification"
+# Where train.py saves the test metrics and the thresholds tuned on validation (`tuned_threshold_keys`).
+RESULTS_FILE = "test_results.json"
 # How several predicted labels of one protein are written in one CSV cell.
 LABEL_SEPARATOR = ";"
 
@@ -105,3 +111,81 @@ def threshold_rule(names: Sequence[str], multi_label: bool, thresholds=None) -> 
         return f"every label whose probability >= {values[0]:.3f}"
     return "every label whose probability >= its threshold (" + ", ".join(
         f"{name} {value:.3f}" for name, value in zip(names, values)) + ")"
+
+
+def decision_thresholds(model_dir, config, override: float | None) -> tuple[np.ndarray | None, str]:
+    """Per-label thresholds (None for a multi-class model, which predicts the most probable label) and where they
+    came from."""
+    names, multi_label = label_names(config), is_multi_label(config)
+    if not multi_label and len(names) != 2:
+        return None, "none (multi-class: the most probable label)"
+    count = len(names) if multi_label else 1
+    if override is not None:
+        return np.full(count, override), f"{override} (--threshold)"
+    results_path = Path(model_dir) / RESULTS_FILE
+    if results_path.is_file():
+        results = json.loads(results_path.read_text())
+        keys = tuned_threshold_keys(names, multi_label)
+        if all(isinstance(results.get(key), (int, float)) for key in keys):
+            values = np.asarray([float(results[key]) for key in keys])
+            shown = ", ".join(f"{name}={value:.4g}" for name, value in zip(names if multi_label else [names[1]],
+                                                                            values))
+            return values, f"{shown} (tuned on validation, {', '.join(keys[:2])}{' ...' if len(keys) > 2 else ''} " \
+                           f"from {results_path})"
+    return np.full(count, 0.5), f"0.5 (default: no tuned threshold in {results_path})"
+
+
+# --- the labels of a training run ------------------------------------------------------------------------------------
+
+
+def label_config(label_feature) -> dict:
+    """The config kwargs (id2label, problem_type) of a dataset's `label` feature: a ClassLabel is single-label, a
+    sequence of ClassLabels (DeepLoc's locations) multi-label."""
+    names = getattr(label_feature, "names", None)
+    if names is not None:
+        return {"id2label": dict(enumerate(names)), "problem_type": SINGLE_LABEL}
+    inner = getattr(label_feature, "feature", None)  # datasets' Sequence / List of a ClassLabel
+    return {"id2label": dict(enumerate(inner.names)), "problem_type": MULTI_LABEL}
+
+
+def targets(labels, num_labels: int, multi_label: bool) -> np.ndarray:
+    """A split's `label` column as training targets: integer class ids (single-label) or a multi-hot float matrix
+    (multi-label; each row lists the label ids present)."""
+    if not multi_label:
+        return np.asarray(labels, dtype=np.int64)
+    multi_hot = np.zeros((len(labels), num_labels), dtype=np.float32)
+    for row, present in enumerate(labels):
+        multi_hot[row, present] = 1.0
+    return multi_hot
+
+
+def balanced_class_weights(train_targets: np.ndarray, num_labels: int, multi_label: bool) -> list[float]:
+    """Balanced cross-entropy weights n / (k * n_c) (scikit-learn's "balanced"), or BCE pos_weight
+    negatives / positives per label."""
+    if multi_label:
+        positives = train_targets.sum(axis=0)
+        return [float((len(train_targets) - p) / p) for p in positives]
+    from sklearn.utils.class_weight import compute_class_weight
+
+    weights = compute_class_weight("balanced", classes=np.arange(num_labels), y=train_targets)
+    return [float(weight) for weight in weights]
+
+
+def check_learnable(split_targets: dict[str, np.ndarray], names: Sequence[str], multi_label: bool, source: str) -> None:
+    """Refuses splits no sound model can come from: every label needs positives in training (a label never seen
+    positive is learned as "never"), and in validation, where its decision threshold is tuned. `split_targets`:
+    `targets` of the "train" and "validation" splits."""
+    for split, purpose in (("train", "to learn it from"), ("validation", "to tune its decision threshold on")):
+        labels = split_targets[split]
+        counts = labels.sum(axis=0) if multi_label else np.bincount(labels, minlength=len(names))
+        if multi_label or split == "train":
+            absent = [name for name, count in zip(names, counts) if count == 0]
+        else:  # a binary validation split needs positives; every protein is a negative of the others
+            absent = [names[1]] if len(names) == 2 and counts[1] == 0 else []
+        if absent:
+            shown = ", ".join(f"{name} {int(count)}" for name, count in zip(names, counts))
+            raise InputError(
+                f"{source}: the {split} split ({len(labels)} proteins; {shown}) has no protein labelled "
+                f"{', '.join(absent)}: esmloc needs some {purpose}. Use more data or another split "
+                "(--split_method, --max_train_samples/--max_eval_samples)."
+            )

@@ -25,7 +25,6 @@ forward pass per residue) have their own length limit and their own one-at-a-tim
 Everything a user sent (FASTA headers, file names) and every message is shown as text, never as Markdown or HTML.
 """
 
-import argparse
 import csv
 import dataclasses
 import io
@@ -37,12 +36,11 @@ from pathlib import Path
 
 import numpy as np
 
-from esmloc import cli, loading, predictions, sequences, task
-from esmloc.card import as_hub_model_id
-from esmloc.cli import InputError
+from esmloc import loading, predictions, sequences, task
 from esmloc.engine import Engine
+from esmloc.errors import EnvironmentProblem, InputError
 from esmloc.explain import Explainer, seen_positions
-from esmloc.predict import RESULTS_FILE, decision_thresholds
+from esmloc.task import RESULTS_FILE, decision_thresholds
 
 
 logger = logging.getLogger("esmloc.webapp")
@@ -108,6 +106,18 @@ class Limits:
 DEFAULT_LIMITS = Limits()
 
 
+def add_limit_options(parser) -> None:
+    """`--max_sequences N` ... on an argparse parser (esmloc-demo's), one per field of `Limits`."""
+    group = parser.add_argument_group("limits", "what one request may ask of the server")
+    for field in dataclasses.fields(Limits):
+        group.add_argument(f"--{field.name}", type=positive_int, default=field.default, metavar="N",
+                           help=f"{field.metadata['help']} (default {field.default:,})")
+
+
+def limits_from_args(args) -> Limits:
+    return Limits(**{field.name: getattr(args, field.name) for field in dataclasses.fields(Limits)})
+
+
 def positive_int(text: str) -> int:
     """argparse type of the limits: a positive integer (1_000 and 1000 alike)."""
     value = int(text.replace("_", ""))
@@ -123,8 +133,8 @@ positive_int.__name__ = "positive integer"  # what argparse calls it in "invalid
 
 
 class NamedText(io.StringIO):
-    """Text held in memory that esmloc's readers (`esmloc.sequences`) read as a file named `name`: its name decides
-    FASTA or CSV/TSV, and their messages name it ("pasted text", "uploaded file x.csv")."""
+    """Text held in memory that esmloc's readers (`esmloc.sequences`) read as a file named `name` (their messages
+    name it so): the pasted text is parsed without being written anywhere."""
 
     def __init__(self, text: str, name: str):
         super().__init__(text, newline="")
@@ -149,78 +159,19 @@ def _raw_records(text: str):
         yield acc, sequence
 
 
-def _checked(records):
-    """(ACC, sequence) of esmloc's readers' records; their DataValidationError as the demo's InputError."""
+def _file_records(path, shown_as: str, read=sequences.read_sequences):
+    """(ACC, sequence) of a FASTA or CSV file (by its name) through esmloc's own readers (which refuse binary and
+    non-UTF-8 data); errors name the file as `shown_as`."""
     try:
-        for record in records:
+        for record in read(path):
             yield record.acc, record.sequence
     except sequences.DataValidationError as error:
-        raise InputError("; ".join(error.problems)) from None
+        raise InputError("; ".join(problem.replace(str(path), shown_as) for problem in error.problems)) from None
     except csv.Error as error:  # a cell over the csv module's field limit, ...
-        raise InputError(f"not a readable CSV file ({error})") from None
+        raise InputError(f"{shown_as}: not a readable CSV file ({error})") from None
 
 
-def is_upload(path: Path) -> bool:
-    """Whether `path` lies in gradio's upload folder (only those files are ever deleted)."""
-    from gradio.utils import get_upload_folder
-
-    return Path(path).resolve().is_relative_to(Path(get_upload_folder()).resolve())
-
-
-def read_upload(upload, limits: Limits = DEFAULT_LIMITS) -> NamedText:
-    """The text of an uploaded file, checked (size, text, UTF-8), then the file is deleted: an upload is read once
-    and leaves nothing behind. Only files in gradio's upload folder are read. InputError names the file by its name
-    only."""
-    path = Path(upload)
-    shown = f"uploaded file {path.name}"
-    if not is_upload(path):
-        raise InputError(f"{shown} is not an upload of this server")
-    try:
-        size = path.stat().st_size
-        data = path.read_bytes() if size <= limits.max_upload_bytes else None
-    except FileNotFoundError:
-        raise InputError(f"{shown} is no longer on the server (uploads are kept {UPLOAD_TTL_S // 60} minutes): "
-                         "upload it again") from None
-    finally:
-        path.unlink(missing_ok=True)
-        try:
-            path.parent.rmdir()  # gradio's folder of this upload (named by its hash)
-        except OSError:
-            pass  # another upload of the same content is still in it
-    if data is None:
-        raise InputError(f"{shown}: {size:,} bytes; this server reads uploads of up to {limits.max_upload_bytes:,} "
-                         "bytes: use esmloc-predict for files of any size")
-    if b"\0" in data:
-        raise InputError(f"{shown} is a binary file, not a FASTA or CSV text file")
-    try:
-        text = data.decode("utf-8-sig")  # a spreadsheet's byte-order mark must not end up in "ACC"
-    except UnicodeDecodeError as error:
-        raise InputError(f"{shown} is not UTF-8 text (byte {error.start + 1:,}); save it as UTF-8 FASTA or CSV") \
-            from None
-    return NamedText(text, shown)
-
-
-def parse_proteins(text: str | None, upload: str | None = None, limits: Limits = DEFAULT_LIMITS
-                   ) -> list[tuple[str, str]]:
-    """(ACC, sequence) pairs from pasted text (FASTA when it starts with '>', else one raw sequence per line) or an
-    uploaded FASTA/CSV file (by its name: .fasta/.fa/.faa/.fas/.fsa are FASTA; read once and deleted), within
-    `limits`. Raises `InputError` naming the bad record, for an empty input and for anything over a limit; the text
-    is measured before it is parsed, and parsed in memory."""
-    if not isinstance(text, str | None) or not isinstance(upload, str | Path | None):
-        raise InputError("the sequences must be text, and the upload a file")  # what a client may send instead
-    if upload:
-        stream = read_upload(upload, limits)
-        records = _checked(sequences.read_sequences(stream))
-    elif text and len(text) > limits.max_chars:
-        raise InputError(f"{len(text):,} characters; this server reads at most {limits.max_chars:,} characters of "
-                         "pasted text per request: use esmloc-predict for files of any size")
-    elif text and text.strip():
-        if text.lstrip().startswith(">"):
-            records = _checked(sequences.read_fasta(NamedText(text, "pasted text")))
-        else:
-            records = _raw_records(text)
-    else:
-        raise InputError("no sequence: paste one or more sequences (raw or FASTA) or upload a file")
+def _within_limits(records, limits: Limits) -> list[tuple[str, str]]:
     proteins = []
     for acc, sequence in records:
         if len(proteins) == limits.max_sequences:
@@ -235,25 +186,56 @@ def parse_proteins(text: str | None, upload: str | None = None, limits: Limits =
     return proteins
 
 
-# --- the model -------------------------------------------------------------------------------------------------
+def upload_folder() -> Path:
+    from gradio.utils import get_upload_folder
+
+    return Path(get_upload_folder()).resolve()
 
 
-def resolve_model_dir(model: str) -> Path:
-    """A local model directory, or a hub repository id downloaded to the local cache (a Space's case). InputError
-    when it is neither."""
-    path = Path(model).expanduser()
-    if path.is_dir():
-        return path
-    if as_hub_model_id(model) is None:
-        raise InputError(f"{model}: no such model directory")
-    import httpx2  # huggingface_hub's HTTP client: an unreachable hub raises its errors
-    from huggingface_hub import snapshot_download
-
+def read_upload(upload, limits: Limits = DEFAULT_LIMITS) -> list[tuple[str, str]]:
+    """The proteins of an uploaded FASTA/CSV file within `limits`; the file is deleted once read, whatever it held
+    (an upload is read once and leaves nothing behind). Only files in gradio's upload folder are read; InputError
+    names the file by its name only."""
+    path = Path(upload)
+    shown = f"uploaded file {path.name}"
+    if not path.resolve().is_relative_to(upload_folder()):
+        raise InputError(f"{shown} is not an upload of this server")
     try:
-        return Path(snapshot_download(model))
-    except (OSError, ValueError, httpx2.HTTPError) as error:
-        raise InputError(f"{model}: no such model directory, and no hub repository {model} could be downloaded "
-                         f"({type(error).__name__})") from None
+        size = path.stat().st_size
+        if size > limits.max_upload_bytes:
+            raise InputError(f"{shown}: {size:,} bytes; this server reads uploads of up to "
+                             f"{limits.max_upload_bytes:,} bytes: use esmloc-predict for files of any size")
+        return _within_limits(_file_records(path, shown), limits)
+    except FileNotFoundError:
+        raise InputError(f"{shown} is no longer on the server (uploads are kept {UPLOAD_TTL_S // 60} minutes): "
+                         "upload it again") from None
+    finally:
+        path.unlink(missing_ok=True)
+        try:
+            path.parent.rmdir()  # gradio's folder of this upload (named by its hash)
+        except OSError:
+            pass  # another upload of the same content is still in it
+
+
+def parse_proteins(text: str | None, upload: str | None = None, limits: Limits = DEFAULT_LIMITS
+                   ) -> list[tuple[str, str]]:
+    """(ACC, sequence) pairs from pasted text (FASTA when it starts with '>', else one raw sequence per line) or an
+    uploaded FASTA/CSV file (by its name: .fasta/.fa/.faa/.fas/.fsa are FASTA; read once and deleted), within
+    `limits`. Raises `InputError` naming the bad record, for an empty input and for anything over a limit; pasted
+    text is measured before it is parsed, and parsed in memory."""
+    if not isinstance(text, str | None) or not isinstance(upload, str | Path | None):
+        raise InputError("the sequences must be text, and the upload a file")  # what a client may send instead
+    if upload:
+        return read_upload(upload, limits)
+    if text and len(text) > limits.max_chars:
+        raise InputError(f"{len(text):,} characters; this server reads at most {limits.max_chars:,} characters of "
+                         "pasted text per request: use esmloc-predict for files of any size")
+    if not (text and text.strip()):
+        raise InputError("no sequence: paste one or more sequences (raw or FASTA) or upload a file")
+    if text.lstrip().startswith(">"):
+        return _within_limits(_file_records(NamedText(text, "pasted text"), "pasted text", sequences.read_fasta),
+                              limits)
+    return _within_limits(_raw_records(text), limits)
 
 
 class DemoModel:
@@ -343,7 +325,7 @@ def build_app(model, device: str = "cpu", limits: Limits = DEFAULT_LIMITS):
     import gradio as gr
     import pandas as pd
 
-    demo_model = DemoModel(resolve_model_dir(model), device=device)
+    demo_model = DemoModel(loading.resolve_model_dir(model), device=device)
     attention = demo_model.explainer.attention_pooling
     header = demo_model.header
     if demo_model.threshold_column is not None:
@@ -482,39 +464,6 @@ def space_app(model: str, prog: str = "app.py"):
     try:
         limits = Limits.from_env()
         return build_app(model, limits=limits), limits
-    except InputError as error:
+    except (InputError, EnvironmentProblem) as error:
         print(f"{prog}: error: {error}", file=sys.stderr)
         raise SystemExit(error.exit_code) from None
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="esmloc-demo", description="Serve the interactive esmloc demo (Gradio).")
-    parser.add_argument("model", metavar="MODEL_DIR", help="a saved model directory, or a hub repository id")
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=7860, help="port (default 7860)")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, ... (default cpu)")
-    limits = parser.add_argument_group("limits", "what one request may ask of the server")
-    for field in dataclasses.fields(Limits):
-        limits.add_argument(f"--{field.name}", type=positive_int, default=field.default, metavar="N",
-                            help=f"{field.metadata['help']} (default {field.default:,})")
-    return parser
-
-
-def serve(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no usage reports to Gradio's servers
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    limits = Limits(**{field.name: getattr(args, field.name) for field in dataclasses.fields(Limits)})
-    app = build_app(args.model, device=args.device, limits=limits)
-    launch(app, limits, server_name=args.host, server_port=args.port)
-    return 0
-
-
-def main(argv=None) -> int:
-    """The esmloc-demo command: serves until stopped; a model directory or option that cannot be used is one line
-    (`esmloc-demo: error: ...`) and exit status 2."""
-    return cli.run("esmloc-demo", serve, argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -117,3 +117,10 @@ def write_deeploc_layout_csv(path: Path, n_rows: int, seed: int) -> Path:
                          for name in LOCATIONS]
             writer.writerow([row["ACC"], "Metazoa", index % 5, rng.randint(0, 1), *locations, row["Sequence"]])
     return path
+
+
+def run_main(main, argv, capsys):
+    """A tool's `main` run in-process as its console script runs it: (exit status, stdout, stderr)."""
+    status = main([str(argument) for argument in argv])
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err

@@ -15,7 +15,7 @@ from esmloc import cache
 from esmloc.demo import write_demo_csv
 from esmloc.engine import Engine
 from esmloc.saving import tokenizer_for
-from esmloc.train import main as train_main
+from esmloc.commands.train import main as train_main
 from tokenization_esmloc import EsmLocTokenizer
 
 from conftest import PROTEINS, tiny_model

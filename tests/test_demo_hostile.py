@@ -52,7 +52,7 @@ def start_server(model_dir: Path, tmp: Path, **limits):
     port = free_port()
     options = [item for name, value in limits.items() for item in (f"--{name}", str(value))]
     log = (tmp / "server.log").open("w")
-    process = subprocess.Popen([sys.executable, "-m", "esmloc.webapp", str(model_dir), "--host", "127.0.0.1",
+    process = subprocess.Popen([sys.executable, "-m", "esmloc.commands.demo", str(model_dir), "--host", "127.0.0.1",
                                 "--port", str(port), *options], stdout=log, stderr=subprocess.STDOUT,
                                env=server_env(tmp), cwd=tmp)
     server = SimpleNamespace(process=process, port=port, url=f"http://127.0.0.1:{port}/", log=log, tmp=tmp,
@@ -524,7 +524,7 @@ def test_a_model_or_option_that_cannot_be_used_is_one_line_and_exit_2(case, tmp_
               "bad limit": (str(tmp_path), "argument --max_chars: invalid positive integer value: '0'")}
     model, expected = models[case]
     options = ["--max_chars", "0"] if case == "bad limit" else []
-    result = subprocess.run([sys.executable, "-m", "esmloc.webapp", model, "--port", str(free_port()), *options],
+    result = subprocess.run([sys.executable, "-m", "esmloc.commands.demo", model, "--port", str(free_port()), *options],
                             capture_output=True, text=True, timeout=300, env=server_env(tmp_path), cwd=tmp_path)
     assert result.returncode == 2, result.stderr[-2000:]
     lines = [line for line in result.stderr.splitlines() if line.strip() and "Loading weights" not in line]

@@ -139,7 +139,7 @@ def test_predict_explain_writes_one_long_csv_and_pictures(tmp_path):
     plain, explained = tmp_path / "plain.csv", tmp_path / "explained.csv"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     for output, extra in ((plain, []), (explained, ["--explain", str(tmp_path / "why"), "--explain_plots", "2"])):
-        result = subprocess.run([sys.executable, "-m", "esmloc.predict", str(model_dir), str(fasta), "-o",
+        result = subprocess.run([sys.executable, "-m", "esmloc.commands.predict", str(model_dir), str(fasta), "-o",
                                  str(output), "--no_progress", *extra], env=env, capture_output=True, text=True,
                                 timeout=300)
         assert result.returncode == 0, result.stderr

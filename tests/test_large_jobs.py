@@ -17,9 +17,10 @@ import pytest
 import torch
 
 from esmloc import jobs, loading
-from esmloc.embed import main as embed_main, read_residues
+from esmloc.commands.embed import main as embed_main
+from esmloc.embeddings import read_residues
 from esmloc.engine import Engine
-from esmloc.predict import main as predict_main
+from esmloc.commands.predict import main as predict_main
 from esmloc.saving import save_model
 from esmloc.sequences import read_sequences
 
@@ -101,7 +102,7 @@ def test_two_processes_predict_what_one_process_predicts(work, tmp_path):
     one = tmp_path / "one.csv"
     assert predict_main([str(work / "model"), str(work / "proteins.fasta"), "-o", str(one), "--no_progress"]) == 0
     two = tmp_path / "two.csv"
-    result = two_processes("torchrun", "esmloc.predict", [work / "model", work / "proteins.fasta", "-o", two,
+    result = two_processes("torchrun", "esmloc.commands.predict", [work / "model", work / "proteins.fasta", "-o", two,
                                                           "--no_progress", "--chunk_size", "64"], cwd=tmp_path)
     log = result.stdout + result.stderr
     assert result.returncode == 0, distributed_failure(result)
@@ -128,7 +129,7 @@ def test_repeated_sequences_are_found_with_their_first_record():
 def test_two_processes_embed_what_one_process_and_the_engine_embed(work, tmp_path, monkeypatch):
     args = [work / "attention_model", work / "proteins.fasta", "--no_progress", "--chunk_size", "40"]
     residue_args = ["--per_residue", tmp_path / "residues", "--per_residue_dtype", "float32"]
-    result = two_processes("accelerate", "esmloc.embed", args + ["-o", tmp_path / "two.parquet", *residue_args],
+    result = two_processes("accelerate", "esmloc.commands.embed", args + ["-o", tmp_path / "two.parquet", *residue_args],
                            cwd=tmp_path)
     assert result.returncode == 0, distributed_failure(result)
     assert "2 process(es)" in result.stderr and "attention pooling" in result.stderr
@@ -181,7 +182,7 @@ def test_two_processes_embed_what_one_process_and_the_engine_embed(work, tmp_pat
 def test_a_bad_record_in_the_second_share_stops_both_processes_with_one_message(work, tmp_path):
     bad = write_proteins(tmp_path / "bad.fasta", bad_at=230)  # near the end: the second process's share
     output = tmp_path / "out.csv"
-    result = two_processes("torchrun", "esmloc.predict", [work / "model", bad, "-o", output, "--no_progress"],
+    result = two_processes("torchrun", "esmloc.commands.predict", [work / "model", bad, "-o", output, "--no_progress"],
                            cwd=tmp_path)
     assert result.returncode != 0
     log = result.stdout + result.stderr
@@ -212,7 +213,7 @@ def test_a_killed_job_resumes_and_a_changed_model_discards_old_parts(work, tmp_p
     shutil.copytree(work / "model", model_dir)
     output, parts = tmp_path / "out.csv", tmp_path / "out.csv.parts"
     args = [str(model_dir), str(proteins), "-o", str(output), "--no_progress", "--resumable", "--chunk_size", "16"]
-    run_until_parts_exist([sys.executable, "-m", "esmloc.predict", *args], parts, 5, tmp_path / "killed.log")
+    run_until_parts_exist([sys.executable, "-m", "esmloc.commands.predict", *args], parts, 5, tmp_path / "killed.log")
     assert not output.exists()
     done = len(list(parts.glob("part-*.csv")))
     assert 5 <= done < 100  # interrupted: 1600 records are 100 parts of 16

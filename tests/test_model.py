@@ -74,7 +74,7 @@ def test_shipped_vocabulary_is_the_esm2_vocabulary():
 
 
 def test_crop_defaults_are_the_configs():
-    from esmloc.train import ModelArguments
+    from esmloc.commands.train import ModelArguments
 
     config, tokenizer = EsmLocConfig(), EsmLocTokenizer()
     arguments = ModelArguments(from_scratch="tiny")

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from esmloc.saving import save_model, tokenizer_for
-from esmloc.predict import main as predict_main
+from esmloc.commands.predict import main as predict_main
 
 from conftest import PROTEINS, tiny_model
 
@@ -43,7 +43,7 @@ def write_csv(path, rows, columns=("ACC", "Kingdom", "Sequence")):
 
 def run_predict(args, cwd):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([sys.executable, "-m", "esmloc.predict", *map(str, args)], cwd=cwd, env=env,
+    return subprocess.run([sys.executable, "-m", "esmloc.commands.predict", *map(str, args)], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=300)
 
 

@@ -23,7 +23,7 @@ from conftest import REPO, run_offline, run_processes, write_deeploc_layout_csv
 from test_train import distributed_failure, loopback_only_namespace, train_env
 
 
-PRETRAIN = [sys.executable, "-m", "esmloc.pretrain"]
+PRETRAIN = [sys.executable, "-m", "esmloc.commands.pretrain"]
 QUICK = ["--from_scratch", "tiny", "--max_residues", "60", "--learning_rate", "3e-3", "--validation_fraction", "0.1",
          "--disable_tqdm", "true"]
 BATCH_8 = ["--per_device_train_batch_size", "8"]
@@ -307,7 +307,7 @@ def test_killed_run_resumes_and_ends_where_an_uninterrupted_one_does(proteins_fa
 def test_two_process_run_produces_one_model(proteins_fasta, tmp_path, elsewhere):
     command = loopback_only_namespace() + [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1",
                                            "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-                                           "--master_port", "29500", "-m", "esmloc.pretrain"]
+                                           "--master_port", "29500", "-m", "esmloc.commands.pretrain"]
     output_dir = tmp_path / "out"
     result = run_processes(
         command + ["--train_files", str(proteins_fasta), "--output_dir", str(output_dir), "--use_cpu",

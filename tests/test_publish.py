@@ -24,12 +24,13 @@ import yaml
 from huggingface_hub.errors import HfHubHTTPError
 
 from esmloc import publish
+from esmloc.commands import push as push_command
 from esmloc.data import LOCATIONS
 from esmloc.demo import demo_rows
 from modeling_esmloc import EsmForLocalization
 from tokenization_esmloc import EsmLocTokenizer
 
-from conftest import PROTEINS, REPO, run_offline
+from conftest import PROTEINS, REPO, run_main, run_offline
 
 
 try:  # the HTTP client of huggingface_hub: httpx2 from huggingface_hub 2 on, httpx before
@@ -433,7 +434,7 @@ def calls_named(hub, name):
 def test_push_sends_one_commit_with_exactly_the_allow_listed_files(frozen_run, hub, monkeypatch, capsys, caplog):
     monkeypatch.setenv("HF_ENDPOINT", "https://hub.example.test")
     before = directory_digest(frozen_run)
-    assert publish.main([str(frozen_run), "--hub_model_id", REPO_ID]) == 0  # the exit status of esmloc-push
+    assert push_command.main([str(frozen_run), "--hub_model_id", REPO_ID]) == 0  # the exit status of esmloc-push
 
     printed = capsys.readouterr()
     assert printed.out.strip().splitlines()[-1] == f"https://hub.example.test/{REPO_ID}"
@@ -460,23 +461,23 @@ def test_push_sends_one_commit_with_exactly_the_allow_listed_files(frozen_run, h
 def test_explicit_endpoint_wins_and_private_is_passed(frozen_run, hub, monkeypatch):
     monkeypatch.setenv("HF_ENDPOINT", "https://from-env.example.test")
     hub.existing_private = True
-    publish.main([str(frozen_run), "--hub_model_id", REPO_ID, "--hub_private_repo",
-                  "--hub_endpoint", "https://explicit.example.test/"])
+    assert push_command.main([str(frozen_run), "--hub_model_id", REPO_ID, "--hub_private_repo",
+                         "--hub_endpoint", "https://explicit.example.test/"]) == 0
     assert calls_named(hub, "init")[0]["endpoint"] == "https://explicit.example.test"
     assert calls_named(hub, "create_repo")[0]["private"] is True
     assert calls_named(hub, "repo_info") == [{"repo_id": REPO_ID}]
     assert len(calls_named(hub, "create_commit")) == 1
 
 
-def test_private_push_into_an_existing_public_repo_is_refused(frozen_run, hub):
+def test_private_push_into_an_existing_public_repo_is_refused(frozen_run, hub, capsys):
     hub.existing_private = False
-    with pytest.raises(SystemExit, match="already exists and is public"):
-        publish.main([str(frozen_run), "--hub_model_id", REPO_ID, "--hub_private_repo"])
+    status, _, err = run_main(push_command.main, [frozen_run, "--hub_model_id", REPO_ID, "--hub_private_repo"], capsys)
+    assert status == 1 and "already exists and is public" in err
     assert not calls_named(hub, "create_commit")
 
 
 def test_push_adapter_sends_the_adapter_with_its_own_card(lora_run, hub, esm_base):
-    publish.main([str(lora_run), "--hub_model_id", "alice/esmloc-mito-lora", "--push_adapter"])
+    assert push_command.main([str(lora_run), "--hub_model_id", "alice/esmloc-mito-lora", "--push_adapter"]) == 0
     (commit,) = calls_named(hub, "create_commit")
     assert set(commit["files"]) == ADAPTER_FILES
     assert commit["files"]["adapter_model.safetensors"] == (lora_run / "adapter/adapter_model.safetensors").read_bytes()
@@ -486,9 +487,9 @@ def test_push_adapter_sends_the_adapter_with_its_own_card(lora_run, hub, esm_bas
 
 
 @pytest.mark.parametrize("repo_id", ["esmloc-mito", "alice/", "/tmp/x", "alice/esmloc mito"])
-def test_push_needs_a_full_repository_id(frozen_run, hub, repo_id):
-    with pytest.raises(SystemExit, match="user/name or org/name"):
-        publish.main([str(frozen_run), "--hub_model_id", repo_id])
+def test_push_needs_a_full_repository_id(frozen_run, hub, repo_id, capsys):
+    status, _, err = run_main(push_command.main, [frozen_run, "--hub_model_id", repo_id], capsys)
+    assert status == 2 and "user/name or org/name" in err
     assert not calls_named(hub, "init")
 
 
@@ -496,19 +497,19 @@ def test_push_adapter_replaces_pefts_blank_card(lora_run, hub, tmp_path):
     run = copy_run(lora_run, tmp_path / "run")
     peft_template = "---\nlibrary_name: peft\n---\n\n# Model Card for Model ID\n\n[More Information Needed]\n"
     (run / "adapter" / "README.md").write_text(peft_template)  # as left by a run that did not write its cards
-    publish.main([str(run), "--hub_model_id", "alice/esmloc-mito-lora", "--push_adapter"])
+    assert push_command.main([str(run), "--hub_model_id", "alice/esmloc-mito-lora", "--push_adapter"]) == 0
     readme = calls_named(hub, "create_commit")[0]["files"]["README.md"].decode()
     assert publish.CARD_MARKER in readme and "More Information Needed" not in readme
     assert (run / "adapter" / "README.md").read_text() == peft_template
 
 
-def test_adapter_of_a_random_backbone_is_not_pushed(lora_run, hub, tmp_path):
+def test_adapter_of_a_random_backbone_is_not_pushed(lora_run, hub, tmp_path, capsys):
     run = copy_run(lora_run, tmp_path / "run")
     info = read_json(run / "run_info.json")
     info["model"]["base_model"] = "random:tiny"  # as after --from_scratch tiny --finetune lora
     (run / "run_info.json").write_text(json.dumps(info))
-    with pytest.raises(SystemExit, match="push the merged model instead"):
-        publish.main([str(run), "--hub_model_id", REPO_ID, "--push_adapter"])
+    status, _, err = run_main(push_command.main, [run, "--hub_model_id", REPO_ID, "--push_adapter"], capsys)
+    assert status == 1 and "push the merged model instead" in err
     assert not calls_named(hub, "init")
 
 
@@ -544,15 +545,13 @@ def test_hub_model_ids_follow_huggingface_hubs_rules(name, expected):
 def test_failed_push_says_why_and_changes_nothing(frozen_run, hub, capsys, caplog, fail_on, error, expected):
     hub.fail_on, hub.error = fail_on, error
     before = directory_digest(frozen_run)
-    with pytest.raises(SystemExit) as failure:
-        publish.main([str(frozen_run), "--hub_model_id", REPO_ID, "--hub_endpoint", "https://hub.example.test"])
-    message = str(failure.value.code)
+    status, out, message = run_main(push_command.main, [frozen_run, "--hub_model_id", REPO_ID, "--hub_endpoint",
+                                                        "https://hub.example.test"], capsys)
+    assert status == 1 and len(message.strip().splitlines()) == 1 and "Traceback" not in message
     assert f"https://hub.example.test/{REPO_ID}" in message and expected in message
     assert "local output directory is unchanged" in message
-    assert failure.value.__cause__ is None and failure.value.__suppress_context__  # no chained error reprs
     assert directory_digest(frozen_run) == before
-    captured = capsys.readouterr()
-    assert_no_token(message, captured.out, captured.err, caplog.text, directories=[frozen_run])
+    assert_no_token(message, out, caplog.text, directories=[frozen_run])
 
 
 def test_push_to_an_unreachable_endpoint_with_the_real_client(frozen_run, tmp_path):
@@ -560,7 +559,7 @@ def test_push_to_an_unreachable_endpoint_with_the_real_client(frozen_run, tmp_pa
     port = free_port()
     before = directory_digest(frozen_run)
     env = {**clean_env(tmp_path), "HF_TOKEN": FAKE_TOKEN}
-    result = subprocess.run([sys.executable, "-m", "esmloc.publish", str(frozen_run), "--hub_model_id", REPO_ID,
+    result = subprocess.run([sys.executable, "-m", "esmloc.commands.push", str(frozen_run), "--hub_model_id", REPO_ID,
                              "--hub_endpoint", f"http://127.0.0.1:{port}"],
                             check=False, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 1, result.stdout + result.stderr
@@ -599,7 +598,7 @@ def test_refused_push_with_the_real_client_never_shows_the_token(frozen_run, tmp
     try:
         env = {**clean_env(tmp_path), "HF_TOKEN": FAKE_TOKEN, **({"HF_DEBUG": "1"} if debug else {})}
         endpoint = f"http://127.0.0.1:{server.server_address[1]}"
-        result = subprocess.run([sys.executable, "-m", "esmloc.publish", str(frozen_run), "--hub_model_id", REPO_ID,
+        result = subprocess.run([sys.executable, "-m", "esmloc.commands.push", str(frozen_run), "--hub_model_id", REPO_ID,
                                  "--hub_endpoint", endpoint],
                                 check=False, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     finally:
@@ -682,11 +681,11 @@ def test_no_push_ever_shows_the_token_an_endpoint_echoes(frozen_run, proteins_cs
     elif "--hub_token" not in tool:
         env["HF_TOKEN"] = FAKE_TOKEN
     if tool.startswith("esmloc-push"):
-        command = [sys.executable, "-m", "esmloc.publish", str(frozen_run), "--hub_model_id", REPO_ID]
+        command = [sys.executable, "-m", "esmloc.commands.push", str(frozen_run), "--hub_model_id", REPO_ID]
         written = frozen_run
     elif tool == "esmloc-dataset push":
         written = exported_dataset(tmp_path / "dataset")
-        command = [sys.executable, "-m", "esmloc.dataset_hub", "push", str(written), "--hub_dataset_id", REPO_ID]
+        command = [sys.executable, "-m", "esmloc.commands.dataset", "push", str(written), "--hub_dataset_id", REPO_ID]
     else:
         written = tmp_path / "run"
         command = [sys.executable, str(REPO / "train.py"), "--from_scratch", "tiny", "--train_file",
@@ -903,13 +902,13 @@ def test_a_card_edited_or_written_by_hand_is_pushed_as_it_is(frozen_run, hub, tm
     edited = (run / "README.md").read_text().replace("## Limitations", "## Notes from the author\n\nHand-written.\n\n"
                                                                         "## Limitations")
     (run / "README.md").write_text(edited)
-    publish.main([str(run), "--hub_model_id", REPO_ID])
+    assert push_command.main([str(run), "--hub_model_id", REPO_ID]) == 0
     assert calls_named(hub, "create_commit")[0]["files"]["README.md"] == edited.encode()
     (run / "README.md").write_text("# my own card\n")
-    publish.main([str(run), "--hub_model_id", REPO_ID])
+    assert push_command.main([str(run), "--hub_model_id", REPO_ID]) == 0
     assert calls_named(hub, "create_commit")[1]["files"]["README.md"] == b"# my own card\n"
     (run / "README.md").unlink()  # no card at all: the push renders one (and leaves the folder as it is)
-    publish.main([str(run), "--hub_model_id", REPO_ID])
+    assert push_command.main([str(run), "--hub_model_id", REPO_ID]) == 0
     assert publish.CARD_MARKER.encode() in calls_named(hub, "create_commit")[2]["files"]["README.md"]
     assert not (run / "README.md").exists()
 
@@ -918,7 +917,7 @@ def test_a_mirror_refuses_uploads_and_the_push_says_so(frozen_run, mirror, tmp_p
     """The real HfApi against the real (read-only) mirror: the push fails with a clear message."""
     before = directory_digest(frozen_run)
     env = {**clean_env(tmp_path), "HF_TOKEN": FAKE_TOKEN, "HF_ENDPOINT": mirror.url}
-    result = subprocess.run([sys.executable, "-m", "esmloc.publish", str(frozen_run), "--hub_model_id", REPO_ID],
+    result = subprocess.run([sys.executable, "-m", "esmloc.commands.push", str(frozen_run), "--hub_model_id", REPO_ID],
                             check=False, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 1, result.stdout + result.stderr
     assert f"pushing to {mirror.url}/{REPO_ID} failed (HTTP 405)" in result.stderr

@@ -10,10 +10,11 @@ import pytest
 import yaml
 
 from esmloc import publish
+from esmloc.commands import push as push_command
 from esmloc.saving import save_model
 from esmloc.space import MODEL_LINE, app_source, space_files, write_space
 
-from conftest import REPO, tiny_model
+from conftest import REPO, run_main, tiny_model
 from test_publish import calls_named, hub  # noqa: F401 (hub: the stand-in HfApi fixture)
 
 
@@ -69,7 +70,7 @@ def test_the_written_space_runs_its_app_from_its_own_files(tmp_path):
 def test_push_with_space_pushes_the_model_then_its_space_and_the_card_links_it(tmp_path, hub, capsys):
     output_dir = save_model(tiny_model(), tmp_path / "run")
     publish.write_model_card(output_dir)
-    publish.main([str(output_dir), "--hub_model_id", MODEL_ID, "--space", SPACE_ID])
+    assert push_command.main([str(output_dir), "--hub_model_id", MODEL_ID, "--space", SPACE_ID]) == 0
 
     creates = calls_named(hub, "create_repo")
     assert [(call["repo_id"], call["repo_type"]) for call in creates] == [(MODEL_ID, "model"), (SPACE_ID, "space")]
@@ -84,8 +85,9 @@ def test_push_with_space_pushes_the_model_then_its_space_and_the_card_links_it(t
     assert "spaces/" not in (output_dir / "README.md").read_text()  # the local card is left as it was
 
 
-def test_a_bad_space_id_is_refused_before_anything_is_pushed(tmp_path, hub):
+def test_a_bad_space_id_is_refused_before_anything_is_pushed(tmp_path, hub, capsys):
     output_dir = save_model(tiny_model(), tmp_path / "run")
-    with pytest.raises(SystemExit, match="--space must be a full Space id"):
-        publish.main([str(output_dir), "--hub_model_id", MODEL_ID, "--space", "no-namespace"])
+    status, _, err = run_main(push_command.main, [output_dir, "--hub_model_id", MODEL_ID, "--space", "no-namespace"],
+                              capsys)
+    assert status == 2 and "--space must be a full Space id" in err
     assert hub.calls == []

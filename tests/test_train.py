@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from esmloc.demo import write_demo_csv
-from esmloc.train import balanced_class_weights
+from esmloc.task import balanced_class_weights
 
 from conftest import REPO, run_offline, run_processes, write_deeploc_layout_csv
 

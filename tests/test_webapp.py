@@ -86,7 +86,7 @@ def predicted(trained_model, tmp_path_factory) -> list[dict]:
     fasta = workdir / "proteins.fasta"
     fasta.write_text(FASTA + "\n")
     output = workdir / "predictions.csv"
-    result = subprocess.run([sys.executable, "-m", "esmloc.predict", str(trained_model), str(fasta), "-o",
+    result = subprocess.run([sys.executable, "-m", "esmloc.commands.predict", str(trained_model), str(fasta), "-o",
                              str(output), "--no_progress"], capture_output=True, text=True, timeout=300,
                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert result.returncode == 0, result.stderr
@@ -107,7 +107,7 @@ def app_url(trained_model, tmp_path_factory):
     port = free_port()
     log = (tmp_path_factory.mktemp("server") / "server.log").open("w")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False", "no_proxy": "127.0.0.1"}
-    server = subprocess.Popen([sys.executable, "-m", "esmloc.webapp", str(trained_model), "--host", "127.0.0.1",
+    server = subprocess.Popen([sys.executable, "-m", "esmloc.commands.demo", str(trained_model), "--host", "127.0.0.1",
                                "--port", str(port)], stdout=log, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}/"
     try:

@@ -1,0 +1,65 @@
+"""What a training run leaves behind once trained: the saved model, evaluated with exactly the saved weights.
+
+`evaluate_and_save` saves the model, predicts validation and test, tunes the decision threshold(s) on validation,
+and writes the report (`test_results.json`), the predictions (`test_predictions.csv`), the plots, the run record
+(`run_info.json`) and the model card; a table of a few test proteins is logged.
+"""
+
+import json
+import logging
+from functools import partial
+from pathlib import Path
+
+from esmloc import data, engine, evaluation, task
+from esmloc.card import PREDICTIONS_FILE, RUN_INFO_FILE, write_model_card
+from esmloc.files import atomic_file
+from esmloc.predictions import write_predictions_csv
+from esmloc.saving import save_model
+
+
+logger = logging.getLogger("esmloc.report")
+
+
+def evaluate_and_save(trainer, final_model, tokenizer, dataset, model_args, data_args, training_args, run_record: dict,
+                      output_dir: Path, feature_cache_dir=None) -> dict:
+    """Saves the model, then predicts validation and test with exactly the saved weights: the report (threshold
+    tuned on validation), the predictions CSV, the plots, a table of a few test proteins, the run record and the
+    model card. With `feature_cache_dir` (a frozen backbone), pooled features come from the cache: the same numbers.
+    Returns the report."""
+    save_model(final_model, output_dir, tokenizer)
+    config = final_model.config
+    names, multi_label = task.label_names(config), task.is_multi_label(config)
+    predict = partial(engine.predict_probabilities, final_model, tokenizer, device=training_args.device,
+                      max_tokens_per_batch=model_args.max_tokens_per_batch, progress=not training_args.disable_tqdm,
+                      precision=model_args.precision, feature_cache=feature_cache_dir)
+    probabilities, truth, scores = {}, {}, {}
+    for split in ("validation", "test"):
+        probabilities[split] = predict(dataset[split]["Sequence"], desc=f"Predicting {split}")
+        truth[split] = task.targets(dataset[split]["label"], len(names), multi_label)
+        scores[split] = task.scores(probabilities[split], multi_label)
+    report = evaluation.evaluation_report(scores["validation"], truth["validation"], scores["test"], truth["test"],
+                                          label_names=names)
+    trainer.save_metrics("test", report)
+    threshold = evaluation.tuned_threshold(scores["validation"], truth["validation"])
+    accs = dataset["test"]["ACC"]
+    write_predictions_csv(output_dir / PREDICTIONS_FILE, accs, probabilities["test"], names, multi_label, threshold,
+                          truths=truth["test"])
+    evaluation.plot_curves(output_dir, truth["test"], scores["test"], threshold, names)
+    if data_args.num_examples_to_show:
+        logger.info("A few test proteins:\n%s", evaluation.format_examples_table(
+            accs, truth["test"], probabilities["test"], names=names, multi_label=multi_label, thresholds=threshold,
+            n=data_args.num_examples_to_show, seed=training_args.seed))
+    # How the splits were made, in the builder's own words (the card reads it; "dataset": a shared dataset's own).
+    split_method = "dataset" if data_args.dataset_name else data.dataset_summary(dataset).get("split_method")
+    split_sizes = {name: len(split) for name, split in dataset.items()}
+    with atomic_file(output_dir / RUN_INFO_FILE, "w") as handle:
+        handle.write(json.dumps({**run_record, "data": {**run_record["data"], "split_method": split_method,
+                                                        "split_sizes": split_sizes}}, indent=2))
+    write_model_card(output_dir)
+    return report
+
+
+def without_local_paths(arguments: dict) -> dict:
+    """Arguments for the record (run_info.json travels with a pushed model): local files by name only."""
+    return {key: Path(value).name if isinstance(value, str) and Path(value).expanduser().exists() else value
+            for key, value in arguments.items()}
