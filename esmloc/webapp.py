@@ -60,8 +60,8 @@ class Limits:
     max_sequences: int = dataclasses.field(default=20, metadata={"help": "proteins per request"})
     max_chars: int = dataclasses.field(default=100_000, metadata={"help": "characters of pasted text per request"})
     max_residues: int = dataclasses.field(
-        default=40_000, metadata={"help": "residues per protein (titin has 35,000); beyond the model's window "
-                                          "(1,022) a protein is cropped, and the page says so"})
+        default=40_000, metadata={"help": "residues per protein (titin, the longest known, has 34,350); beyond the "
+                                          "model's window (1,022) a protein is cropped, and the page says so"})
     max_upload_bytes: int = dataclasses.field(default=1_000_000, metadata={"help": "bytes of an uploaded file"})
     max_explain_residues: int = dataclasses.field(
         default=200, metadata={"help": "residues (as the model sees them) of a protein explained; an explanation "

@@ -505,35 +505,22 @@ def test_every_component_showing_user_input_or_messages_is_text(server):
 # --- start-up errors ---------------------------------------------------------------------------------------------
 
 
-def stock_esm_dir(path: Path) -> Path:
-    from transformers import EsmConfig, EsmForMaskedLM
+@pytest.mark.parametrize("options, expected", [
+    (["--max_chars", "0"], "argument --max_chars: invalid positive integer value: '0'"),
+    (["--max_queue", "lots"], "argument --max_queue: invalid positive integer value: 'lots'"),
+    (["--max_sequences", "1_000"], "no such directory"),  # a limit written 1_000 is read; then the model is missing
+])
+def test_a_limit_that_cannot_be_used_is_one_line_and_exit_2(options, expected, tmp_path, capsys):
+    """(tests/test_cli.py checks esmloc-demo's model directory errors.)"""
+    from esmloc.commands import demo
 
-    from configuration_esmloc import ESM2_ARCHITECTURES
-
-    EsmForMaskedLM(EsmConfig(**ESM2_ARCHITECTURES["tiny"])).save_pretrained(path)
-    return path
-
-
-@pytest.mark.parametrize("case", ["missing", "empty folder", "stock ESM-2", "hub id offline", "bad limit"])
-def test_a_model_or_option_that_cannot_be_used_is_one_line_and_exit_2(case, tmp_path):
-    models = {"missing": (str(tmp_path / "nowhere"), "no such model directory"),
-              "empty folder": (str(tmp_path), "not a model directory (no config.json)"),
-              "stock ESM-2": (str(stock_esm_dir(tmp_path / "esm")) if case == "stock ESM-2" else "",
-                              "a stock ESM-2 checkpoint"),
-              "hub id offline": ("alice/no-such-model", "no such model directory, and no hub repository"),
-              "bad limit": (str(tmp_path), "argument --max_chars: invalid positive integer value: '0'")}
-    model, expected = models[case]
-    options = ["--max_chars", "0"] if case == "bad limit" else []
-    result = subprocess.run([sys.executable, "-m", "esmloc.commands.demo", model, "--port", str(free_port()), *options],
-                            capture_output=True, text=True, timeout=300, env=server_env(tmp_path), cwd=tmp_path)
-    assert result.returncode == 2, result.stderr[-2000:]
-    lines = [line for line in result.stderr.splitlines() if line.strip() and "Loading weights" not in line]
-    assert lines[-1].startswith("esmloc-demo: error: ") and expected in lines[-1], result.stderr[-2000:]
-    assert "Traceback" not in result.stderr
+    assert demo.main([str(tmp_path / "no_model"), *options]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert error[-1].startswith("esmloc-demo: error: ") and expected in error[-1], error
 
 
 @pytest.mark.parametrize("variable, value, expected", [
-    ("ESMLOC_MODEL", "nowhere/at-all/x", "app.py: error: nowhere/at-all/x: no such model directory"),
+    ("ESMLOC_MODEL", "nowhere/at-all/x", "app.py: error: model nowhere/at-all/x: no such directory"),
     ("ESMLOC_MAX_CHARS", "lots", "app.py: error: ESMLOC_MAX_CHARS='lots': not a positive integer"),
 ])
 def test_the_space_app_says_what_cannot_be_used_in_one_line(model_dir, tmp_path, variable, value, expected):
