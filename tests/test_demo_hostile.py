@@ -378,7 +378,7 @@ def test_an_explanation_starves_neither_predictions_nor_the_queue(slow_server):
     """Two explanations asked at once: one runs, the other is answered at once (busy) instead of waiting; a
     prediction asked then is answered before the explanation ends (explanations neither wait in the prediction
     queue nor fill it)."""
-    long_protein = (PROTEIN * 25)[:1000]
+    long_protein = (PROTEIN * 25)[:500]
     _, session = predict_page(slow_server, fasta(("long", long_protein)))
     answers = []
 

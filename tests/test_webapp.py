@@ -288,7 +288,7 @@ def test_browser_shows_what_a_user_sent_as_text(app_url, browser, tmp_path):
 
     acc = "**P1**<b>bold</b><img_src=x>_x_"
     message = submit(browser, app_url, f">{acc}\n{PROTEINS[0][1]}")
-    assert message == "Predicted 1 protein(s)."
+    assert message.startswith("Predicted 1 protein(s).\n- " + f"{acc}: {len(PROTEINS[0][1])} residues; the model")
     rows = WebDriverWait(browser, 30).until(lambda page: len(table_rows(page)) == 1 and table_rows(page))
     assert rows[0][0] == acc
     chosen = browser.find_element(By.CSS_SELECTOR, "#chosen input").get_attribute("value")
