@@ -17,12 +17,19 @@ The API endpoint `predict` (`gradio_client.Client(url).predict(text, api_name="/
 returns one JSON object per protein: ACC, `probability_<label>` for every label (floats), and `predicted_label`
 (`predicted_labels` for multi-label models), the columns of esmloc-predict's CSV.
 
-The server is meant to face strangers, so every route holds to `Limits` (stated on the page): a request body larger
-than its route allows is refused from its Content-Length before a byte of it is read (`RequestSizeLimit`); the text
-is measured before it is parsed, and parsed in memory (nothing is written to disk); an upload is read once and
-deleted, and uploads never used are deleted after `UPLOAD_TTL_S`; the queue is bounded and explanations (one
-forward pass per residue) have their own length limit and their own one-at-a-time lane, apart from predictions.
-Everything a user sent (FASTA headers, file names) and every message is shown as text, never as Markdown or HTML.
+The server is meant to face strangers, so every route (the page, the `predict` API, the upload, every event a client
+can call through the queue or directly) holds to `Limits`, stated on the page:
+- a request body larger than its route allows is refused from its Content-Length (413) before a byte of it is read
+  (`RequestSizeLimit`, in front of every route); a body without a length is refused (411);
+- pasted text is measured before it is parsed, and parsed in memory: nothing a request sends is written to disk;
+- an upload is read once and deleted (uploads never read are deleted after `UPLOAD_TTL_S` seconds);
+- the queue holds `max_queue` requests, predictions run `concurrency` at a time, and no route runs them outside the
+  queue; explanations (one forward pass per residue) run only when asked, for proteins up to `max_explain_residues`
+  residues, one at a time outside the queue (a second one is answered "busy" at once), so that they never wait in
+  or fill the queue predictions use.
+Everything a user sent (FASTA headers, file names) and every message is shown as text, never as Markdown or HTML. A
+model or a limit that cannot be used stops the start with one line (`esmloc-demo: error: ...`, `app.py: error:
+...`) and exit status 2.
 """
 
 import csv
@@ -363,9 +370,10 @@ def build_app(model, device: str = "cpu", limits: Limits = DEFAULT_LIMITS):
             return "Predict first, then choose a protein to explain.", *no_explanation
         seen = len(seen_positions(sequence, demo_model.tokenizer))
         if seen > limits.max_explain_residues:
-            return (f"{acc}: the model sees {seen:,} residues; this server explains proteins of up to "
-                    f"{limits.max_explain_residues:,} (one forward pass per residue): esmloc-predict --explain "
-                    "explains any protein", *no_explanation)
+            refusal = (f"{acc}: the model sees {seen:,} residues; this server explains proteins of up to "
+                       f"{limits.max_explain_residues:,} (one forward pass per residue): esmloc-predict --explain "
+                       "explains any protein")
+            return refusal, *no_explanation
         if not explaining.acquire(blocking=False):
             return "Another explanation is running on this server: ask again in a few seconds.", *no_explanation
         try:

@@ -21,7 +21,7 @@ import pytest
 
 from esmloc.saving import save_model
 
-from conftest import REPO, tiny_model
+from conftest import tiny_model
 
 
 pytest.importorskip("gradio", reason="the demo needs the demo extra: pip install -e '.[demo]'")
@@ -244,7 +244,7 @@ def test_a_body_over_the_limit_is_refused_before_it_is_read(server, path):
                 if not chunk:
                     break
                 answer += chunk
-        except socket.timeout:
+        except TimeoutError:
             pytest.fail(f"no answer within 10 s: the server is reading the 50 MB body ({answer[:200]!r})")
     head, _, body = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 413"), answer[:300]
@@ -343,7 +343,7 @@ def test_explanations_run_only_when_asked_and_within_their_limit(server):
     outputs, session = predict_page(server, fasta(("P1", PROTEIN), ("P2", PROTEIN + "A" * 20)))
     assert outputs[-3:] == [None, None, None]  # predicting explains nothing
     message, highlighted, scores, _ = explain(server, "P1", session)
-    assert message.startswith(f"P1: Mitochondrion log-odds") and f"{len(PROTEIN)} residues" in message
+    assert message.startswith("P1: Mitochondrion log-odds") and f"{len(PROTEIN)} residues" in message
     assert "".join(token["token"] for token in highlighted) == PROTEIN and len(scores["data"]) == len(PROTEIN)
     message, *views = explain(server, "P2", session)
     assert message.startswith(f"P2: the model sees {len(PROTEIN) + 20} residues; this server explains proteins of "
@@ -355,8 +355,8 @@ def test_the_explanation_event_called_directly_explains_only_what_the_session_pr
     never sent, gets an error or a message, and no computation."""
     message, *views = explain(server, None, uuid.uuid4().hex[:12])
     assert message == "Predict first, then choose a protein to explain." and views == [None, None, None]
-    _, session = predict_page(server, fasta(("P1", PROTEIN)))
-    for acc, session in (("P1", uuid.uuid4().hex[:12]), ("NOT_PREDICTED", session)):
+    _, predicted = predict_page(server, fasta(("P1", PROTEIN)))
+    for acc, session in (("P1", uuid.uuid4().hex[:12]), ("NOT_PREDICTED", predicted)):
         status, text = post_json(server, "/gradio_api/run/explain",
                                  {"data": [acc, None], "fn_index": fn_index(server, "explain"),
                                   "session_hash": session})
@@ -435,8 +435,8 @@ def test_an_upload_over_the_limit_is_refused_and_not_kept(server, size, refused_
 
 
 @pytest.mark.parametrize("name, content, expected", [
-    ("binary.fasta", bytes(range(256)) * 4, "uploaded file binary.fasta is a binary file, not a FASTA or CSV"),
-    ("latin1.csv", "ACC,Sequence\nPé,MKT\n".encode("latin-1"), "uploaded file latin1.csv is not UTF-8 text"),
+    ("binary.fasta", bytes(range(256)) * 4, "uploaded file binary.fasta: binary data (a NUL byte at offset 0)"),
+    ("latin1.csv", "ACC,Sequence\nPé,MKT\n".encode("latin-1"), "uploaded file latin1.csv: not UTF-8 text (byte 0xe9"),
     ("empty.fasta", b"", "no sequence found in the input"),
     ("cells.csv", b"ACC,Sequence\nP1,MKT\nP2,MKJ\n", "uploaded file cells.csv, line 3, ACC 'P2': character 'J'"),
     ("huge_cell.csv", b"ACC,Sequence\nP1," + b"M" * 19_000 + b"\n", "P1: 19,000 residues; this server reads"),
@@ -519,13 +519,17 @@ def test_a_limit_that_cannot_be_used_is_one_line_and_exit_2(options, expected, t
     assert error[-1].startswith("esmloc-demo: error: ") and expected in error[-1], error
 
 
-@pytest.mark.parametrize("variable, value, expected", [
-    ("ESMLOC_MODEL", "nowhere/at-all/x", "app.py: error: model nowhere/at-all/x: no such directory"),
-    ("ESMLOC_MAX_CHARS", "lots", "app.py: error: ESMLOC_MAX_CHARS='lots': not a positive integer"),
+@pytest.mark.parametrize("model, variable, value, expected", [
+    ("nowhere/at-all/x", None, None, "app.py: error: model nowhere/at-all/x: no such directory"),
+    (None, "ESMLOC_MAX_CHARS", "lots", "app.py: error: ESMLOC_MAX_CHARS='lots': not a positive integer"),
 ])
-def test_the_space_app_says_what_cannot_be_used_in_one_line(model_dir, tmp_path, variable, value, expected):
-    env = {**server_env(tmp_path), "ESMLOC_MODEL": str(model_dir), variable: value}
-    result = subprocess.run([sys.executable, str(REPO / "app.py")], capture_output=True, text=True, timeout=300,
-                            env=env, cwd=REPO)
-    assert result.returncode == 2 and result.stderr.strip().splitlines()[-1] == expected, result.stderr[-2000:]
-    assert "Traceback" not in result.stderr
+def test_the_space_app_says_what_cannot_be_used_in_one_line(model_dir, monkeypatch, capsys, model, variable, value,
+                                                           expected):
+    """app.py's `space_app(MODEL)` (tests/test_space.py runs app.py itself)."""
+    from esmloc.webapp import space_app
+
+    if variable:
+        monkeypatch.setenv(variable, value)
+    with pytest.raises(SystemExit) as exit_:
+        space_app(model or str(model_dir))
+    assert exit_.value.code == 2 and capsys.readouterr().err.strip().splitlines() == [expected]
