@@ -11,7 +11,7 @@ every label, the decision threshold and the predicted label, then, when asked, t
 chosen protein (`esmloc.explain`): the sequence coloured by occlusion score, a plot of the scores along the sequence
 (position, residue and score on hover) and, for attention-pooling models, the pooling weights. The numbers are
 esmloc-predict's: the same model loading, Engine, decision thresholds (MODEL_DIR/test_results.json) and label rule
-(`esmloc.predict`).
+(`esmloc.task`).
 
 The API endpoint `predict` (`gradio_client.Client(url).predict(text, api_name="/predict")`) takes the same text and
 returns one JSON object per protein: ACC, `probability_<label>` for every label (floats), and `predicted_label`
@@ -21,7 +21,7 @@ The server is meant to face strangers, so every route (the page, the `predict` A
 can call through the queue or directly) holds to `Limits`, stated on the page:
 - a request body larger than its route allows is refused from its Content-Length (413) before a byte of it is read
   (`RequestSizeLimit`, in front of every route); a body without a length is refused (411);
-- pasted text is measured before it is parsed, and parsed in memory: nothing a request sends is written to disk;
+- pasted text is measured before it is parsed, and parsed in memory, never written to disk;
 - an upload is read once and deleted (uploads never read are deleted after `UPLOAD_TTL_S` seconds);
 - the queue holds `max_queue` requests, predictions run `concurrency` at a time, and no route runs them outside the
   queue; explanations (one forward pass per residue) run only when asked, for proteins up to `max_explain_residues`
