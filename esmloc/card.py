@@ -29,6 +29,8 @@ CARD_MARKER = "rendered by esmloc.publish.render_model_card"
 ADAPTER_DIR = "adapter"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 CARD_KINDS = ("merged", "adapter")
+# The metric module's keys for the location multi-label reports feature in full (accuracy_Mitochondrion, ...).
+FEATURED_SUFFIX = f"_{task.metric_key(task.POSITIVE_LABEL)}"
 # What a finished training run writes beside its model (esmloc.report), read here and pushed by esmloc.publish.
 RUN_INFO_FILE = "run_info.json"
 PREDICTIONS_FILE = "test_predictions.csv"
@@ -200,17 +202,17 @@ def _metric_parts(run: RunRecord) -> tuple[list[str], list[tuple[str, str]]]:
     located = {f"{metric}_{location}" for metric, location in per_location}
     order = list(METRIC_NAMES)
 
-    def rank(base):  # METRIC_NAMES order, the _Mitochondrion variants of a multi-label run after the others
-        metric = base.removesuffix("_Mitochondrion") if base not in METRIC_NAMES else base
+    def rank(base):  # METRIC_NAMES order, the featured location's variants of a multi-label run after the others
+        metric = base.removesuffix(FEATURED_SUFFIX) if base not in METRIC_NAMES else base
         return (metric != base, order.index(metric) if metric in order else len(order), base)
 
     return sorted((base for base in bases if base not in located), key=rank), per_location
 
 
 def _metric_display(base: str) -> str:
-    if base not in METRIC_NAMES and base.endswith("_Mitochondrion"):
-        metric = base.removesuffix("_Mitochondrion")
-        return f"{METRIC_NAMES.get(metric, metric)} (Mitochondrion)"
+    if base not in METRIC_NAMES and base.endswith(FEATURED_SUFFIX):
+        metric = base.removesuffix(FEATURED_SUFFIX)
+        return f"{METRIC_NAMES.get(metric, metric)} ({task.POSITIVE_LABEL})"
     return METRIC_NAMES.get(base, base)
 
 
@@ -251,7 +253,7 @@ def _eval_results(run: RunRecord, task_name: str, dataset_name: str, dataset_typ
     """model-index entries: every threshold-dependent metric at 0.5 and tuned, threshold-free ones once."""
     summary, per_location = _metric_parts(run)
     bases = [base for base in summary if base in MODEL_INDEX_TYPES
-             or (base.endswith("_Mitochondrion") and base[: -len("_Mitochondrion")] in MODEL_INDEX_TYPES)]
+             or (base.endswith(FEATURED_SUFFIX) and base.removesuffix(FEATURED_SUFFIX) in MODEL_INDEX_TYPES)]
     bases += [f"mcc_{location}" for metric, location in per_location if metric == "mcc"]
     results = []
     common = {"task_type": "text-classification", "task_name": task_name, "dataset_type": dataset_type,
@@ -262,8 +264,8 @@ def _eval_results(run: RunRecord, task_name: str, dataset_name: str, dataset_typ
         suffix = ""
         if base.startswith("mcc_") and base not in MODEL_INDEX_TYPES:
             metric, suffix = "mcc", f" ({base[len('mcc_'):]})"
-        elif base.endswith("_Mitochondrion"):
-            metric, suffix = base[: -len("_Mitochondrion")], " (Mitochondrion)"
+        elif base.endswith(FEATURED_SUFFIX):
+            metric, suffix = base.removesuffix(FEATURED_SUFFIX), f" ({task.POSITIVE_LABEL})"
         metric_type, args = MODEL_INDEX_TYPES[metric]
         variants = [("", DEFAULT_THRESHOLD_CONFIG)]
         if metric not in THRESHOLD_FREE:
@@ -569,5 +571,3 @@ def write_model_card(output_dir, **card_options) -> Path:
     if (output_dir / ADAPTER_DIR / ADAPTER_FILES[0]).is_file():
         render_model_card(output_dir, what="adapter", **card_options).save(output_dir / ADAPTER_DIR / CARD_FILE)
     return path
-
-

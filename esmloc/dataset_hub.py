@@ -26,6 +26,7 @@ from datasets.utils.metadata import MetadataConfigs
 from huggingface_hub import CommitOperationAdd, DatasetCard, DatasetCardData
 
 from esmloc import data, publish
+from esmloc.splits import SPLITS
 
 
 logger = logging.getLogger("esmloc.dataset_hub")
@@ -33,7 +34,6 @@ logger = logging.getLogger("esmloc.dataset_hub")
 TEMPLATE_NAME = "dataset_card.md"
 CARD_FILE = "README.md"
 DATA_DIR = "data"
-SPLITS = ("train", "validation", "test")
 CONFIGS = data.CONFIG_NAMES
 # In every card the template renders (an HTML comment, invisible on the Hub).
 CARD_MARKER = "rendered by esmloc.dataset_hub.render_dataset_card"

@@ -25,6 +25,8 @@ from esmloc.errors import InputError
 
 
 BINARY_LABELS = ("Other", "Mitochondrion")
+# The label esmloc is about: label 1 of a binary model, the location multi-label reports feature in full.
+POSITIVE_LABEL = BINARY_LABELS[1]
 MULTI_LABEL = "multi_label_classification"
 SINGLE_LABEL = "single_label_classification"
 # Where train.py saves the test metrics and the thresholds tuned on validation (`tuned_threshold_keys`).

@@ -15,7 +15,8 @@ import pytest
 import torch
 from transformers import DataCollatorForTokenClassification
 
-from esmloc import pretrain
+from esmloc import mlm
+from esmloc.commands import pretrain
 from esmloc.sequences import DataValidationError
 from tokenization_esmloc import EsmLocTokenizer
 
@@ -27,7 +28,7 @@ PRETRAIN = [sys.executable, "-m", "esmloc.commands.pretrain"]
 QUICK = ["--from_scratch", "tiny", "--max_residues", "60", "--learning_rate", "3e-3", "--validation_fraction", "0.1",
          "--disable_tqdm", "true"]
 BATCH_8 = ["--per_device_train_batch_size", "8"]
-AMINO_ACIDS = pretrain.STANDARD_AMINO_ACIDS
+AMINO_ACIDS = mlm.STANDARD_AMINO_ACIDS
 
 
 def random_proteins(n: int, seed: int, low: int = 20, high: int = 150) -> list[str]:
@@ -44,7 +45,7 @@ def run_pretrain(args, cwd, env=None, expect_ok=True, timeout=600) -> subprocess
     result = subprocess.run(PRETRAIN + args, cwd=cwd, env=env or train_env(), capture_output=True, text=True,
                             timeout=timeout)
     if expect_ok and result.returncode != 0:
-        raise AssertionError(f"esmloc.pretrain failed ({result.returncode}):\n{result.stdout[-5000:]}\n"
+        raise AssertionError(f"esmloc-pretrain failed ({result.returncode}):\n{result.stdout[-5000:]}\n"
                              f"{result.stderr[-5000:]}")
     return result
 
@@ -56,7 +57,7 @@ def masked_batch(proteins, seed):
     """The proteins tokenised, masked (one generator each) and padded as the Trainer gets them; and the original
     tokens, padded."""
     tokenizer = EsmLocTokenizer()
-    masking = pretrain.ResidueMasking(tokenizer)
+    masking = mlm.ResidueMasking(tokenizer)
     examples = []
     for index, protein in enumerate(proteins):
         masked, labels = masking(tokenizer(protein)["input_ids"], np.random.default_rng([seed, index]))
@@ -106,10 +107,10 @@ def unmasked(example, tokenizer) -> str:
 
 def test_crops_and_masks_move_every_epoch_and_are_seeded():
     tokenizer = EsmLocTokenizer()
-    masking = pretrain.ResidueMasking(tokenizer)
+    masking = mlm.ResidueMasking(tokenizer)
     rng = random.Random(4)
     long_protein = "".join(rng.choice(AMINO_ACIDS) for _ in range(500))
-    dataset = pretrain.MaskedProteinDataset([long_protein, "MKVLAAGIVG"], tokenizer, masking, max_residues=50, seed=7)
+    dataset = mlm.MaskedProteinDataset([long_protein, "MKVLAAGIVG"], tokenizer, masking, max_residues=50, seed=7)
 
     def draw(epoch, index=0):
         dataset.set_epoch(epoch)
@@ -123,7 +124,7 @@ def test_crops_and_masks_move_every_epoch_and_are_seeded():
     assert len(set(windows)) == 6
     assert len({tuple(e["labels"]) for e in examples}) == 6
     assert draw(2) == examples[2]  # drawn again: the same window and masks (what a resumed run relies on)
-    other_seed = pretrain.MaskedProteinDataset([long_protein], tokenizer, masking, max_residues=50, seed=8)
+    other_seed = mlm.MaskedProteinDataset([long_protein], tokenizer, masking, max_residues=50, seed=8)
     assert unmasked(other_seed[0], tokenizer) != windows[0]
     assert unmasked(draw(0, index=1), tokenizer) == "MKVLAAGIVG"  # short: never cropped
     held_out = dataset.fixed()
@@ -134,23 +135,23 @@ def test_identical_sequences_are_read_once_and_bad_records_named(tmp_path):
     fasta = write_fasta(tmp_path / "a.fasta", ["MKVL", "MKVL", "acdef"])
     csv_file = tmp_path / "b.csv"
     csv_file.write_text("ACC,Sequence\nQ1,MKVL\nQ2,MWWW\n")
-    sequences, summary = pretrain.read_unique_sequences([fasta, csv_file])
+    sequences, summary = mlm.read_unique_sequences([fasta, csv_file])
     assert sequences == ["MKVL", "ACDEF", "MWWW"]
     assert summary["files"] == [{"file": "a.fasta", "records": 3, "new_sequences": 2},
                                 {"file": "b.csv", "records": 2, "new_sequences": 1}]
     bad = tmp_path / "bad.csv"
     bad.write_text("ACC,Sequence\nQ1,MKVL\nQ9,MK1L\n")
     with pytest.raises(DataValidationError, match=r"bad.csv, line 3, ACC 'Q9'.*'1' at position 3"):
-        pretrain.read_unique_sequences([bad])
+        mlm.read_unique_sequences([bad])
 
 
 def test_held_out_proteins_depend_on_sequences_and_seed_only():
     proteins = random_proteins(200, seed=5)
-    train, held = pretrain.hold_out(proteins, 0.1, None, seed=1)
+    train, held = mlm.hold_out(proteins, 0.1, None, seed=1)
     assert len(held) == 20 and not set(train) & set(held) and len(train) + len(held) == 200
-    assert pretrain.hold_out(list(reversed(proteins)), 0.1, None, seed=1)[1] == list(reversed(held))
-    assert set(pretrain.hold_out(proteins, 0.1, None, seed=2)[1]) != set(held)
-    assert len(pretrain.hold_out(proteins, 0.1, 5, seed=1)[1]) == 5
+    assert mlm.hold_out(list(reversed(proteins)), 0.1, None, seed=1)[1] == list(reversed(held))
+    assert set(mlm.hold_out(proteins, 0.1, None, seed=2)[1]) != set(held)
+    assert len(mlm.hold_out(proteins, 0.1, 5, seed=1)[1]) == 5
 
 
 # ------------------------------------------------------------------------------------------------ runs
@@ -364,7 +365,7 @@ def test_benchmark_pretrain_mode_smoke(tmp_path):
                              str(data_file), "--output_dir", str(output_dir), "--setups", "pretrain_frozen"],
                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
-    assert "python -m esmloc.pretrain --from_scratch tiny" in result.stdout
+    assert "python -m esmloc.commands.pretrain --from_scratch tiny" in result.stdout
     assert "none of partitions [3, 4] (checked)" in result.stdout
     row = "esmloc, ESM-2 `tiny` pretrained here (MLM on the training partitions), frozen"
     line = next(line for line in result.stdout.splitlines() if line.startswith(f"| {row} |"))

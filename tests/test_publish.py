@@ -547,7 +547,8 @@ def test_failed_push_says_why_and_changes_nothing(frozen_run, hub, capsys, caplo
     before = directory_digest(frozen_run)
     status, out, message = run_main(push_command.main, [frozen_run, "--hub_model_id", REPO_ID, "--hub_endpoint",
                                                         "https://hub.example.test"], capsys)
-    assert status == 1 and len(message.strip().splitlines()) == 1 and "Traceback" not in message
+    errors = [line for line in message.splitlines() if line.startswith("esmloc-push: error:")]
+    assert status == 1 and len(errors) == 1 and "Traceback" not in message
     assert f"https://hub.example.test/{REPO_ID}" in message and expected in message
     assert "local output directory is unchanged" in message
     assert directory_digest(frozen_run) == before

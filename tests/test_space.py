@@ -45,10 +45,11 @@ def test_space_files_card_requirements_and_code():
     assert any(line.startswith("gradio") for line in requirements)
     assert any(line.startswith("transformers") for line in requirements)
     assert not any("selenium" in line or "pytest" in line for line in requirements)  # the test extra stays out
-    for name in ("esmloc/webapp.py", "esmloc/predict.py", "esmloc/engine.py", "esmloc/explain.py",
+    for name in ("esmloc/webapp.py", "esmloc/loading.py", "esmloc/engine.py", "esmloc/explain.py",
                  "modeling_esmloc.py", "configuration_esmloc.py", "tokenization_esmloc.py"):
         assert files[name] == (REPO / name).read_bytes(), name
     assert "esmloc/space_app.py" not in files and not any("__pycache__" in name for name in files)
+    assert not any(name.startswith("esmloc/commands/") for name in files)  # the app needs no command
 
 
 def test_the_written_space_runs_its_app_from_its_own_files(tmp_path):

@@ -65,7 +65,6 @@ from esmloc.sequences import crop_note
 logger = logging.getLogger("esmloc.embed")
 
 
-
 def parse_arguments(argv=None) -> argparse.Namespace:
     parser = cli.file_job_parser(
         "esmloc-embed",

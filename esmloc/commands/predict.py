@@ -59,6 +59,7 @@ from esmloc.predictions import PredictionsWriter, columns
 
 logger = logging.getLogger("esmloc.predict")
 
+
 def parse_arguments(argv=None) -> argparse.Namespace:
     parser = cli.file_job_parser(
         "esmloc-predict",

@@ -39,7 +39,7 @@ import torch
 from transformers import DataCollatorForTokenClassification, EsmConfig, EsmForMaskedLM, TrainingArguments, set_seed
 
 from configuration_esmloc import ESM2_ARCHITECTURES
-from esmloc import cli, loading, mlm, runs
+from esmloc import cli, loading, mlm, progress, runs
 from esmloc.errors import InputError
 from tokenization_esmloc import EsmLocTokenizer
 
@@ -251,6 +251,7 @@ def pretrain(argv=None) -> int:
         callbacks=callbacks,
     )
 
+    progress.quiet_console(trainer, output_dir / progress.LOG_FILE, watched="perplexity")
     initial_path = output_dir / f"{mlm.INITIAL_EVAL}_results.json"
     if eval_dataset is not None and not last_checkpoint:
         # Without touching the random state the training order is drawn from (a data loader draws a seed from it), so

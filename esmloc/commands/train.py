@@ -20,6 +20,7 @@ esmloc.finetuning's, the final evaluation and outputs esmloc.report's.
 
 import logging
 import sys
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -29,7 +30,7 @@ from transformers import DataCollatorWithPadding, EarlyStoppingCallback, Trainer
 from configuration_esmloc import (
     CROP_STRATEGIES, DEFAULT_CROP, DEFAULT_MAX_RESIDUES, ESM2_ARCHITECTURES, POOLING_MODES,
 )
-from esmloc import cache, cli, data, dataset_hub, demo, evaluation, finetuning, publish, report, runs, task
+from esmloc import cache, cli, data, dataset_hub, demo, evaluation, finetuning, progress, publish, report, runs, task
 from esmloc.engine import PRECISIONS
 from esmloc.errors import EnvironmentProblem, InputError
 from esmloc.saving import tokenizer_for
@@ -217,7 +218,6 @@ class EsmLocTrainingArguments(runs.RunArguments, TrainingArguments):
                     f"--early_stopping_patience must be a positive integer, got {self.early_stopping_patience}")
 
 
-
 def parse_arguments(argv=None) -> tuple:
     """The command line (or one .json/.yaml file with the same arguments) into the three dataclasses."""
     parser = cli.DataclassParser((ModelArguments, DataArguments, EsmLocTrainingArguments), prog="train.py")
@@ -379,6 +379,7 @@ def push(output_dir: Path, model_args, training_args, token: str | None = None) 
 
 
 def train(argv=None) -> int:
+    started = time.perf_counter()
     model_args, data_args, training_args = parse_arguments(argv)
     # Trainer's own hub logic would create the repo at init and upload checkpoints (pickles); esmloc pushes the
     # finished output directory at the end instead. The token stays out of Trainer's hands too: it pickles its
@@ -410,6 +411,7 @@ def train(argv=None) -> int:
              f"{trainable:,}", f"{total:,}", 100 * trainable / total)
     trainer = make_trainer(model, trainable_model, tokenizer, dataset, split_targets, model_args, training_args,
                            identity)
+    progress.quiet_console(trainer, output_dir / progress.LOG_FILE)
 
     if training_args.should_save:
         runs.write_record(output_dir, identity, finished=False)
@@ -431,10 +433,11 @@ def train(argv=None) -> int:
             "fingerprint": identity["fingerprint"],
         }
         cache_dir = feature_cache_dir(model_args) if finetuning.uses_feature_cache(model_args) else None
-        report.evaluate_and_save(trainer, final_model, tokenizer, dataset, model_args, data_args, training_args,
-                                 run_record, output_dir, feature_cache_dir=cache_dir)
+        results, examples = report.evaluate_and_save(trainer, final_model, tokenizer, dataset, model_args, data_args,
+                                                     training_args, run_record, output_dir, feature_cache_dir=cache_dir)
         runs.write_record(output_dir, identity, finished=True, training_length=length)
-        logger.info("Model, metrics, predictions, plots and model card saved in %s", output_dir)
+        print(report.run_summary(output_dir, dataset, final_model.config, model_args.finetune, (trainable, total),
+                                 results, examples, time.perf_counter() - started))
     # Push only once every process is done, so that a failed push cannot leave other processes waiting.
     trainer.accelerator.wait_for_everyone()
     if push_to_hub and trainer.is_world_process_zero():
