@@ -18,6 +18,7 @@ import errno
 import json
 import logging
 import os
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -330,3 +331,28 @@ __all__ = [
     "setup_logging",
     "show_progress",
 ]
+
+
+# --- secrets ---------------------------------------------------------------------------------------------------
+
+HIDDEN = "<token hidden>"
+_CREDENTIALS = (  # what a token looks like in an echoed request: a Bearer/Basic credential, a bare header, hf_...
+    (re.compile(r"(?i)\b(bearer|basic)\s+[^\s;,'\"]+"), rf"\1 {HIDDEN}"),
+    (re.compile(r"(?i)\b(authorization\s*[:=]\s*)(?!bearer\b|basic\b)[^\s;,'\"]+"), rf"\1{HIDDEN}"),
+    (re.compile(r"\bhf_[A-Za-z0-9]{8,}"), HIDDEN),
+)
+
+
+def redact_secrets(text: str, *tokens: str | None) -> str:
+    """`text` with every hub token in it replaced by `<token hidden>`: the `tokens` given (an argument), the one
+    huggingface_hub would send (HF_TOKEN, else the token file), and anything shaped like one (`hf_...`, a Bearer or
+    Basic credential, an Authorization header's value). An endpoint may echo a request's headers in its error text:
+    every push's messages go through here."""
+    from huggingface_hub import get_token
+
+    known = {token for token in (*tokens, get_token()) if token}
+    for token in sorted(known, key=len, reverse=True):
+        text = text.replace(token, HIDDEN)
+    for pattern, replacement in _CREDENTIALS:
+        text = pattern.sub(replacement, text)
+    return text

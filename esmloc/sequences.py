@@ -12,8 +12,10 @@ Needs no `datasets`: `esmloc-predict` streams its input through `read_sequences`
 """
 
 import codecs
+import contextlib
 import csv
 import gzip
+import io
 import re
 import zlib
 from collections.abc import Iterator
@@ -96,7 +98,10 @@ class ProteinRecord(NamedTuple):
 
 
 def _open_text(path, expected: str):
-    """`path` opened as text (UTF-8, a byte-order mark dropped; gunzipped for `.gz`) after `check_text_file`."""
+    """`path` opened as text (UTF-8, a byte-order mark dropped; gunzipped for `.gz`) after `check_text_file`; text
+    already in memory (an `io.StringIO`: the demo's pasted text, named by its str()) as it is."""
+    if isinstance(path, io.TextIOBase):
+        return contextlib.nullcontext(path)
     check_text_file(path, expected)
     # utf-8-sig: spreadsheet programs start CSV exports with a byte-order mark, which must not end up in "ACC".
     if str(path).endswith(".gz"):

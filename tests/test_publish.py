@@ -611,6 +611,98 @@ def test_refused_push_with_the_real_client_never_shows_the_token(frozen_run, tmp
     assert_no_token(result.stdout, result.stderr, directories=[frozen_run])
 
 
+class EchoingHub(http_server.BaseHTTPRequestHandler):
+    """A hub endpoint that refuses every request with an error that echoes the request's headers, the Authorization
+    header (the token) included: in its JSON body, in the X-Error-Message header the Hub uses for its messages, and
+    in a plain-text body for requests whose path says so."""
+
+    def answer(self):
+        echoed = "; ".join(f"{name}: {value}" for name, value in self.headers.items())
+        if "plain" in self.path:
+            body, kind = f"request refused, it had {echoed}".encode(), "text/plain"
+        else:
+            body, kind = json.dumps({"error": f"request refused, it had {echoed}"}).encode(), "application/json"
+        self.send_response(self.server.status)
+        self.send_header("Content-Type", kind)
+        self.send_header("X-Error-Message", f"refused: {self.headers.get('Authorization')}")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    do_GET = do_POST = do_PUT = do_HEAD = answer
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def echoing_hub():
+    """An EchoingHub on 127.0.0.1 (set its `status`); stopped at the end."""
+    server = http_server.ThreadingHTTPServer(("127.0.0.1", 0), EchoingHub)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def exported_dataset(folder: Path) -> Path:
+    """The files esmloc-dataset push sends (a card and a Parquet split), enough for the push to start."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (folder / "data" / "mitochondrion").mkdir(parents=True)
+    pq.write_table(pa.table({"ACC": ["P1"], "Sequence": [PROTEINS[0]], "label": [1]}),
+                   folder / "data" / "mitochondrion" / "train-00000-of-00001.parquet")
+    (folder / "README.md").write_text("---\nlicense: apache-2.0\n---\n# proteins\n")
+    return folder
+
+
+@pytest.mark.parametrize("tool, status", [
+    *[("esmloc-push, HF_TOKEN", status) for status in (400, 401, 403, 500)],
+    ("esmloc-push, the token file", 401),
+    ("esmloc-push, a plain-text answer", 500),
+    ("esmloc-dataset push", 401),
+    ("esmloc-dataset push", 500),
+    ("train.py --push_to_hub --hub_token", 403),
+])
+def test_no_push_ever_shows_the_token_an_endpoint_echoes(frozen_run, proteins_csv, tmp_path, echoing_hub, tool,
+                                                         status):
+    """Whatever an endpoint answers, the token (from HF_TOKEN, the token file or an argument) is in no output of
+    any push: the endpoint echoes the request's headers, Authorization included, in its error body and in
+    X-Error-Message."""
+    echoing_hub.status = status
+    endpoint = f"http://127.0.0.1:{echoing_hub.server_address[1]}" + ("/plain" if "plain" in tool else "")
+    env = clean_env(tmp_path)
+    if tool == "esmloc-push, the token file":
+        Path(env["HF_HOME"], "token").write_text(FAKE_TOKEN)
+    elif "--hub_token" not in tool:
+        env["HF_TOKEN"] = FAKE_TOKEN
+    if tool.startswith("esmloc-push"):
+        command = [sys.executable, "-m", "esmloc.commands.push", str(frozen_run), "--hub_model_id", REPO_ID]
+        written = frozen_run
+    elif tool == "esmloc-dataset push":
+        written = exported_dataset(tmp_path / "dataset")
+        command = [sys.executable, "-m", "esmloc.commands.dataset", "push", str(written), "--hub_dataset_id", REPO_ID]
+    else:
+        written = tmp_path / "run"
+        command = [sys.executable, str(REPO / "train.py"), "--from_scratch", "tiny", "--train_file",
+                   str(proteins_csv), "--output_dir", str(written), "--max_residues", "64", "--num_train_epochs",
+                   "1", "--num_examples_to_show", "0", "--push_to_hub", "--hub_model_id", REPO_ID,
+                   "--hub_token", FAKE_TOKEN]
+    result = subprocess.run([*command, "--hub_endpoint", endpoint], check=False, cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=600)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0 and "Traceback" not in output, output[-3000:]
+    assert f"pushing to {endpoint}/{REPO_ID} failed (HTTP {status}: " in output, output[-3000:]
+    assert "request refused, it had" in output or "refused: " in output  # the endpoint's answer is shown...
+    assert "<token hidden>" in output  # ... without the token it echoed
+    assert_no_token(result.stdout, result.stderr, directories=[written])
+
+
 # --- a real mirror server and a plain git clone ----------------------------------------------------------------------
 
 
