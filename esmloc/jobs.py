@@ -359,8 +359,7 @@ class PartsJob:
             self.state.wait_for_everyone()
 
     def close(self) -> None:
-        if self.processes > 1 and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        cli.end_processes()
 
     # Parts --------------------------------------------------------------------------------------------------------
 

@@ -629,7 +629,7 @@ def pretrain(argv=None) -> int:
         runs.write_record(output_dir, identity, finished=True, training_length=length)
         print(f"Masked language model, metrics, perplexity curve and model card saved in {output_dir}")
     trainer.accelerator.wait_for_everyone()
-    trainer.accelerator.end_training()  # process group closed before exit (else gloo may abort a process at exit)
+    cli.end_processes(trainer)
     return 0
 
 

@@ -19,16 +19,9 @@ import pytest
 from esmloc import data, dataset_hub
 from esmloc.demo import write_demo_csv
 
-from conftest import REPO, write_deeploc_layout_csv
-from test_publish import (
-    GitWorkTreeHub,
-    assert_no_token,
-    calls_named,
-    clean_env,
-    directory_digest,
-    front_matter,
-    hub,  # noqa: F401  (fixture: HfApi inside esmloc.publish replaced by a recording stand-in)
-    mirror,  # noqa: F401  (fixture: olah serving a folder of git work trees on 127.0.0.1)
+from conftest import (
+    REPO, GitWorkTreeHub, assert_no_token, calls_named, clean_env, directory_digest, front_matter,
+    write_deeploc_layout_csv,
 )
 
 

@@ -23,8 +23,7 @@ from esmloc.predict import main as predict_main
 from esmloc.saving import save_model
 from esmloc.sequences import read_sequences
 
-from conftest import REPO, run_processes, tiny_model
-from test_train import distributed_failure, loopback_only_namespace
+from conftest import REPO, distributed_failure, loopback_only_namespace, run_processes, tiny_model
 
 
 RESIDUES = "LAGVSERTIDPKQNFYMHWC"
@@ -238,6 +237,7 @@ def test_a_killed_job_resumes_and_a_changed_model_discards_old_parts(work, tmp_p
 
 
 def test_the_benchmark_runs_in_smoke_mode(tmp_path):
+    loopback_only_namespace()  # its 2-process runs need one
     result = subprocess.run([sys.executable, str(REPO / "bench" / "large_jobs.py"), "--smoke"], cwd=tmp_path,
                             env=env(HF_HOME=str(tmp_path / "hf_home")), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

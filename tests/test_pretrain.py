@@ -19,8 +19,9 @@ from esmloc import pretrain
 from esmloc.sequences import DataValidationError
 from tokenization_esmloc import EsmLocTokenizer
 
-from conftest import REPO, run_offline, run_processes, write_deeploc_layout_csv
-from test_train import distributed_failure, loopback_only_namespace, train_env
+from conftest import (
+    REPO, distributed_failure, loopback_only_namespace, run_offline, run_processes, train_env, write_deeploc_layout_csv,
+)
 
 
 PRETRAIN = [sys.executable, "-m", "esmloc.pretrain"]
