@@ -80,15 +80,18 @@ def run(prog: str, function, argv=None) -> int:
 
 
 def end_processes(trainer=None) -> None:
-    """Ends a multi-process run (torchrun / accelerate launch) on every process, in the order that lets each of them
-    exit; in a single process, it only lets go of the trainer's wrapped model.
+    """Ends a multi-process run (torchrun / accelerate launch) on every process, in an order that lets each of them
+    exit; in a single process it only lets go of the trainer's wrapped model. Train, pretrain and the large jobs
+    end with it.
 
-    1. The trainer's DDP-wrapped model is let go and collected. Its reducer holds the process group: freed after the
-       group was destroyed (when `train()` returned), it destroyed gloo's process group itself, joining gloo's
-       worker threads while holding the GIL (torch issue 56297), and about 1 two-process run in 130 under load hung
-       there, after every output was saved (bench/ddp_teardown.py counts them).
+    1. The trainer's DDP-wrapped model is let go and collected while the process group still exists. Freed after the
+       group was destroyed (when `train()` returned), its reducer held the group's last reference and destroyed gloo's
+       process group itself, holding the GIL: that destructor joins gloo's worker threads, and a worker still
+       releasing a finished collective's tensors waits for the GIL, so the process hung (gdb shows both; torch issue
+       56297). Under load, about 1 two-process run in 130 hung there after saving everything; bench/ddp_teardown.py
+       counts them.
     2. Every process waits for the others: none destroys its side of the group while another still talks to it.
-    3. The process group is destroyed, before the interpreter's exit (gloo may otherwise abort a process there).
+    3. The process group is destroyed (before the interpreter's exit, where gloo may otherwise abort a process).
     """
     if trainer is not None:
         trainer.model_wrapped = trainer.model

@@ -130,6 +130,7 @@ def test_a_trained_models_evidence_sits_on_the_targeting_peptide():
     assert np.mean(shares > EVIDENCE_SHARE) >= POSITIVES_REQUIRED, np.round(shares, 2)
 
 
+@pytest.mark.slow
 def test_predict_explain_writes_one_long_csv_and_pictures(tmp_path):
     model = tiny_model(pooling="attention", max_residues=300)
     model_dir = save_model(model, tmp_path / "model")

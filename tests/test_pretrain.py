@@ -172,6 +172,7 @@ def pretrained(proteins_fasta, tmp_path_factory):
     return output_dir, result.stdout + result.stderr
 
 
+@pytest.mark.slow
 def test_run_reports_held_out_perplexity_and_leaves_a_card(pretrained):
     output_dir, log = pretrained
     for name in ("config.json", "model.safetensors", "tokenizer_config.json", "vocab.txt", "tokenization_esmloc.py",
@@ -213,6 +214,7 @@ print(json.dumps({{"difference": (states_mlm - states_loc).abs().max().item(), "
 """
 
 
+@pytest.mark.slow
 def test_saved_model_loads_offline_through_every_route(pretrained, tmp_path, elsewhere):
     output_dir, _ = pretrained
     loaded = run_offline(LOAD_THREE_WAYS.format(path=str(output_dir)), elsewhere, tmp_path)
@@ -264,6 +266,7 @@ def test_rerun_with_other_data_or_settings_refuses(proteins_fasta, tmp_path, mon
     assert (output_dir / "model.safetensors").read_bytes() == weights
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_and_ends_where_an_uninterrupted_one_does(proteins_fasta, tmp_path):
     args = ["--train_files", str(proteins_fasta), "--max_steps", "60", "--save_steps", "10", "--eval_steps", "30",
             "--logging_steps", "10", "--save_total_limit", "3", "--per_device_train_batch_size", "4", *QUICK]
@@ -305,6 +308,7 @@ def test_killed_run_resumes_and_ends_where_an_uninterrupted_one_does(proteins_fa
     assert before[0]["initial_eval_perplexity"] == before[1]["initial_eval_perplexity"]  # written once, kept
 
 
+@pytest.mark.slow
 def test_two_process_run_produces_one_model(proteins_fasta, tmp_path, elsewhere):
     command = loopback_only_namespace() + [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1",
                                            "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
@@ -357,6 +361,7 @@ def test_benchmark_refuses_to_pretrain_on_held_out_partitions(accuracy, tmp_path
         accuracy.check_no_held_out(leaky, held_out, [3, 4])
 
 
+@pytest.mark.slow
 def test_benchmark_pretrain_mode_smoke(tmp_path):
     data_file = write_deeploc_layout_csv(tmp_path / "deeploc.csv", n_rows=300, seed=11)
     output_dir = tmp_path / "results"

@@ -583,6 +583,7 @@ def assert_same_predictions(loaded: dict, expected_logits: torch.Tensor, reporte
             assert by_label["Mitochondrion"] == pytest.approx(reported[protein], abs=1e-4)
 
 
+@pytest.mark.slow
 def test_round_trip_through_a_mirror_server_and_a_git_clone(frozen_run, proteins_csv, mirror, tmp_path):
     # Push, with the commit landing in the git work tree the mirror serves.
     hub = GitWorkTreeHub(mirror.mirrors)
@@ -632,6 +633,7 @@ def test_a_card_edited_or_written_by_hand_is_pushed_as_it_is(frozen_run, hub, tm
     assert not (run / "README.md").exists()
 
 
+@pytest.mark.slow
 def test_a_mirror_refuses_uploads_and_the_push_says_so(frozen_run, mirror, tmp_path):
     """The real HfApi against the real (read-only) mirror: the push fails with a clear message."""
     before = directory_digest(frozen_run)

@@ -65,6 +65,7 @@ print(json.dumps({{"probabilities": probabilities, "module": type(model).__modul
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["frozen", "lora", "full"])
 def test_run_leaves_a_loadable_evaluated_model(mode, runs, proteins_csv, tmp_path, elsewhere):
     output_dir, log = runs[mode]
@@ -101,6 +102,7 @@ def evaluations_of(output_dir):
     return state, [entry for entry in state["log_history"] if "eval_mcc_tuned" in entry]
 
 
+@pytest.mark.slow
 def test_best_model_is_chosen_by_validation_mcc(runs):
     output_dir, _ = runs["full"]
     assert json.loads((output_dir / "run_info.json").read_text())["training"]["metric_for_best_model"] == "mcc_tuned"
@@ -119,6 +121,7 @@ def test_best_model_is_chosen_by_validation_mcc(runs):
     assert saved["validation_threshold_tuned"] == pytest.approx(best["eval_threshold_tuned"], abs=1e-6)
 
 
+@pytest.mark.slow
 def test_the_saved_model_is_the_best_checkpoint_tensor_for_tensor(runs):
     from safetensors.torch import load_file
 
@@ -135,12 +138,14 @@ def test_the_saved_model_is_the_best_checkpoint_tensor_for_tensor(runs):
     assert "missing keys" not in log.lower()
 
 
+@pytest.mark.slow
 def test_run_info_records_local_files_by_name_only(runs, proteins_csv):
     run_info = (runs["frozen"][0] / "run_info.json").read_text()
     assert str(proteins_csv.parent) not in run_info
     assert json.loads(run_info)["data"]["train_file"] == proteins_csv.name
 
 
+@pytest.mark.slow
 def test_failed_push_keeps_the_run_and_says_why(proteins_csv, tmp_path):
     output_dir = tmp_path / "out"
     result = subprocess.run(
@@ -159,12 +164,14 @@ def test_failed_push_keeps_the_run_and_says_why(proteins_csv, tmp_path):
     assert not [path for path in output_dir.rglob("*") if path.is_file() and b"esmloc_test_secret" in path.read_bytes()]
 
 
+@pytest.mark.slow
 def test_runs_log_no_spurious_warnings(runs):
     for mode, (_, log) in runs.items():
         assert "tokens that differ from the model config" not in log, mode  # Trainer re-aligning pad/eos ids
         assert "'pin_memory' argument is set as true" not in log, mode  # pinning on a CPU-only machine
 
 
+@pytest.mark.slow
 def test_finetune_modes_train_what_they_say(runs):
     counts = {}
     for mode, (output_dir, _) in runs.items():
@@ -192,6 +199,7 @@ def test_class_weights_balance_the_training_split():
     assert balanced_class_weights(multi_hot, 2, multi_label=True) == [3.0, 1.0]
 
 
+@pytest.mark.slow
 def test_arguments_from_a_json_or_yaml_file(proteins_csv, tmp_path):
     arguments = {"from_scratch": "tiny", "train_file": str(proteins_csv), "output_dir": str(tmp_path / "out"),
                  "num_train_epochs": 1, "max_residues": 100, "seed": 7, "finetune": "frozen",
@@ -214,6 +222,7 @@ def test_a_hung_launch_fails_with_every_process_stack(tmp_path):
     assert time.monotonic() - started < 60
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
 def test_two_process_ddp_produces_one_model(launcher, proteins_csv, tmp_path, elsewhere):
     port = "29500"  # the namespace is empty: any port is free there
@@ -241,6 +250,7 @@ def test_two_process_ddp_produces_one_model(launcher, proteins_csv, tmp_path, el
     assert state["global_step"] == 8
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_from_its_last_checkpoint(proteins_csv, tmp_path):
     output_dir = tmp_path / "out"
     args = ["--train_file", str(proteins_csv), "--output_dir", str(output_dir), "--finetune", "full",
@@ -275,6 +285,7 @@ def test_killed_run_resumes_from_its_last_checkpoint(proteins_csv, tmp_path):
     assert (output_dir / "test_results.json").is_file()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("offline", [False, True])
 def test_unreachable_hub_says_what_to_do(offline, proteins_csv, tmp_path):
     env = train_env(HF_ENDPOINT=f"http://127.0.0.1:{free_port()}", HF_HOME=str(tmp_path / "hf_home"))
@@ -293,6 +304,7 @@ def test_unreachable_hub_says_what_to_do(offline, proteins_csv, tmp_path):
     assert "Traceback" not in message
 
 
+@pytest.mark.slow
 def test_missing_local_checkpoint_is_named(proteins_csv, tmp_path):
     result = subprocess.run(
         TRAIN + ["--model_name_or_path", str(tmp_path / "no_such_model"), "--train_file", str(proteins_csv),
@@ -320,6 +332,7 @@ print(json.dumps(torch.sigmoid(logits).tolist()))
 """
 
 
+@pytest.mark.slow
 def test_multi_label_deeploc_run(deeploc_csv, tmp_path, elsewhere):
     from esmloc.data import LOCATIONS
 
