@@ -116,6 +116,7 @@ def train_on_demo_data(rows, epochs: int = 10, seed: int = 0) -> EsmForLocalizat
     return model.eval()
 
 
+@pytest.mark.slow
 def test_a_trained_models_evidence_sits_on_the_targeting_peptide():
     rows = demo_rows(400, seed=0)
     model = train_on_demo_data(rows[:300])

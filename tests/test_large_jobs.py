@@ -208,6 +208,7 @@ def run_until_parts_exist(command, parts_dir, minimum, log_path):
                 process.kill()
 
 
+@pytest.mark.slow
 def test_a_killed_job_resumes_and_a_changed_model_discards_old_parts(work, tmp_path, capsys):
     proteins = write_proteins(tmp_path / "many.fasta", n=1600, seed=5)
     model_dir = tmp_path / "model"

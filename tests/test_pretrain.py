@@ -239,6 +239,7 @@ def test_saved_model_loads_offline_through_every_route(pretrained, tmp_path, els
     assert json.loads((out / "config.json").read_text())["esm_name_or_path"] == str(output_dir)
 
 
+@pytest.mark.slow
 def test_rerun_with_other_data_or_settings_refuses(proteins_fasta, tmp_path, monkeypatch, capsys):
     output_dir = tmp_path / "out"
     args = ["--output_dir", str(output_dir), "--max_steps", "6", "--save_steps", "3", "--eval_steps", "3", *QUICK, *BATCH_8]
