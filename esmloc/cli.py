@@ -356,3 +356,25 @@ def redact_secrets(text: str, *tokens: str | None) -> str:
     for pattern, replacement in _CREDENTIALS:
         text = pattern.sub(replacement, text)
     return text
+
+
+def end_processes(trainer=None) -> None:
+    """Ends a multi-process run (torchrun / accelerate launch) on every process, in an order that lets each of them
+    exit; in a single process it only lets go of the trainer's wrapped model. Train, pretrain and the large jobs
+    end with it.
+
+    1. The trainer's DDP-wrapped model is let go and collected while the process group still exists. Freed after the
+       group was destroyed (when `train()` returned), its reducer held the group's last reference and destroyed gloo's
+       process group itself, holding the GIL: that destructor joins gloo's worker threads, and a worker still
+       releasing a finished collective's tensors waits for the GIL, so the process hung (gdb shows both; torch issue
+       56297). Under load, about 1 two-process run in 130 hung there after saving everything; bench/ddp_teardown.py
+       counts them.
+    2. Every process waits for the others: none destroys its side of the group while another still talks to it.
+    3. The process group is destroyed (before the interpreter's exit, where gloo may otherwise abort a process).
+    """
+    if trainer is not None:
+        trainer.model_wrapped = trainer.model
+        trainer.accelerator.free_memory()  # its own references to the wrapped model, then gc.collect()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()

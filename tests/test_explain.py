@@ -116,6 +116,7 @@ def train_on_demo_data(rows, epochs: int = 10, seed: int = 0) -> EsmForLocalizat
     return model.eval()
 
 
+@pytest.mark.slow
 def test_a_trained_models_evidence_sits_on_the_targeting_peptide():
     rows = demo_rows(400, seed=0)
     model = train_on_demo_data(rows[:300])
@@ -130,6 +131,7 @@ def test_a_trained_models_evidence_sits_on_the_targeting_peptide():
     assert np.mean(shares > EVIDENCE_SHARE) >= POSITIVES_REQUIRED, np.round(shares, 2)
 
 
+@pytest.mark.slow
 def test_predict_explain_writes_one_long_csv_and_pictures(tmp_path):
     model = tiny_model(pooling="attention", max_residues=300)
     model_dir = save_model(model, tmp_path / "model")

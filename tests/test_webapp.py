@@ -158,6 +158,7 @@ def app_url(trained_model, tmp_path_factory):
     assert server.returncode is not None
 
 
+@pytest.mark.slow
 def test_api_endpoint_returns_esmloc_predicts_numbers(app_url, predicted):
     from gradio_client import Client
 
@@ -241,6 +242,7 @@ def save_screenshot(browser, tmp_path, name) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_browser_shows_esmloc_predicts_table_and_the_explanation_plot(app_url, browser, predicted, trained_model,
                                                                      tmp_path):
     from selenium.webdriver.common.by import By
@@ -271,6 +273,7 @@ def test_browser_shows_esmloc_predicts_table_and_the_explanation_plot(app_url, b
     assert path.stat().st_size > 20_000
 
 
+@pytest.mark.slow
 def test_browser_shows_a_message_naming_the_bad_record(app_url, browser, tmp_path):
     message = submit(browser, app_url, ">P1\nMKTAYIAK\n>P2\n>P3\nMKJL")
     assert "Cannot predict" in message and "ACC 'P2': empty sequence" in message

@@ -442,7 +442,7 @@ def train(argv=None) -> int:
     trainer.accelerator.wait_for_everyone()
     if push_to_hub and trainer.is_world_process_zero():
         push(output_dir, model_args, training_args, hub_token)
-    trainer.accelerator.end_training()  # process group closed before exit (else gloo may abort a process at exit)
+    cli.end_processes(trainer)
     return 0
 
 
