@@ -432,6 +432,35 @@ def _data_rows(run: RunRecord) -> list[tuple[str, str]]:
     return rows
 
 
+def _exact(value) -> str:
+    """A threshold as the paths apply it: every digit (a rounded one would decide some proteins differently)."""
+    return f"`{float(value)!r}`"
+
+
+def _decision_rule(run: RunRecord) -> str:
+    """The rule every path applies to this model's probabilities (`modeling_esmloc.predicted_labels` with the
+    config's `decision_thresholds`), in words, with the exact thresholds."""
+    labels, thresholds = run.labels, run.config.get("decision_thresholds")
+    source = "tuned for MCC on validation and stored in `config.json` as `decision_thresholds`"
+    if run.multi_label:
+        if thresholds is None:
+            return "Every location whose probability is at least 0.5 is predicted (possibly none)."
+        return (f"Every location whose probability is at least its own threshold ({source}) is predicted (possibly "
+                "none): " + ", ".join(f"`{label}` ≥ {_exact(value)}" for label, value in zip(labels, thresholds))
+                + ".")
+    if len(labels) != 2:
+        return "The most probable label is predicted."
+    positive, negative = labels[1], labels[0]
+    if thresholds is not None:
+        return f"`{positive}` is predicted when its probability is at least {_exact(thresholds)} ({source}), else " \
+               f"`{negative}`."
+    rule = f"`{positive}` is predicted when its probability is at least 0.5, else `{negative}`."
+    if _number(run.test.get("test_threshold_tuned")):  # saved before config.json held the threshold
+        rule += (f" This model's config holds no decision threshold; the one tuned on validation, "
+                 f"{_exact(run.test['test_threshold_tuned'])} (`test_results.json`), is what esmloc-predict applies.")
+    return rule
+
+
 def _class_weights_text(run: RunRecord) -> str | None:
     weights = run.config.get("class_weights")
     return ", ".join(f"{label} {_fmt(w)}" for label, w in zip(run.labels, weights)) if weights else None
@@ -540,8 +569,7 @@ def render_model_card(
         space_url=f"{hub_url}/spaces/{space_id}" if space_id else None,
         positive_label=labels[-1],
         negative_label=labels[0],
-        tuned_threshold=(_fmt(run.test["test_threshold_tuned"], THRESHOLD_SPEC) if "test_threshold_tuned" in run.test
-                         else None),
+        decision_rule=_decision_rule(run),
         training_rows=_training_rows(run),
         lora_rows=_lora_rows(run),
         data_rows=_data_rows(run),

@@ -13,9 +13,10 @@ Output, one row per input record, in input order:
   classes the most probable label is predicted;
 - multi-label models: ACC, probability_<label> for every label, predicted_labels (the labels at or above their
   thresholds, joined with ";"; empty for none).
-The decision threshold is, in this order: --threshold; the threshold tuned for MCC on the validation split of the
-training run (`test_threshold_tuned`, per label `test_threshold_<label>_tuned`, from MODEL_DIR/test_results.json);
-0.5. The log (stderr) says which one was used.
+The decision threshold is, in this order: --threshold; the model's own, tuned for MCC on the validation split of the
+training run and stored in its config.json (`decision_thresholds`, what the pipeline applies too); for models saved
+before the config held it, the tuned keys of MODEL_DIR/test_results.json (`test_threshold_tuned`, per label
+`test_threshold_<label>_tuned`); 0.5 (`esmloc.task.decision_thresholds`). The log (stderr) says which one was used.
 
 Streaming: records are read and predicted in chunks of --chunk_size (batched within a chunk by the engine)
 and written as they come, so memory does not grow with the input; the progress bar moves with every batch.
@@ -36,7 +37,6 @@ reported at the end.
 
 import argparse
 import csv
-import json
 import logging
 import os
 import sys
@@ -46,7 +46,6 @@ from collections import Counter
 from itertools import islice
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -61,7 +60,7 @@ from esmloc.predictions import PredictionsWriter, columns
 
 logger = logging.getLogger("esmloc.predict")
 
-RESULTS_FILE = "test_results.json"
+RESULTS_FILE = task.RESULTS_FILE
 
 
 def file_job_parser(prog: str, description: str, model: str, model_help: str, writes: str) -> argparse.ArgumentParser:
@@ -81,7 +80,7 @@ def parse_arguments(argv=None) -> argparse.Namespace:
         "model_dir", "a model directory saved by train.py", "CSV")
     parser.add_argument("--threshold", type=float, default=None,
                         help="decision threshold for the positive label (every label for multi-label models); "
-                             "default: the tuned one from MODEL_DIR/test_results.json, else 0.5")
+                             "default: the model's own (decision_thresholds in config.json), else 0.5")
     parser.add_argument("--resumable", action="store_true",
                         help="with one process too: write resumable parts beside the output, as several processes "
                              "do (see Large jobs)")
@@ -128,28 +127,6 @@ def check_output_path(output, inputs) -> None:
         same = output.resolve() == path.resolve() or (output.exists() and path.exists() and os.path.samefile(output, path))
         if same:
             raise InputError(f"-o {output} is the input file {path}: refusing to overwrite it; choose another output path")
-
-
-def decision_thresholds(model_dir, config, override: float | None) -> tuple[np.ndarray | None, str]:
-    """Per-label thresholds (None for a multi-class model, which predicts the most probable label) and where they
-    came from."""
-    names, multi_label = task.label_names(config), task.is_multi_label(config)
-    if not multi_label and len(names) != 2:
-        return None, "none (multi-class: the most probable label)"
-    count = len(names) if multi_label else 1
-    if override is not None:
-        return np.full(count, override), f"{override} (--threshold)"
-    results_path = Path(model_dir) / RESULTS_FILE
-    if results_path.is_file():
-        results = json.loads(results_path.read_text())
-        keys = task.tuned_threshold_keys(names, multi_label)
-        if all(isinstance(results.get(key), (int, float)) for key in keys):
-            values = np.asarray([float(results[key]) for key in keys])
-            shown = ", ".join(f"{name}={value:.4g}" for name, value in zip(names if multi_label else [names[1]],
-                                                                            values))
-            return values, f"{shown} (tuned on validation, {', '.join(keys[:2])}{' ...' if len(keys) > 2 else ''} " \
-                           f"from {results_path})"
-    return np.full(count, 0.5), f"0.5 (default: no tuned threshold in {results_path})"
 
 
 def batched(iterable, size: int):
@@ -211,7 +188,7 @@ def predict(argv=None) -> int:
                        "(listed at the end)", input_path, len(repeated_ids))
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, tokenizer = loading.load_model_dir(args.model_dir, device)
-    thresholds, source = decision_thresholds(args.model_dir, model.config, args.threshold)
+    thresholds, source = task.decision_thresholds(args.model_dir, model.config, args.threshold)
     logger.info("%s: %d proteins (%d residues); model %s (%s pooling); decision threshold: %s", input_path, total,
                 residues, args.model_dir, model.config.pooling, source)
     written, repeated = predict_file(model, tokenizer, input_path, args.output, thresholds, chunk_size=args.chunk_size,
@@ -250,7 +227,7 @@ def predict_in_parts(args, state) -> int:
     device = torch.device(args.device) if args.device else state.device
     model, tokenizer = loading.load_model_dir(args.model_dir, device)
     config = model.config
-    thresholds, source = decision_thresholds(args.model_dir, config, args.threshold)
+    thresholds, source = task.decision_thresholds(args.model_dir, config, args.threshold)
     engine = Engine(model, tokenizer, max_tokens_per_batch=args.max_tokens_per_batch, device=device,
                     precision=args.precision, progress=False)
     logger.info("%s: %d proteins in %d parts of %d, %d process(es); model %s (%s pooling); decision threshold: %s",

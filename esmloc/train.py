@@ -530,8 +530,8 @@ def trained_model(trainer, model, model_args, output_dir: Path):
 def evaluate_and_save(trainer, final_model, tokenizer, dataset, model_args, data_args, training_args, run_record: dict,
                       output_dir: Path) -> None:
     """Saves the model, then predicts validation and test with exactly the saved weights: the report (threshold
-    tuned on validation), the predictions CSV, the plots, a table of a few test proteins, the run record and the
-    model card."""
+    tuned on validation, also stored in the saved config as `decision_thresholds`), the predictions CSV, the plots, a
+    table of a few test proteins, the run record and the model card."""
     save_model(final_model, output_dir, tokenizer)
     config = final_model.config
     names, multi_label = task.label_names(config), task.is_multi_label(config)
@@ -551,6 +551,10 @@ def evaluate_and_save(trainer, final_model, tokenizer, dataset, model_args, data
     trainer.log_metrics("test", {key: value for key, value in report.items() if value is not None})
     trainer.save_metrics("test", report)
     threshold = evaluation.tuned_threshold(scores["validation"], truth["validation"])
+    # The tuned thresholds go into the saved config, where every path reads them (pipeline, predict_labels,
+    # esmloc-predict, the demo, the card): the weights saved above are unchanged.
+    config.decision_thresholds = np.asarray(threshold, dtype=float).tolist()
+    config.save_pretrained(output_dir)
     accs = dataset["test"]["ACC"]
     write_predictions_csv(output_dir / "test_predictions.csv", accs, probabilities["test"], names, multi_label,
                           threshold, truths=truth["test"])

@@ -29,7 +29,7 @@ from esmloc import loading, predictions, sequences, task
 from esmloc.cli import InputError
 from esmloc.engine import Engine
 from esmloc.explain import Explainer, seen_positions
-from esmloc.predict import RESULTS_FILE, decision_thresholds
+from esmloc.task import RESULTS_FILE, decision_thresholds
 
 
 logger = logging.getLogger("esmloc.webapp")
