@@ -441,13 +441,13 @@ def _decision_rule(run: RunRecord) -> str:
     """The rule every path applies to this model's probabilities (`modeling_esmloc.predicted_labels` with the
     config's `decision_thresholds`), in words, with the exact thresholds."""
     labels, thresholds = run.labels, run.config.get("decision_thresholds")
-    source = "tuned for MCC on validation and stored in `config.json` as `decision_thresholds`"
+    source = "`decision_thresholds` in `config.json`, which train.py sets to the threshold tuned for MCC on validation"
     if run.multi_label:
         if thresholds is None:
             return "Every location whose probability is at least 0.5 is predicted (possibly none)."
-        return (f"Every location whose probability is at least its own threshold ({source}) is predicted (possibly "
-                "none): " + ", ".join(f"`{label}` ≥ {_exact(value)}" for label, value in zip(labels, thresholds))
-                + ".")
+        return (f"Every location whose probability is at least its own threshold is predicted (possibly none): "
+                + ", ".join(f"`{label}` ≥ {_exact(value)}" for label, value in zip(labels, thresholds))
+                + f" ({source.replace('threshold', 'thresholds')}).")
     if len(labels) != 2:
         return "The most probable label is predicted."
     positive, negative = labels[1], labels[0]
