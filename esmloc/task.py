@@ -81,35 +81,43 @@ def predicted(probabilities_matrix, names: Sequence[str], multi_label: bool, thr
     return [LABEL_SEPARATOR.join(label) for label in labels] if multi_label else labels
 
 
+def saved_with_thresholds(saved_config: dict) -> bool:
+    """Whether a saved config.json (as a dict) decides the thresholds: esmloc writes `decision_thresholds` into every
+    config it saves (null: 0.5), so a config without the key was saved before, and its tuned thresholds are only in
+    test_results.json."""
+    return "decision_thresholds" in saved_config
+
+
 def decision_thresholds(model_dir, config, override: float | None = None) -> tuple[np.ndarray | None, str]:
     """The thresholds a saved model's labels are decided by, per label (one for a binary model; None for a
-    multi-class model, which predicts the most probable label), and where they came from, in this order: `override`
-    (esmloc-predict's --threshold); the config's `decision_thresholds` (what the pipeline and `predict_labels` apply);
-    for models saved before the config held them, the tuned keys of MODEL_DIR/test_results.json; 0.5."""
+    multi-class model, which predicts the most probable label), and where they came from: `override` (esmloc-predict's
+    --threshold), else the `decision_thresholds` of MODEL_DIR/config.json (what the pipeline and `predict_labels`
+    apply; null: 0.5); for a model saved before config.json held them, the tuned keys of MODEL_DIR/test_results.json,
+    else 0.5."""
     names, multi_label = label_names(config), is_multi_label(config)
     if not multi_label and len(names) != 2:
         return None, "none (multi-class: the most probable label)"
     count = len(names) if multi_label else 1
-    shown_names = names if multi_label else names[1:]
 
     def shown(values) -> str:
-        return ", ".join(f"{name}={value:.4g}" for name, value in zip(shown_names, values))
+        return ", ".join(f"{name}={value:.4g}" for name, value in zip(names if multi_label else names[1:], values))
 
     if override is not None:
         return np.full(count, override), f"{override} (--threshold)"
-    stored = config.get("decision_thresholds") if isinstance(config, dict) else config.decision_thresholds
-    if stored is not None:
-        values = np.atleast_1d(np.asarray(stored, dtype=np.float64))
+    saved = json.loads((Path(model_dir) / "config.json").read_text())
+    if saved_with_thresholds(saved):
+        if saved["decision_thresholds"] is None:
+            return np.full(count, 0.5), "0.5 (decision_thresholds of the model's config.json is null)"
+        values = np.atleast_1d(np.asarray(saved["decision_thresholds"], dtype=np.float64))
         return values, f"{shown(values)} (decision_thresholds of the model's config.json)"
     results_path = Path(model_dir) / RESULTS_FILE
-    if results_path.is_file():
-        results = json.loads(results_path.read_text())
-        keys = tuned_threshold_keys(names, multi_label)
-        if all(isinstance(results.get(key), (int, float)) for key in keys):
-            values = np.asarray([float(results[key]) for key in keys])
-            return values, (f"{shown(values)} (tuned on validation, {', '.join(keys[:2])}"
-                            f"{' ...' if len(keys) > 2 else ''} from {results_path})")
-    return np.full(count, 0.5), f"0.5 (default: no decision_thresholds in config.json nor tuned one in {results_path})"
+    results = json.loads(results_path.read_text()) if results_path.is_file() else {}
+    keys = tuned_threshold_keys(names, multi_label)
+    if all(isinstance(results.get(key), (int, float)) for key in keys):
+        values = np.asarray([float(results[key]) for key in keys])
+        return values, (f"{shown(values)} (tuned on validation, {', '.join(keys[:2])}{' ...' if len(keys) > 2 else ''} from "
+                        f"{results_path}: a model saved before config.json held its thresholds)")
+    return np.full(count, 0.5), f"0.5 (default: no decision_thresholds in config.json, no tuned one in {results_path})"
 
 
 def metric_key(label: str) -> str:

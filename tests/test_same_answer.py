@@ -358,3 +358,24 @@ def test_the_remote_pipeline_and_tokenizer_refuse_what_is_not_a_protein(tmp_path
         for name in ("pipeline", "pipeline, a list", "tokenizer"):
             assert loaded["answers"][f"{name} {text!r}"] == expected
     assert loaded["normalised"]
+
+
+def test_where_the_thresholds_come_from(tmp_path):
+    """The saved config decides (null: 0.5); a model saved before config.json held thresholds falls back on the tuned
+    ones of test_results.json; --threshold overrides both."""
+    model = tiny_model()
+    model.config.decision_thresholds = 0.7
+    model_dir = save_model(model, tmp_path / "model")
+    (model_dir / "test_results.json").write_text(json.dumps({"test_threshold_tuned": 0.25}))
+    config_path = model_dir / "config.json"
+    saved = json.loads(config_path.read_text())
+    assert task.decision_thresholds(model_dir, model.config)[0].tolist() == [0.7]
+    assert task.decision_thresholds(model_dir, model.config, override=0.1)[0].tolist() == [0.1]
+    config_path.write_text(json.dumps({**saved, "decision_thresholds": None}))
+    assert task.decision_thresholds(model_dir, model.config)[0].tolist() == [0.5]
+    del saved["decision_thresholds"]  # as esmloc wrote configs before
+    config_path.write_text(json.dumps(saved))
+    thresholds, source = task.decision_thresholds(model_dir, model.config)
+    assert thresholds.tolist() == [0.25] and "saved before" in source
+    (model_dir / "test_results.json").unlink()
+    assert task.decision_thresholds(model_dir, model.config)[0].tolist() == [0.5]
