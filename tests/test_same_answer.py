@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from configuration_esmloc import AUTO_MAP, CUSTOM_PIPELINES
+from configuration_esmloc import AUTO_MAP
 from esmloc import engine, loading, task
 from esmloc.card import write_model_card
 from esmloc.demo import demo_rows, write_demo_csv
@@ -260,6 +260,9 @@ def test_a_multi_label_model_gives_the_same_answer_on_every_path(proteins, tmp_p
 
 # --- a model saved again, copied elsewhere ---------------------------------------------------------------------------
 
+# What every saved config.json names as its pipeline: local code only (no "repo--" prefix that reaches the network).
+CUSTOM_PIPELINES = {"text-classification": {"impl": "modeling_esmloc.EsmLocClassificationPipeline",
+                                            "pt": ["AutoModelForSequenceClassification"], "type": "text"}}
 RESAVE_AND_COPY = """
 import json, shutil
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
