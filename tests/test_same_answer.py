@@ -194,6 +194,9 @@ def assert_every_path_agrees(model_dir: Path, proteins: list[str], tmp_path: Pat
     remote = remote_paths(model_dir, proteins, tmp_path, elsewhere)
     demo = demo_rows_of(model_dir, proteins)
 
+    stated = card_thresholds(model_dir, names, multi_label)
+    assert stated == np.atleast_1d(config["decision_thresholds"]).tolist()  # every digit: rounded, some labels differ
+
     def joined(labels):
         return ";".join(labels) if multi_label else labels
 
@@ -203,7 +206,7 @@ def assert_every_path_agrees(model_dir: Path, proteins: list[str], tmp_path: Pat
         "predict_labels": [joined(labels) for labels in remote["predict_labels"]],
         "esmloc-predict": expected,
         "demo": [row[label_column] for row in demo],
-        "model card": card_rule(reference, names, card_thresholds(model_dir, names, multi_label), multi_label),
+        "model card": card_rule(reference, names, stated, multi_label),
     }
     probabilities = {
         "pipeline, top_k=None": np.array([[{item["label"]: item["score"] for item in scores}[name] for name in names]
