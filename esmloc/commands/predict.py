@@ -13,9 +13,10 @@ Output, one row per input record, in input order:
   classes the most probable label is predicted;
 - multi-label models: ACC, probability_<label> for every label, predicted_labels (the labels at or above their
   thresholds, joined with ";"; empty for none).
-The decision threshold is, in this order: --threshold; the threshold tuned for MCC on the validation split of the
-training run (`test_threshold_tuned`, per label `test_threshold_<label>_tuned`, from MODEL_DIR/test_results.json);
-0.5. The log (stderr) says which one was used.
+The decision threshold is, in this order: --threshold; the model's own, tuned for MCC on the validation split of the
+training run and stored in its config.json (`decision_thresholds`, what the pipeline applies too); for models saved
+before the config held it, the tuned keys of MODEL_DIR/test_results.json (`test_threshold_tuned`, per label
+`test_threshold_<label>_tuned`); 0.5 (`esmloc.task.decision_thresholds`). The log (stderr) says which one was used.
 
 Streaming: records are read and predicted in chunks of --chunk_size (batched within a chunk by the engine)
 and written as they come, so memory does not grow with the input; the progress bar moves with every batch.
@@ -68,7 +69,7 @@ def parse_arguments(argv=None) -> argparse.Namespace:
         "model_dir", "a model directory saved by train.py", "CSV")
     parser.add_argument("--threshold", type=cli.probability, default=None,
                         help="decision threshold for the positive label (every label for multi-label models), in "
-                             "[0, 1]; default: the tuned one from MODEL_DIR/test_results.json, else 0.5")
+                             "[0, 1]; default: the model's own (decision_thresholds in config.json), else 0.5")
     parser.add_argument("--resumable", action="store_true",
                         help="with one process too: write resumable parts beside the output, as several processes "
                              "do (see Large jobs)")
