@@ -26,7 +26,7 @@ Setups (rows):
   meant to adapt pretrained weights.
 - esmloc from the pretrained `facebook/esm2_t6_8M_UR50D`, frozen and LoRA: the same command lines with
   `--model_name_or_path`; printed, not run, unless `--pretrained` is given.
-- With `--pretrain`: esmloc from a backbone pretrained here (`python -m esmloc.pretrain`, ESM-2's masked-language-model
+- With `--pretrain`: esmloc from a backbone pretrained here (`python -m esmloc.commands.pretrain`, ESM-2's masked-language-model
   recipe, `--pretrain_*` budget) on the proteins of the fold's training partitions only, frozen and full, with the
   frozen and full rows' recipes. Before pretraining, the pretraining file is read back and checked against every
   protein of the validation and test partitions (`check_no_held_out`): one shared sequence stops the benchmark.
@@ -170,12 +170,12 @@ def run_baseline(dataset, multi_label: bool, physicochemical: bool, seed: int,
 
     from esmloc import evaluation
     from esmloc.data import LOCATIONS
-    from esmloc.train import targets
+    from esmloc.task import targets
 
     num_labels = len(LOCATIONS) if multi_label else 2
     x = {name: baseline_features(dataset[name]["Sequence"], physicochemical)
          for name in ("train", "validation", "test")}
-    y = {name: targets(dataset[name], num_labels, multi_label) for name in x}
+    y = {name: targets(dataset[name]["label"], num_labels, multi_label) for name in x}
     label_names = list(LOCATIONS) if multi_label else None
 
     def probabilities(model, split):
@@ -239,7 +239,7 @@ class Budget:
     # core (measured here: 100 training steps of `tiny` took 6 s with one thread, 109 s with two, while another
     # process kept one core busy).
     threads: int = 1
-    # --pretrain: the masked-language-model pretraining of the backbone (esmloc.pretrain); it stops at
+    # --pretrain: the masked-language-model pretraining of the backbone (esmloc.commands.pretrain); it stops at
     # pretrain_max_steps or after pretrain_minutes of training, whichever comes first.
     pretrain_architecture: str = "tiny"
     pretrain_config_overrides: str = ""
@@ -337,9 +337,9 @@ def shell_line(command: list[str]) -> str:
 
 
 def run_fresh(command: list[str], output_dir: Path, threads: int) -> float:
-    """Runs `command` (train.py or esmloc.pretrain) into a fresh output directory, its log beside it; returns the wall
+    """Runs `command` (train.py or esmloc.commands.pretrain) into a fresh output directory, its log beside it; returns the wall
     seconds."""
-    if output_dir.exists():  # train.py and esmloc.pretrain would resume from a checkpoint left there
+    if output_dir.exists():  # train.py and esmloc.commands.pretrain would resume from a checkpoint left there
         shutil.rmtree(output_dir)
     output_dir.mkdir(parents=True)
     env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"), "TOKENIZERS_PARALLELISM": "false",
@@ -398,7 +398,7 @@ def check_no_held_out(pretraining_file: Path, held_out: dict[str, str], partitio
 def pretrain_command(budget: Budget, pretraining_file: Path, output_dir: Path) -> list[str]:
     overrides = ["--config_overrides", budget.pretrain_config_overrides] if budget.pretrain_config_overrides else []
     return [
-        sys.executable, "-m", "esmloc.pretrain", "--from_scratch", budget.pretrain_architecture, *overrides,
+        sys.executable, "-m", "esmloc.commands.pretrain", "--from_scratch", budget.pretrain_architecture, *overrides,
         "--train_files", str(pretraining_file), "--validation_fraction", "0.05",
         "--max_eval_proteins", str(budget.pretrain_eval_proteins), "--max_residues", str(budget.max_residues),
         "--max_steps", str(budget.pretrain_max_steps), "--max_train_minutes", _num(budget.pretrain_minutes),
@@ -561,7 +561,7 @@ def parse_arguments(argv=None) -> argparse.Namespace:
                         "scratch_full, pretrained_frozen, pretrained_lora (and with --pretrain: pretrain_frozen, "
                         "pretrain_full)")
     parser.add_argument("--pretrain", action="store_true",
-                        help="also pretrain a backbone here on the training partitions (esmloc.pretrain, the "
+                        help="also pretrain a backbone here on the training partitions (esmloc.commands.pretrain, the "
                         "--pretrain_* budget) and run the frozen and full rows from it")
     parser.add_argument("--pretrained", default=None, metavar="ID_OR_PATH",
                         help=f"run the pretrained rows from this ESM-2 checkpoint (e.g. {PUBLISHED_PRETRAINED})")

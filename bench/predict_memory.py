@@ -5,7 +5,7 @@
     python bench/predict_memory.py --sizes 10000 200000 --tool embed       # esmloc-embed (resumable parts)
     python bench/predict_memory.py --sizes 10000 200000 --resumable        # esmloc-predict's large-job path
 
-Each size runs `python -m esmloc.predict` in a process of its own on a FASTA file of synthetic proteins (50-150
+Each size runs `python -m esmloc.commands.predict` in a process of its own on a FASTA file of synthetic proteins (50-150
 residues, deterministic) with a tiny random-weight model (the model's size does not change what grows with the input;
 a small one keeps the run short), and reports that process's peak resident set size (getrusage ru_maxrss). Streaming
 prediction must hold only a chunk of records at a time: the target is the larger run's peak within 5% of the
@@ -26,7 +26,7 @@ from common import REPO, command_line, table
 
 CHILD = """
 import resource, sys
-from esmloc.{tool} import main
+from esmloc.commands.{tool} import main
 status = main(sys.argv[1:])
 print("peak_rss_kib", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, flush=True)
 sys.exit(status)

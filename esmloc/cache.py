@@ -53,6 +53,7 @@ from transformers import Trainer
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from esmloc.files import TEMPORARY_PREFIX, atomic_file
+from esmloc.digests import update_with_tensors
 from esmloc.varlen_esm import forward_fingerprint
 
 
@@ -87,12 +88,8 @@ def backbone_fingerprint(esm) -> str:
     config = esm.config.to_dict()
     digest.update(json.dumps({key: config.get(key) for key in _ARCHITECTURE_KEYS}, sort_keys=True,
                              default=str).encode())
-    for name, tensor in sorted(esm.state_dict().items()):
-        if name.startswith("contact_head."):
-            continue
-        data = tensor.detach().contiguous().cpu().reshape(-1)
-        digest.update(f"{name}|{data.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(data.view(torch.uint8).numpy().data)
+    update_with_tensors(digest, ((name, tensor) for name, tensor in sorted(esm.state_dict().items())
+                                 if not name.startswith("contact_head.")))
     return digest.hexdigest()
 
 
@@ -336,3 +333,29 @@ class FeatureTrainer(Trainer):
             return LengthGroupedSampler(self.args.eval_batch_size, lengths=eval_dataset.lengths,
                                         generator=torch.Generator().manual_seed(seed))
         return super()._get_eval_sampler(eval_dataset)
+
+
+def feature_trainer(model, tokenizer, dataset, training_args, targets: dict, cache_dir=None,
+                    max_tokens_per_batch: int | None = None, precision: str = "auto", **trainer_kwargs):
+    """The cached-feature path of a frozen backbone: the train and validation splits (`dataset[split]["Sequence"]`,
+    `targets[split]`) are embedded once by the engine (or read from the feature cache in `cache_dir`), and a
+    `FeatureTrainer` trains the model's head (`EsmLocHead`, sharing the model's pooler and classifier) on the
+    features with `training_args`, the same sampler, loss and metrics as the ordinary path. The main process embeds
+    first; the other processes of a distributed run then find everything in the cache."""
+    from esmloc.engine import Engine
+
+    model.to(training_args.device)
+    inference = Engine(model, tokenizer, max_tokens_per_batch=max_tokens_per_batch, device=training_args.device,
+                       progress=not training_args.disable_tqdm, precision=precision)
+    kind = feature_kind(model.config.pooling)
+    fingerprint = backbone_fingerprint(model.esm)
+    splits = {}
+    with training_args.main_process_first(desc="embedding"):
+        for name in ("train", "validation"):
+            sequences = dataset[name]["Sequence"]
+            features = cached_features(inference, sequences, kind, cache_dir, desc=f"Embedding {name}",
+                                       fingerprint=fingerprint)
+            lengths = [len(ids) for ids in inference.encode(sequences)]
+            splits[name] = FeatureDataset(features, targets[name], lengths)
+    return FeatureTrainer(model=EsmLocHead(model), args=training_args, train_dataset=splits["train"],
+                          eval_dataset=splits["validation"], data_collator=collate_features, **trainer_kwargs)

@@ -60,6 +60,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from esmloc import task
 from esmloc.engine import Engine
 from esmloc.files import atomic_file
 from tokenization_esmloc import crop_sequence, normalize_sequence
@@ -204,9 +205,8 @@ class Explainer:
         self.window, self.stride, self.token_budget = window, stride, token_budget
         self.max_residues_explained, self.time_budget_s = max_residues_explained, time_budget_s
         config = self.model.config
-        self.names = [config.id2label[i] for i in range(config.num_labels)]
-        self.multi_label = config.problem_type == "multi_label_classification"
-        self.binary = not self.multi_label and config.num_labels == 2
+        self.names = task.label_names(config)
+        self.multi_label, self.binary = task.is_multi_label(config), task.is_binary(config)
         self.attention_pooling = config.pooling == "attention"
         self.occluding_id = tokenizer.convert_tokens_to_ids(OCCLUDING_RESIDUE)
 

@@ -5,6 +5,14 @@ from pathlib import Path
 from tokenization_esmloc import EsmLocTokenizer
 
 
+# What a saved esmloc model is made of (`save_model` writes it, esmloc.loading checks it, esmloc.publish pushes it).
+WEIGHTS_FILE = "model.safetensors"
+MODEL_FILES = ("config.json", WEIGHTS_FILE)
+REMOTE_CODE_FILES = ("configuration_esmloc.py", "modeling_esmloc.py", "tokenization_esmloc.py")
+TOKENIZER_FILES = ("tokenizer_config.json", "vocab.txt")  # what `EsmLocTokenizer.save_pretrained` writes
+OPTIONAL_TOKENIZER_FILES = ("special_tokens_map.json",)
+
+
 def tokenizer_for(config) -> EsmLocTokenizer:
     """The tokenizer that crops exactly as `config` says (the shipped ESM-2 vocabulary)."""
     return EsmLocTokenizer(max_residues=config.max_residues, crop=config.crop)

@@ -236,6 +236,7 @@ def evidence_shares(model, positives, stride) -> np.ndarray:
     return np.array([explanation.region_share(PRESEQUENCE_REGION) for explanation in explanations])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stride", EVIDENCE_STRIDES)
 def test_a_trained_models_evidence_sits_on_the_targeting_peptide(stride, demo_split, trained_on_demo_data):
     positives = demo_split[1]
@@ -246,6 +247,7 @@ def test_a_trained_models_evidence_sits_on_the_targeting_peptide(stride, demo_sp
     assert np.mean(shares > EVIDENCE_SHARE) >= POSITIVES_REQUIRED, np.round(shares, 2)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stride", EVIDENCE_STRIDES)
 def test_random_models_evidence_does_not(stride, demo_split):
     """The control: the same measure on randomly initialised models of the same shape (heads that vary visibly,
@@ -258,6 +260,7 @@ def test_random_models_evidence_does_not(stride, demo_split):
         assert np.mean(shares > EVIDENCE_SHARE) < POSITIVES_REQUIRED, (seed, np.round(shares, 2))
 
 
+@pytest.mark.slow
 def test_predict_explain_writes_one_long_csv_and_pictures(tmp_path):
     model = tiny_model(pooling="attention", max_residues=300)
     model_dir = save_model(model, tmp_path / "model")
@@ -267,7 +270,7 @@ def test_predict_explain_writes_one_long_csv_and_pictures(tmp_path):
     plain, explained = tmp_path / "plain.csv", tmp_path / "explained.csv"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     for output, extra in ((plain, []), (explained, ["--explain", str(tmp_path / "why"), "--explain_plots", "2"])):
-        result = subprocess.run([sys.executable, "-m", "esmloc.predict", str(model_dir), str(fasta), "-o",
+        result = subprocess.run([sys.executable, "-m", "esmloc.commands.predict", str(model_dir), str(fasta), "-o",
                                  str(output), "--no_progress", *extra], env=env, capture_output=True, text=True,
                                 timeout=300)
         assert result.returncode == 0, result.stderr
