@@ -1,5 +1,7 @@
 """EsmLoc model configuration: an ESM-2 backbone plus a subcellular-localisation head."""
 
+import copy
+
 from transformers import EsmConfig, PreTrainedConfig
 
 
@@ -20,6 +22,15 @@ AUTO_MAP = {
     "AutoConfig": "configuration_esmloc.EsmLocConfig",
     "AutoModel": "modeling_esmloc.EsmForLocalization",
     "AutoModelForSequenceClassification": "modeling_esmloc.EsmForLocalization",
+}
+# The pipeline a saved model brings along (transformers reads `custom_pipelines` from config.json), so that
+# `pipeline("text-classification", model=DIR, trust_remote_code=True)` applies `decision_thresholds`. Local too.
+CUSTOM_PIPELINES = {
+    "text-classification": {
+        "impl": "modeling_esmloc.EsmLocClassificationPipeline",
+        "pt": ["AutoModelForSequenceClassification"],
+        "type": "text",
+    },
 }
 
 _ESM2_COMMON = {
@@ -100,6 +111,12 @@ class EsmLocConfig(PreTrainedConfig):
             `pos_weight` for `problem_type="multi_label_classification"`.
         esm_name_or_path (`str`, *optional*):
             The ESM-2 checkpoint the backbone weights came from (a hub id or a local path), for the record.
+        decision_thresholds (`float` or `list[float]`, *optional*):
+            The decision rule's thresholds (train.py stores the ones tuned for MCC on validation): one number for a
+            binary model (label 1 is predicted when its probability is >= it), one per label for a multi-label
+            model (every label at or above its own is predicted), None for a multi-class model (the most probable
+            label). None means 0.5 for binary and multi-label models. Every path applies it: the pipeline,
+            `EsmForLocalization.predict_labels`, esmloc-predict and the demo.
 
     Labels use the standard `id2label` / `label2id` / `problem_type`; the default is the binary
     `{0: "Other", 1: "Mitochondrion"}`.
@@ -117,6 +134,7 @@ class EsmLocConfig(PreTrainedConfig):
     window_overlap: int | None = None
     class_weights: list[float] | None = None
     esm_name_or_path: str | None = None
+    decision_thresholds: float | list[float] | None = None
     # ESM-2's <pad> and <eos> ids, as the tokenizer has them; declared so that Trainer finds them here and does not
     # "align" the config with a warning at every run.
     pad_token_id: int | None = 1
@@ -144,11 +162,38 @@ class EsmLocConfig(PreTrainedConfig):
         window_overlap_for(self.max_residues, self.window_overlap)  # raises for an overlap the windows cannot have
         if self.class_weights is not None and len(self.class_weights) != self.num_labels:
             raise ValueError(f"class_weights has {len(self.class_weights)} entries for {self.num_labels} labels")
+        self.check_decision_thresholds()
         self.auto_map = dict(AUTO_MAP)
+        self.custom_pipelines = copy.deepcopy(CUSTOM_PIPELINES)  # transformers edits the entries it reads in place
+
+    def check_decision_thresholds(self):
+        """ValueError unless `decision_thresholds` fits the problem: one number for binary, one per label for
+        multi-label, None for multi-class; numbers between 0 and 1."""
+        thresholds, multi_label = self.decision_thresholds, self.problem_type == "multi_label_classification"
+        if thresholds is None:
+            return
+        if not multi_label and self.num_labels != 2:
+            raise ValueError(f"decision_thresholds must be None for a multi-class model (it predicts its most probable "
+                             f"label), got {thresholds!r}")
+        if multi_label:
+            wanted = f"a list of {self.num_labels} numbers between 0 and 1 for a multi-label model, one per label"
+        else:
+            wanted = "one number between 0 and 1 for a binary model, label 1's threshold"
+        listed = isinstance(thresholds, (list, tuple))
+        values = thresholds if listed else [thresholds]
+        if (listed != multi_label or len(values) != (self.num_labels if multi_label else 1)
+                or not all(isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 1
+                           for value in values)):
+            raise ValueError(f"decision_thresholds must be {wanted}, got {thresholds!r}")
+
+    def validate(self):
+        super().validate()
+        self.check_decision_thresholds()  # also at save time: train.py sets the tuned thresholds after __init__
 
     def to_dict(self):
         output = super().to_dict()
         output["auto_map"] = dict(AUTO_MAP)
+        output["custom_pipelines"] = copy.deepcopy(CUSTOM_PIPELINES)
         return output
 
     @property
@@ -159,5 +204,5 @@ class EsmLocConfig(PreTrainedConfig):
 EsmLocConfig.register_for_auto_class()
 
 
-__all__ = ["EsmLocConfig", "ESM2_ARCHITECTURES", "CROP_STRATEGIES", "DEFAULT_CROP", "DEFAULT_MAX_RESIDUES",
-           "LONG_PROTEIN_RULES", "DEFAULT_LONG_PROTEINS", "window_overlap_for"]
+__all__ = ["EsmLocConfig", "CUSTOM_PIPELINES", "ESM2_ARCHITECTURES", "CROP_STRATEGIES", "DEFAULT_CROP",
+           "DEFAULT_MAX_RESIDUES", "LONG_PROTEIN_RULES", "DEFAULT_LONG_PROTEINS", "window_overlap_for"]

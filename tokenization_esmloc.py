@@ -24,8 +24,22 @@ except ImportError:
 # The ESM-2 vocabulary (fair-esm's `Alphabet("ESM-1b")`, as in facebook/esm2_* `vocab.txt`), from transformers, so
 # that a tokenizer exists with no download.
 ESM2_VOCAB = tuple(get_default_vocab_list())
-_SPECIAL_TOKEN = re.compile(r"(<[^<>\s]+>)")
+# The residue letters of the vocabulary: the 20 amino acids and X, B, U, Z, O. `.` and `-` are alignment gaps, not
+# residues; `*` is a stop codon, stripped once at the end of a sequence.
+RESIDUES = "".join(token for token in ESM2_VOCAB if len(token) == 1 and token.isalpha())
+STOP_CODON = "*"
+_RESIDUE_RUN = re.compile(f"[{RESIDUES}]+")
+_NOT_A_RESIDUE = re.compile(f"[^{RESIDUES}]")
 _WHITESPACE = re.compile(r"\s+")
+
+
+class InvalidSequenceError(ValueError):
+    """A text that is not a protein sequence. `position`: the 1-based position (counted without whitespace) of the
+    first character that is not a residue; None for an empty sequence."""
+
+    def __init__(self, message: str, position: int | None = None):
+        super().__init__(message)
+        self.position = position
 
 
 def crop_sequence(sequence: str, max_residues: int = DEFAULT_MAX_RESIDUES, crop: str = DEFAULT_CROP) -> str:
@@ -66,22 +80,48 @@ def window_spans(residues: int, max_residues: int = DEFAULT_MAX_RESIDUES, window
     return [(start, start + max_residues, cuts[i], cuts[i + 1]) for i, start in enumerate(starts)]
 
 
-def normalize_sequence(text: str) -> str:
-    """Removes all whitespace and upper-cases residues; special tokens such as `<mask>` are kept as written."""
-    parts = _SPECIAL_TOKEN.split(_WHITESPACE.sub("", text))
-    return "".join(part if _SPECIAL_TOKEN.fullmatch(part) else part.upper() for part in parts)
+def normalize_sequence(text: str, keep: tuple[str, ...] = ()) -> str:
+    """The one sequence rule, for every path from raw text to the model (the tokenizer, esmloc-predict, the data
+    builder, the demo): all whitespace removed, residues upper-cased, one trailing `*` (a stop codon) removed; then
+    the sequence must be non-empty and every character a residue of ESM-2 (`RESIDUES`), else
+    `InvalidSequenceError` (a `ValueError`) names the first bad character and its position.
+
+    `keep`: tokens allowed as written, e.g. the tokenizer's `("<mask>",)` for masked-language-model inputs.
+    """
+    if _RESIDUE_RUN.fullmatch(text):  # the common case: nothing to do
+        return text
+    text = _WHITESPACE.sub("", text)
+    parts = re.split("(" + "|".join(map(re.escape, keep)) + ")", text) if keep else [text]
+    parts[::2] = [part.upper() for part in parts[::2]]  # residues, between the kept tokens
+    if parts[-1].endswith(STOP_CODON):
+        parts[-1] = parts[-1][:-1]
+    if not any(parts):
+        raise InvalidSequenceError("empty sequence")
+    offset = 0
+    for index, part in enumerate(parts):
+        bad = _NOT_A_RESIDUE.search(part) if index % 2 == 0 else None
+        if bad:
+            position = offset + bad.start() + 1
+            raise InvalidSequenceError(
+                f"character {bad.group()!r} at position {position} is not a residue of the ESM-2 alphabet "
+                f"({RESIDUES})", position=position)
+        offset += len(part)
+    return "".join(parts)
 
 
 class EsmLocTokenizer(EsmTokenizer):
     """
-    An ESM-2 tokenizer that normalises each protein (whitespace removed, residues upper-cased; the stock
-    `EsmTokenizer` turns `"mktayiak"` into a single `<unk>`) and applies the long-protein rule before tokenising: with
+    An ESM-2 tokenizer that checks and normalises each protein by the one sequence rule (`normalize_sequence`:
+    whitespace removed, residues upper-cased, a trailing `*` stop codon removed; an empty sequence or a character
+    that is not a residue raises `InvalidSequenceError`, a `ValueError`, where the stock `EsmTokenizer` would turn it
+    into `<unk>` and let the model score it), then applies the long-protein rule before tokenising: with
     `long_proteins="crop"` it crops a protein to `max_residues` residues per `crop` (see `crop_sequence`); with
     `"windows"` it keeps the whole protein, which the model embeds in windows (`window_spans`, with `window_overlap`;
     `EsmForLocalization` and esmloc's engine both window any protein longer than `max_residues`). So the pipeline,
-    the Trainer and a user's own call all feed the model the same input; `normalize_and_crop` is that rule, public for
-    whoever must know what the model sees (the feature cache keys on it). `vocab_file=None` uses transformers' ESM-2
-    vocabulary. `INPUT_SETTINGS` name the settings a model's config and its tokenizer must share.
+    the Trainer, esmloc-predict and a user's own call all feed the model the same input. The mask token (`<mask>`)
+    may be written as it is, for masked-language-model use; no other token may. `normalize_and_crop` is that rule,
+    public for whoever must know what the model sees (the feature cache keys on it). `vocab_file=None` uses
+    transformers' ESM-2 vocabulary. `INPUT_SETTINGS` name the settings a model's config and its tokenizer must share.
     """
 
     INPUT_SETTINGS = ("max_residues", "crop", "long_proteins", "window_overlap")
@@ -130,20 +170,20 @@ class EsmLocTokenizer(EsmTokenizer):
             )
 
     def normalize_and_crop(self, text: str) -> str:
-        """The residues the model sees of `text`: whitespace removed, residues upper-cased (`normalize_sequence`),
-        cropped to `max_residues` per `crop` (`crop_sequence`); with `long_proteins="windows"` the whole protein
-        (the model embeds it in `window_spans`). Text with special tokens such as `<mask>` is not cropped; it raises
-        `ValueError` when it is longer than `max_residues` and would be cropped."""
-        text = normalize_sequence(text)
+        """The residues the model sees of `text`: checked and normalised (`normalize_sequence`; `InvalidSequenceError`
+        for what is not a protein), cropped to `max_residues` per `crop` (`crop_sequence`); with
+        `long_proteins="windows"` the whole protein (the model embeds it in `window_spans`). Text with `<mask>` is
+        not cropped; it raises `ValueError` when it is longer than `max_residues`."""
+        text = normalize_sequence(text, keep=(self.mask_token,))
         if self.long_proteins == "windows":
             return text
-        residues = _SPECIAL_TOKEN.split(text)
+        residues = text.split(self.mask_token)
         if len(residues) == 1:
             return crop_sequence(text, self.max_residues, self.crop)
-        if sum(len(part) for part in residues[::2]) + len(residues) // 2 > self.max_residues:
+        if sum(map(len, residues)) + len(residues) - 1 > self.max_residues:  # a <mask> is one residue
             raise ValueError(
-                f"cannot crop a sequence that contains special tokens to {self.max_residues} residues; "
-                "crop it before adding special tokens"
+                f"cannot crop a sequence that contains {self.mask_token} to {self.max_residues} residues; "
+                "crop it before masking"
             )
         return text
 
@@ -202,4 +242,5 @@ class EsmLocTokenizer(EsmTokenizer):
 EsmLocTokenizer.register_for_auto_class("AutoTokenizer")
 
 
-__all__ = ["EsmLocTokenizer", "crop_sequence", "normalize_sequence", "window_spans", "ESM2_VOCAB"]
+__all__ = ["EsmLocTokenizer", "InvalidSequenceError", "crop_sequence", "normalize_sequence", "window_spans", "ESM2_VOCAB",
+           "RESIDUES"]

@@ -36,23 +36,24 @@ def local_or_hub(name, option: str = "model") -> Path | str:
     return str(name)
 
 
-def hub_unreachable_message(name: str, error: Exception) -> str:
+def hub_unreachable_message(name: str, error: Exception, option: str = "--model_name_or_path") -> str:
+    short = name.split("/")[-1]
     return (
         f"could not load {name!r} from {hub_constants.ENDPOINT} ({type(error).__name__}: "
         f"{str(error).splitlines()[0] if str(error) else 'no answer'}). Any of these works: use a mirror (export "
-        "HF_ENDPOINT=https://hf-mirror.com before starting); clone the model (git clone "
-        f"{hub_constants.ENDPOINT}/{name}) and pass its path; or, offline, build a backbone with random weights "
+        f"HF_ENDPOINT=https://hf-mirror.com before starting); clone the model (git clone {hub_constants.ENDPOINT}/"
+        f"{name}) and pass its path ({option} /path/to/{short}); or, offline, start from random weights "
         "(--from_scratch esm2_t6_8M)"
     )
 
 
-def from_hub(load, name: str):
+def from_hub(load, name: str, option: str = "--model_name_or_path"):
     """`load(name)` for a hub id; an unreachable hub or a missing repository becomes an EnvironmentProblem saying
-    what to do."""
+    what to do (`option`: how the user passes a local path instead)."""
     try:
         return load(name)
     except OSError as error:  # transformers' "not a valid model identifier", connection errors, offline mode
-        raise EnvironmentProblem(hub_unreachable_message(name, error)) from None
+        raise EnvironmentProblem(hub_unreachable_message(name, error, option)) from None
 
 
 def resolve_model_dir(name) -> Path:
@@ -62,7 +63,7 @@ def resolve_model_dir(name) -> Path:
         return source
     from huggingface_hub import snapshot_download
 
-    return Path(from_hub(snapshot_download, source))
+    return Path(from_hub(snapshot_download, source, option="MODEL_DIR:"))
 
 
 STOCK_ESM_ADVICE = ("a stock ESM-2 checkpoint ({architecture}), not an esmloc model: train from it with "
@@ -126,7 +127,7 @@ def load_model_or_backbone(name, device="cpu") -> tuple[EsmForLocalization, EsmL
     if isinstance(source, Path) and model_kind(source) == "esmloc":
         model, tokenizer = load_model_dir(source, device)
         return model, tokenizer, "esmloc"
-    model = from_hub(EsmForLocalization.from_esm, str(source))
+    model = from_hub(EsmForLocalization.from_esm, str(source), option="MODEL:")
     return model.to(device).eval(), tokenizer_for(model.config), "esm"
 
 

@@ -129,6 +129,7 @@ def check_numbers(cells: list[str], n_metrics: int):
     assert re.fullmatch(r"\d+(\.\d)? s|\d+\.\d min", cells[n_metrics]), cells
 
 
+@pytest.mark.slow
 def test_smoke_mode_prints_the_tables(deeploc_layout_csv, tmp_path):
     output_dir = tmp_path / "results"
     stdout = run_smoke(deeploc_layout_csv, output_dir, "--multi_label").stdout
@@ -164,6 +165,7 @@ def test_smoke_mode_prints_the_tables(deeploc_layout_csv, tmp_path):
     assert results["tasks"]["mitochondrion"]["split_sizes"] == {"test4": {"train": 180, "validation": 60, "test": 60}}
 
 
+@pytest.mark.slow
 def test_smoke_mode_compares_crop_and_windows(deeploc_layout_csv, tmp_path):
     output_dir = tmp_path / "results"
     stdout = run_smoke(deeploc_layout_csv, output_dir, "--setups", "scratch_frozen", "--long_proteins", "crop,windows",
@@ -191,6 +193,7 @@ def test_smoke_mode_compares_crop_and_windows(deeploc_layout_csv, tmp_path):
         assert [rule in path.name for path in (output_dir / "feature_cache" / key / "fold4").iterdir()] == [True]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not DEEPLOC_CSV.is_file(), reason=f"the DeepLoc 2.0 file is not at {DEEPLOC_CSV}")
 def test_smoke_mode_on_the_real_deeploc_file(tmp_path):
     output_dir = tmp_path / "results"

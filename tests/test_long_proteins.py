@@ -377,6 +377,7 @@ def test_esmloc_embed_windows_a_stock_checkpoint_on_request(tmp_path, capsys):
     assert (metadata["long_proteins"], metadata["window_overlap"]) == ("windows", 100)
 
 
+@pytest.mark.slow
 def test_train_py_trains_on_windowed_cached_features_and_saves_the_rule(tmp_path):
     from esmloc.demo import write_demo_csv
 
@@ -404,6 +405,7 @@ def test_train_py_trains_on_windowed_cached_features_and_saves_the_rule(tmp_path
     np.testing.assert_allclose([float(row["probability_Mitochondrion"]) for row in rows], expected[:, 1], atol=1e-5)
 
 
+@pytest.mark.slow
 def test_the_one_protein_memory_benchmark_runs(tmp_path):
     result = subprocess.run([sys.executable, str(REPO / "bench" / "predict_memory.py"), "--one_protein", "--sizes",
                              "1100", "3000"], cwd=tmp_path, env={**os.environ, "HF_HUB_OFFLINE": "1"},

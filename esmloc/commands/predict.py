@@ -13,9 +13,10 @@ Output, one row per input record, in input order:
   classes the most probable label is predicted;
 - multi-label models: ACC, probability_<label> for every label, predicted_labels (the labels at or above their
   thresholds, joined with ";"; empty for none).
-The decision threshold is, in this order: --threshold; the threshold tuned for MCC on the validation split of the
-training run (`test_threshold_tuned`, per label `test_threshold_<label>_tuned`, from MODEL_DIR/test_results.json);
-0.5. The log (stderr) says which one was used.
+The decision threshold is, in this order: --threshold; the model's own, tuned for MCC on the validation split of the
+training run and stored in its config.json (`decision_thresholds`, what the pipeline applies too); for models saved
+before the config held it, the tuned keys of MODEL_DIR/test_results.json (`test_threshold_tuned`, per label
+`test_threshold_<label>_tuned`); 0.5 (`esmloc.task.decision_thresholds`). The log (stderr) says which one was used.
 
 Long proteins (longer than the model's window, `max_residues`) are cropped or embedded whole in overlapping windows,
 as the model's config says (`long_proteins`, saved with the model); `--long_proteins` / `--window_overlap` choose
@@ -72,14 +73,17 @@ def parse_arguments(argv=None) -> argparse.Namespace:
         "model_dir", "a model directory saved by train.py", "CSV")
     parser.add_argument("--threshold", type=cli.probability, default=None,
                         help="decision threshold for the positive label (every label for multi-label models), in "
-                             "[0, 1]; default: the tuned one from MODEL_DIR/test_results.json, else 0.5")
+                             "[0, 1]; default: the model's own (decision_thresholds in config.json), else 0.5")
     parser.add_argument("--resumable", action="store_true",
                         help="with one process too: write resumable parts beside the output, as several processes "
                              "do (see Large jobs)")
     parser.add_argument("--explain", metavar="DIR", default=None,
                         help="also write per-residue explanations into DIR: explanations.csv (occlusion scores, and "
                              "attention-pooling weights, for every residue) and a PNG per protein for the first "
-                             "--explain_plots (esmloc.explain)")
+                             "--explain_plots (esmloc.explain; a second pass: occlusion windows centred on every "
+                             "residue of proteins up to ~220 residues, every few residues beyond, at most ~48 "
+                             "forward passes of a 1,022-residue protein each; the CSV says each protein's window and "
+                             "stride)")
     parser.add_argument("--explain_plots", type=int, default=10, help="proteins drawn by --explain (default 10)")
     cli.add_engine_options(parser, "predicted and written")
     args = parser.parse_args(argv)

@@ -379,11 +379,12 @@ def make_trainer(model, trainable_model, tokenizer, dataset, split_targets, mode
                    data_collator=DataCollatorWithPadding(tokenizer), **kwargs)
 
 
-def push(output_dir: Path, model_args, training_args) -> None:
+def push(output_dir: Path, model_args, training_args, token: str | None = None) -> None:
+    """Pushes the finished output directory (`--push_to_hub`) with `token` (`--hub_token`), else the login's."""
     try:
         url = publish.push_output_dir(output_dir, training_args.hub_model_id,
                                       private=bool(training_args.hub_private_repo), endpoint=model_args.hub_endpoint,
-                                      token=training_args.hub_token,
+                                      token=token,
                                       what="adapter" if model_args.push_adapter else "merged")
     except publish.PublishError as error:
         raise EnvironmentProblem(f"The model is saved in {output_dir}, but the push failed: {error}") from None
@@ -397,8 +398,10 @@ def train(argv=None) -> int:
     started = time.perf_counter()
     model_args, data_args, training_args = parse_arguments(argv)
     # Trainer's own hub logic would create the repo at init and upload checkpoints (pickles); esmloc pushes the
-    # finished output directory at the end instead.
+    # finished output directory at the end instead. The token stays out of Trainer's hands too: it pickles its
+    # arguments into every checkpoint and the output directory (training_args.bin).
     push_to_hub, training_args.push_to_hub = training_args.push_to_hub, False
+    hub_token, training_args.hub_token = training_args.hub_token, None
     check_arguments(model_args, data_args, training_args)
     set_seed(training_args.seed)
     output_dir = Path(training_args.output_dir)
@@ -454,8 +457,8 @@ def train(argv=None) -> int:
     # Push only once every process is done, so that a failed push cannot leave other processes waiting.
     trainer.accelerator.wait_for_everyone()
     if push_to_hub and trainer.is_world_process_zero():
-        push(output_dir, model_args, training_args)
-    trainer.accelerator.end_training()  # process group closed before exit (else gloo may abort a process at exit)
+        push(output_dir, model_args, training_args, hub_token)
+    cli.end_processes(trainer)
     return 0
 
 
