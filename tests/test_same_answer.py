@@ -72,7 +72,7 @@ def esmloc_predict(model_dir: Path, proteins: list[str], workdir: Path) -> tuple
     table, output = workdir / "proteins.csv", workdir / "predictions.csv"
     with table.open("w", newline="") as handle:
         csv.writer(handle).writerows([("ACC", "Sequence")] + [(f"P{i:03d}", p) for i, p in enumerate(proteins)])
-    result = subprocess.run([sys.executable, "-m", "esmloc.predict", str(model_dir), str(table), "-o", str(output),
+    result = subprocess.run([sys.executable, "-m", "esmloc.commands.predict", str(model_dir), str(table), "-o", str(output),
                              "--no_progress"], cwd=workdir, capture_output=True, text=True, timeout=600,
                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
@@ -332,7 +332,7 @@ def test_the_tokenizer_refuses_and_normalises_exactly_as_esmloc_predict():
             ids = tokenizer(text)["input_ids"]
             assert ids == tokenizer(sequence)["input_ids"] and tokenizer.unk_token_id not in ids, text
     assert refused > 60
-    # <mask> stays usable as written, for masked-language-model inputs (esmloc.pretrain masks token ids).
+    # <mask> stays usable as written, for masked-language-model inputs (esmloc-pretrain masks token ids).
     ids = tokenizer("mk<mask>ta*")["input_ids"]
     assert ids == tokenizer("MK")["input_ids"][:-1] + [tokenizer.mask_token_id] + tokenizer("TA")["input_ids"][1:]
 
