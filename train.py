@@ -1,8 +1,8 @@
-"""Fine-tune ESM-2 for subcellular localisation: `python train.py --help` (see esmloc/train.py)."""
+"""Fine-tune ESM-2 for subcellular localisation: `python train.py --help` (see esmloc/commands/train.py)."""
 
 import sys
 
-from esmloc.train import main
+from esmloc.commands.train import main
 
 
 if __name__ == "__main__":

@@ -37,15 +37,16 @@ import common
 CHILD = r"""
 import json, resource, sys, time
 import transformers
-import esmloc.train as train
+import esmloc.commands.train as train
+import esmloc.finetuning as finetuning
 
 marks = {"start": time.perf_counter()}
-build_model = train.build_model
+build_model = finetuning.build_model
 def timed_build_model(*args, **kwargs):
     model = build_model(*args, **kwargs)
     marks["model_built"] = time.perf_counter()
     return model
-train.build_model = timed_build_model
+finetuning.build_model = timed_build_model
 trainer_train = transformers.Trainer.train
 def timed_train(self, *args, **kwargs):
     marks["train_start"] = time.perf_counter()

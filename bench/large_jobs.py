@@ -10,10 +10,10 @@ with random weights, cropped as its config says: 1022 residues, middle):
 - `1 process, 1 thread`: `esmloc-predict` (OMP_NUM_THREADS=1): the per-process rate;
 - `1 process, all threads`: `esmloc-predict` as a user runs it today (torch's default threads, the engine's
   per-core batches): the baseline;
-- `2 processes, 1 thread each`: `torchrun --nproc_per_node 2 -m esmloc.predict` (gloo, in a loopback-only
+- `2 processes, 1 thread each`: `torchrun --nproc_per_node 2 -m esmloc.commands.predict` (gloo, in a loopback-only
   network namespace, as the tests run it), which splits the input by tokens and merges the parts.
 
-Times are measured inside each process from the start of `esmloc.predict.main` to its end (model loading, planning,
+Times are measured inside each process from the start of `esmloc.commands.predict.main` to its end (model loading, planning,
 validation, prediction, merge; not the interpreter's import of torch, which costs the same in every
 configuration); a configuration's time is its slowest process's. Scaling efficiency = rate with 2 processes /
 (2 x the 1-process, 1-thread rate); the target is >= 85%. The outputs of the 1- and 2-process runs are compared
@@ -38,7 +38,7 @@ from common import DEEPLOC_CSV, REPO, command_line, load_average, load_proteins,
 
 CHILD = """
 import os, resource, sys, time
-from esmloc.predict import main
+from esmloc.commands.predict import main
 started = time.perf_counter()
 status = main(sys.argv[1:])
 print(f"BENCH rank={os.environ.get('RANK', '0')} seconds={time.perf_counter() - started:.3f} "
@@ -73,11 +73,14 @@ def launcher(processes: int) -> list[str]:
     if processes == 1:
         return []
     sys.path.insert(0, str(REPO / "tests"))
-    from test_train import loopback_only_namespace  # the store of torch.distributed then listens on lo only
+    from conftest import loopback_only_prefix  # the store of torch.distributed then listens on lo only
 
-    return loopback_only_namespace() + [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1",
-                                        "--nproc_per_node", str(processes), "--master_addr", "127.0.0.1",
-                                        "--master_port", "29500"]
+    prefix = loopback_only_prefix()
+    if prefix is None:
+        sys.exit("cannot create a loopback-only network namespace (unshare/ip): not starting a PyTorch rendezvous "
+                 "store that listens on all interfaces")
+    return prefix + [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node",
+                     str(processes), "--master_addr", "127.0.0.1", "--master_port", "29500"]
 
 
 def run(work: Path, model: Path, data: Path, output: Path, processes: int, threads: int | None) -> dict:

@@ -18,6 +18,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from huggingface_hub import constants as hub_constants
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
+from configuration_esmloc import window_overlap_for
 from esmloc import task
 
 
@@ -29,6 +30,11 @@ CARD_MARKER = "rendered by esmloc.publish.render_model_card"
 ADAPTER_DIR = "adapter"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 CARD_KINDS = ("merged", "adapter")
+# The metric module's keys for the location multi-label reports feature in full (accuracy_Mitochondrion, ...).
+FEATURED_SUFFIX = f"_{task.metric_key(task.POSITIVE_LABEL)}"
+# What a finished training run writes beside its model (esmloc.report), read here and pushed by esmloc.publish.
+RUN_INFO_FILE = "run_info.json"
+PREDICTIONS_FILE = "test_predictions.csv"
 DEFAULT_LICENSE = "apache-2.0"
 TAGS = ["protein", "esm", "esm2", "biology", "subcellular-localization", "mitochondrion"]
 PLOT_TITLES = {
@@ -141,7 +147,7 @@ class RunRecord:
     def __init__(self, output_dir: Path):
         self.dir = output_dir
         self.config = _read_json(output_dir / "config.json")
-        self.info = _read_json(output_dir / "run_info.json")
+        self.info = _read_json(output_dir / RUN_INFO_FILE)
         self.test = {k: v for k, v in _read_json(output_dir / "test_results.json").items() if _number(v)}
         all_results = _read_json(output_dir / "all_results.json")
         self.train = _read_json(output_dir / "train_results.json") or {
@@ -197,17 +203,17 @@ def _metric_parts(run: RunRecord) -> tuple[list[str], list[tuple[str, str]]]:
     located = {f"{metric}_{location}" for metric, location in per_location}
     order = list(METRIC_NAMES)
 
-    def rank(base):  # METRIC_NAMES order, the _Mitochondrion variants of a multi-label run after the others
-        metric = base.removesuffix("_Mitochondrion") if base not in METRIC_NAMES else base
+    def rank(base):  # METRIC_NAMES order, the featured location's variants of a multi-label run after the others
+        metric = base.removesuffix(FEATURED_SUFFIX) if base not in METRIC_NAMES else base
         return (metric != base, order.index(metric) if metric in order else len(order), base)
 
     return sorted((base for base in bases if base not in located), key=rank), per_location
 
 
 def _metric_display(base: str) -> str:
-    if base not in METRIC_NAMES and base.endswith("_Mitochondrion"):
-        metric = base.removesuffix("_Mitochondrion")
-        return f"{METRIC_NAMES.get(metric, metric)} (Mitochondrion)"
+    if base not in METRIC_NAMES and base.endswith(FEATURED_SUFFIX):
+        metric = base.removesuffix(FEATURED_SUFFIX)
+        return f"{METRIC_NAMES.get(metric, metric)} ({task.POSITIVE_LABEL})"
     return METRIC_NAMES.get(base, base)
 
 
@@ -248,7 +254,7 @@ def _eval_results(run: RunRecord, task_name: str, dataset_name: str, dataset_typ
     """model-index entries: every threshold-dependent metric at 0.5 and tuned, threshold-free ones once."""
     summary, per_location = _metric_parts(run)
     bases = [base for base in summary if base in MODEL_INDEX_TYPES
-             or (base.endswith("_Mitochondrion") and base[: -len("_Mitochondrion")] in MODEL_INDEX_TYPES)]
+             or (base.endswith(FEATURED_SUFFIX) and base.removesuffix(FEATURED_SUFFIX) in MODEL_INDEX_TYPES)]
     bases += [f"mcc_{location}" for metric, location in per_location if metric == "mcc"]
     results = []
     common = {"task_type": "text-classification", "task_name": task_name, "dataset_type": dataset_type,
@@ -259,8 +265,8 @@ def _eval_results(run: RunRecord, task_name: str, dataset_name: str, dataset_typ
         suffix = ""
         if base.startswith("mcc_") and base not in MODEL_INDEX_TYPES:
             metric, suffix = "mcc", f" ({base[len('mcc_'):]})"
-        elif base.endswith("_Mitochondrion"):
-            metric, suffix = base[: -len("_Mitochondrion")], " (Mitochondrion)"
+        elif base.endswith(FEATURED_SUFFIX):
+            metric, suffix = base.removesuffix(FEATURED_SUFFIX), f" ({task.POSITIVE_LABEL})"
         metric_type, args = MODEL_INDEX_TYPES[metric]
         variants = [("", DEFAULT_THRESHOLD_CONFIG)]
         if metric not in THRESHOLD_FREE:
@@ -327,6 +333,22 @@ def _crop_text(crop: str | None) -> str:
     return {"middle": "middle cropping: the N- and C-terminal halves are kept, as in DeepLoc 2.0",
             "n_terminal": "the N-terminal residues are kept, where mitochondrial targeting peptides sit"}.get(
         crop, f"crop strategy {crop!r}")
+
+
+def _long_proteins_texts(config: dict) -> tuple[str, str]:
+    """(the summary table's cell, the limitation) for the model's long-protein rule: cropped, or whole in windows."""
+    max_residues = config.get("max_residues", "(not recorded)")
+    if config.get("long_proteins") == "windows":
+        overlap = window_overlap_for(max_residues, config.get("window_overlap"))
+        return (f"embedded whole, in windows of {max_residues} residues overlapping by at least {overlap} (each "
+                "residue's state from the window it is most central in), on every path",
+                f"**Long proteins.** ESM-2 was trained on at most 1022 residues. This model sees every residue of a "
+                f"longer protein, each through a window of {max_residues} residues: it never relates residues that no "
+                "window holds together (for instance signals at the two ends of a long protein).")
+    return (f"cropped to {max_residues} residues ({_crop_text(config.get('crop'))}) by the tokenizer, on every path",
+            f"**Cropping.** ESM-2 was trained on at most 1022 residues. This model sees at most {max_residues} "
+            f"residues of a protein ({_crop_text(config.get('crop'))}); signals in the removed part (for instance an "
+            "internal targeting signal) are invisible to it.")
 
 
 def _training_rows(run: RunRecord) -> list[tuple[str, str]]:
@@ -432,6 +454,41 @@ def _data_rows(run: RunRecord) -> list[tuple[str, str]]:
     return rows
 
 
+def _exact(value) -> str:
+    """A threshold as the paths apply it: every digit (a rounded one would decide some proteins differently)."""
+    return f"`{float(value)!r}`"
+
+
+def _decision_rule(run: RunRecord) -> tuple[str, bool]:
+    """The rule every path applies to this model's probabilities (`modeling_esmloc.predicted_labels` with the
+    config's `decision_thresholds`), in words, with the exact thresholds; and whether every path does apply it (not
+    so for a model saved before config.json held its thresholds: its pipeline uses 0.5, esmloc-predict the tuned ones
+    of test_results.json)."""
+    labels, multi_label, thresholds = run.labels, run.multi_label, run.config.get("decision_thresholds")
+    if not multi_label and len(labels) != 2:
+        return "The most probable label is predicted.", True
+    if thresholds is None:
+        rule = ("Every location whose probability is at least 0.5 is predicted (possibly none)." if multi_label else
+                f"`{labels[1]}` is predicted when its probability is at least 0.5, else `{labels[0]}`.")
+        if task.saved_with_thresholds(run.config):
+            return rule, True
+        tuned = [run.test.get(key) for key in task.tuned_threshold_keys(labels, multi_label)]
+        if all(_number(value) for value in tuned):
+            rule = ("This model was saved before esmloc stored decision thresholds in `config.json`: esmloc-predict "
+                    "and the demo apply the threshold(s) tuned on validation (`test_results.json`), "
+                    + ", ".join(f"`{label}` ≥ {_exact(value)}" for label, value in zip(labels[-len(tuned):], tuned))
+                    + "; its own code (the pipeline) does not.")
+        return rule, False
+    source = ("`decision_thresholds` in `config.json`, which train.py sets to the threshold"
+              f"{'s' if multi_label else ''} tuned for MCC on validation")
+    if multi_label:
+        return ("Every location whose probability is at least its own threshold is predicted (possibly none): "
+                + ", ".join(f"`{label}` ≥ {_exact(value)}" for label, value in zip(labels, thresholds))
+                + f" ({source})."), True
+    return (f"`{labels[1]}` is predicted when its probability is at least {_exact(thresholds)} ({source}), else "
+            f"`{labels[0]}`."), True
+
+
 def _class_weights_text(run: RunRecord) -> str | None:
     weights = run.config.get("class_weights")
     return ", ".join(f"{label} {_fmt(w)}" for label, w in zip(run.labels, weights)) if weights else None
@@ -514,6 +571,7 @@ def render_model_card(
     )
     evaluation_header, evaluation_rows, location_header, location_rows = _evaluation_table(run)
     epoch_header, epoch_rows = _epoch_log(run)
+    decision_rule, same_rule_everywhere = _decision_rule(run)
     load_ref = repo_id or name
     hub_url = (endpoint or hub_constants.ENDPOINT).rstrip("/")
     return ModelCard.from_template(
@@ -532,16 +590,16 @@ def render_model_card(
         adapter_saves=", ".join(f"`{m}`" for m in run.adapter_config.get("modules_to_save") or []),
         finetune_text=finetune_text,
         head_text=_head_text(run),
-        max_residues=run.config.get("max_residues", "(not recorded)"),
-        crop_text=_crop_text(run.config.get("crop")),
+        long_proteins_text=_long_proteins_texts(run.config)[0],
+        long_proteins_limitation=_long_proteins_texts(run.config)[1],
         load_ref=load_ref,
         clone_url=f"{hub_url}/{repo_id}" if repo_id else f"{hub_url}/<user>/{name}",
         clone_dir=name,
         space_url=f"{hub_url}/spaces/{space_id}" if space_id else None,
         positive_label=labels[-1],
         negative_label=labels[0],
-        tuned_threshold=(_fmt(run.test["test_threshold_tuned"], THRESHOLD_SPEC) if "test_threshold_tuned" in run.test
-                         else None),
+        decision_rule=decision_rule,
+        same_rule_everywhere=same_rule_everywhere,
         training_rows=_training_rows(run),
         lora_rows=_lora_rows(run),
         data_rows=_data_rows(run),
@@ -566,5 +624,3 @@ def write_model_card(output_dir, **card_options) -> Path:
     if (output_dir / ADAPTER_DIR / ADAPTER_FILES[0]).is_file():
         render_model_card(output_dir, what="adapter", **card_options).save(output_dir / ADAPTER_DIR / CARD_FILE)
     return path
-
-

@@ -10,8 +10,7 @@ needs no `datasets`; its public names are importable from here too, as they were
   longer runs loading scripts), from a pip install as well as from a checkout.
 - `format_summary` / `dataset_summary`: split sizes, positives per split and what was normalised or merged.
 
-Longer than most modules (about 560 lines) for one job: a `datasets` builder is one class with its config, features,
-row parsing and splits, and the splitters are a few dozen lines each that only this builder uses.
+The split rules themselves are esmloc.splits's.
 """
 
 import dataclasses
@@ -27,6 +26,8 @@ from pathlib import Path
 import datasets
 from datasets.data_files import DataFilesDict
 
+import tokenization_esmloc
+
 from esmloc import sequences, task
 from esmloc.sequences import (
     ALPHABET,
@@ -35,6 +36,7 @@ from esmloc.sequences import (
     DataValidationError,
     ProteinRecord,
     SequenceError,
+    check_text_file,
     csv_rows,
     describe_row,
     fasta_entries,
@@ -42,6 +44,9 @@ from esmloc.sequences import (
     read_fasta,
     read_sequences,
     validate_sequence,
+)
+from esmloc.splits import (
+    MAX_REPORTED_PROBLEMS, check_no_shared_sequences, partition_split, sequence_groups, stratified_split,
 )
 
 
@@ -90,14 +95,13 @@ _LICENSE = (
 )
 # The build report rides in DatasetInfo.description, the one free-text field datasets stores with the cache.
 _REPORT_MARKER = "esmloc build report: "
-# Folded into the cache key: a new version of this module or of the sequence check must never be served a split made by
-# an old one.
+# Folded into the cache key: a new version of this module or of the sequence check (sequences.py and the rule it
+# applies, tokenization_esmloc.normalize_sequence) must never be served a split made by an old one.
 _CODE_FINGERPRINT = hashlib.sha256(
-    Path(__file__).read_bytes() + Path(sequences.__file__).read_bytes() + ALPHABET.encode()
+    Path(__file__).read_bytes() + Path(sequences.__file__).read_bytes()
+    + Path(tokenization_esmloc.__file__).read_bytes() + ALPHABET.encode()
 ).hexdigest()[:16]
 _LABEL_SPELLINGS = {"0": 0, "1": 1, "0.0": 0, "1.0": 1, "false": 0, "true": 1}
-_MAX_REPORTED_PROBLEMS = 10
-_SPLITS = ("train", "validation", "test")
 
 
 @dataclasses.dataclass
@@ -186,12 +190,6 @@ def _parse_row(config_name: str, row: dict[str, str], normalised: Counter) -> di
 def _is_positive(example: dict) -> bool:
     label = example["label"]
     return LOCATIONS.index("Mitochondrion") in label if isinstance(label, list) else label == 1
-
-
-def _rank(seed: int, sequence: str) -> bytes:
-    # A hash, not a shuffled list: the order is the same on every platform and Python/NumPy version, does not
-    # depend on the row order of the file, and adding proteins does not reshuffle the others.
-    return hashlib.blake2b(f"{seed}:{sequence}".encode(), digest_size=8).digest()
 
 
 class EsmLocDataset(datasets.GeneratorBasedBuilder):
@@ -315,18 +313,18 @@ class EsmLocDataset(datasets.GeneratorBasedBuilder):
                     seen[acc] = (split, where, parsed)
                     pools[split].append({"ACC": acc, **parsed})
         if problems:
-            raise DataValidationError(problems[:_MAX_REPORTED_PROBLEMS], count=len(problems))
+            raise DataValidationError(problems[:MAX_REPORTED_PROBLEMS], count=len(problems))
 
         if method == "given":
             splits = pools
-            _check_no_shared_sequences(splits)
+            check_no_shared_sequences(splits)
         else:
             (pool,) = pools.values()
             if method == "partition":
-                splits = _partition_split(pool, config.validation_partitions, config.test_partitions)
-                _check_no_shared_sequences(splits)
+                splits = partition_split(pool, config.validation_partitions, config.test_partitions)
+                check_no_shared_sequences(splits)
             else:
-                splits = _stratified_split(pool, config.seed, config.validation_size, config.test_size)
+                splits = stratified_split(pool, config.seed, config.validation_size, config.test_size, _is_positive)
 
         report = _build_report(config, method, [name for pairs in files.values() for name, _ in pairs], splits)
         report.update(exact_duplicates_merged=merged, normalised=dict(sorted(normalised.items())))
@@ -366,6 +364,9 @@ class EsmLocDataset(datasets.GeneratorBasedBuilder):
             yield example["ACC"], {column: example[column] for column in columns}
 
 
+CONFIG_NAMES = tuple(config.name for config in EsmLocDataset.BUILDER_CONFIGS)
+
+
 def _from_working_dir(data_files):
     if isinstance(data_files, os.PathLike):
         data_files = os.fspath(data_files)
@@ -380,75 +381,9 @@ def _from_working_dir(data_files):
     return data_files
 
 
-def _sequence_groups(examples: list[dict]) -> dict[str, list[dict]]:
-    groups = {}
-    for example in examples:
-        groups.setdefault(example["Sequence"], []).append(example)
-    return groups
-
-
-def _stratified_split(pool: list[dict], seed: int, validation_size: float, test_size: float) -> dict[str, list]:
-    """Seeded 1 - v - t / v / t split of the proteins, stratified on Mitochondrion, identical sequences kept together.
-
-    Within each stratum (a group is positive if any of its proteins is), groups are ranked by a seeded hash of
-    their sequence and dealt to test, then validation, until each holds its share of the stratum's proteins.
-    """
-    strata = {True: [], False: []}
-    for sequence, group in _sequence_groups(pool).items():
-        strata[any(_is_positive(example) for example in group)].append((_rank(seed, sequence), group))
-    assigned = {}
-    for groups in strata.values():
-        size = sum(len(group) for _, group in groups)
-        quota = {"test": round(size * test_size), "validation": round(size * validation_size)}
-        for _, group in sorted(groups, key=lambda ranked: ranked[0]):
-            split = next((name for name, left in quota.items() if left > 0), "train")
-            if split != "train":
-                quota[split] -= len(group)
-            for example in group:
-                assigned[example["ACC"]] = split
-    splits = {name: [example for example in pool if assigned[example["ACC"]] == name] for name in _SPLITS}
-    empty = [name for name, examples in splits.items() if not examples]
-    if empty:
-        raise ValueError(
-            f"{len(pool)} proteins are too few for a {1 - validation_size - test_size:.0%}/{validation_size:.0%}/"
-            f"{test_size:.0%} split: {', '.join(empty)} would be empty"
-        )
-    return splits
-
-
-def _partition_split(pool: list[dict], validation_partitions, test_partitions) -> dict[str, list]:
-    present = {example["Partition"] for example in pool}
-    absent = sorted((set(validation_partitions) | set(test_partitions)) - present)
-    if absent:
-        raise ValueError(f"partition(s) {absent} are not in the data, which has partitions {sorted(present)}")
-    if present <= set(validation_partitions) | set(test_partitions):
-        raise ValueError(f"no partition is left for train: the data has partitions {sorted(present)}")
-
-    def split_of(partition):
-        if partition in validation_partitions:
-            return "validation"
-        return "test" if partition in test_partitions else "train"
-
-    return {name: [example for example in pool if split_of(example["Partition"]) == name] for name in _SPLITS}
-
-
-def _check_no_shared_sequences(splits: dict[str, list]):
-    """Raises when one sequence is in two splits: the model would be tested on proteins it was trained on."""
-    home, problems = {}, []
-    for split, examples in splits.items():
-        for example in examples:
-            first = home.setdefault(example["Sequence"], (split, example["ACC"]))
-            if first[0] != split:
-                problems.append(
-                    f"ACC {example['ACC']!r} in {split!r} has the same sequence as ACC {first[1]!r} in {first[0]!r}"
-                )
-    if problems:
-        raise DataValidationError(problems[:_MAX_REPORTED_PROBLEMS], count=len(problems))
-
-
 def _build_report(config, method, files, splits) -> dict:
     pool = [example for examples in splits.values() for example in examples]
-    groups = [group for group in _sequence_groups(pool).values() if len(group) > 1]
+    groups = [group for group in sequence_groups(pool).values() if len(group) > 1]
     mixed = sum(len({json.dumps(example["label"]) for example in group}) > 1 for group in groups)
     report = {"config": config.name, "split_method": method, "files": files}
     if method == "stratified":
@@ -482,12 +417,29 @@ def load_dataset(
         cache_dir, download_mode: as in `datasets.load_dataset`.
         config_kwargs: `EsmLocDatasetConfig` fields: `split_method`, `seed`, `validation_size`, `test_size`,
             `validation_partitions`, `test_partitions`.
+
+    Every data file is checked first (`esmloc.sequences.check_text_file`: present, a file, UTF-8 text, and FASTA or
+    CSV as its name says), so that a bad file is one message naming it, before datasets resolves any path.
     """
+    for path in _file_list(data_files):
+        if not any(character in str(path) for character in "*?["):  # a glob pattern: datasets resolves it
+            check_text_file(path, "FASTA" if is_fasta(path) else "CSV")
     builder = EsmLocDataset(
         config_name=config_name, data_files=data_files, cache_dir=cache_dir, **config_kwargs
     )
     builder.download_and_prepare(download_mode=download_mode)
     return builder.as_dataset()
+
+
+def _file_list(data_files) -> list:
+    """The paths of `data_files` (a path, a list of paths, or a dict of either per split)."""
+    if data_files is None:
+        return []
+    if isinstance(data_files, dict):
+        return [path for value in data_files.values() for path in _file_list(value)]
+    if isinstance(data_files, (list, tuple)):
+        return list(data_files)
+    return [data_files]
 
 
 def dataset_summary(dataset: datasets.DatasetDict) -> dict:

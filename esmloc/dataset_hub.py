@@ -1,7 +1,6 @@
 """Sharing the dataset: validated splits as Parquet files with a dataset card, and the push of that folder to a hub.
 
-    esmloc-dataset export DATA_FILES... --output_dir DIR [--dataset_config mitochondrion deeploc] [--split_method ...]
-    esmloc-dataset push DIR --hub_dataset_id user/name [--private] [--hub_endpoint URL]
+(The command `esmloc-dataset export|push` is esmloc.commands.dataset.)
 
 `export_dataset` validates and splits with the dataset builder (`esmloc.data.load_dataset`, the same call and split
 options as train.py) and writes what the Hub expects of a dataset repository: one Parquet file per config and split
@@ -14,10 +13,8 @@ script and no esmloc installed. `push_dataset_dir` uploads it in one commit thro
 features.
 """
 
-import argparse
 import logging
 import shutil
-import sys
 import tempfile
 from collections import Counter
 from importlib import resources
@@ -29,6 +26,7 @@ from datasets.utils.metadata import MetadataConfigs
 from huggingface_hub import CommitOperationAdd, DatasetCard, DatasetCardData
 
 from esmloc import data, publish
+from esmloc.splits import SPLITS
 
 
 logger = logging.getLogger("esmloc.dataset_hub")
@@ -36,8 +34,7 @@ logger = logging.getLogger("esmloc.dataset_hub")
 TEMPLATE_NAME = "dataset_card.md"
 CARD_FILE = "README.md"
 DATA_DIR = "data"
-SPLITS = ("train", "validation", "test")
-CONFIGS = ("mitochondrion", "deeploc")
+CONFIGS = data.CONFIG_NAMES
 # In every card the template renders (an HTML comment, invisible on the Hub).
 CARD_MARKER = "rendered by esmloc.dataset_hub.render_dataset_card"
 DEFAULT_LICENSE = "other"
@@ -346,82 +343,3 @@ def load_splits(name: str, config_name: str = "mitochondrion") -> datasets.Datas
                                f"esmloc {config_name!r} config: found {found}, expected {wanted} (pass the right "
                                "--dataset_config, or export the data with esmloc-dataset export)")
     return dataset
-
-
-# --- the command -----------------------------------------------------------------------------------------------------
-
-
-def _data_files(arguments: list[str]):
-    """DATA_FILES as the builder takes them: `split=path` for each of train, validation and test keeps given splits,
-    plain paths are one pool."""
-    named = [argument.partition("=") for argument in arguments]
-    if all(sep for _, sep, _ in named):
-        files = {}
-        for split, _, path in named:
-            if split not in SPLITS:
-                raise DatasetError(f"{split}={path}: the split must be one of {', '.join(SPLITS)}")
-            files.setdefault(split, []).append(path)
-        return files
-    if any(sep and split in SPLITS for split, sep, _ in named):
-        raise DatasetError("give either plain files (one pool, split) or split=file for each of train, validation and "
-                           "test, not both")
-    return arguments if len(arguments) > 1 else arguments[0]
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="esmloc-dataset", description="Share the esmloc dataset on a hub: export "
-                                     "validated splits as Parquet with a dataset card, then push them.")
-    commands = parser.add_subparsers(dest="command", required=True)
-    export = commands.add_parser("export", help="Validate, split and write a hub-ready dataset folder.")
-    export.add_argument("data_files", nargs="+", metavar="DATA_FILES",
-                        help="CSV/TSV files (one pool, split per --split_method), or train=FILE validation=FILE "
-                             "test=FILE (kept as given).")
-    export.add_argument("--output_dir", required=True, help="The folder to write; must not exist or be empty.")
-    export.add_argument("--dataset_config", nargs="+", default=["mitochondrion"], choices=CONFIGS,
-                        help="The config(s) to export (default: mitochondrion).")
-    export.add_argument("--split_method", choices=data.SPLIT_METHODS, default=None,
-                        help="As in train.py: stratified (70/10/20, seeded), partition or given.")
-    export.add_argument("--seed", type=int, default=42, help="Seed of the stratified split (train.py's --seed).")
-    export.add_argument("--validation_partitions", type=int, nargs="+", default=None)
-    export.add_argument("--test_partitions", type=int, nargs="+", default=None)
-    export.add_argument("--license", default=DEFAULT_LICENSE, help="The card's licence (a hub licence id).")
-    export.add_argument("--source", default=None, help="Where the data files come from, for the card.")
-    export.add_argument("--pretty_name", default=None)
-    export.add_argument("--hub_dataset_id", default=None, help="The repository the card's loading code names.")
-    export.add_argument("--cache_dir", default=None)
-    push = commands.add_parser("push", help="Upload an exported folder to a dataset repository in one commit.")
-    push.add_argument("dataset_dir", metavar="DIR", help="A folder written by esmloc-dataset export.")
-    push.add_argument("--hub_dataset_id", required=True, help="The repository: user/name or org/name.")
-    push.add_argument("--private", action="store_true", help="Create the repository private.")
-    push.add_argument("--hub_endpoint", default=None,
-                      help="The hub to push to (default: HF_ENDPOINT, else https://huggingface.co). The token is the "
-                           "one of `hf auth login` or HF_TOKEN; it is never printed.")
-    push.add_argument("--commit_message", default=None)
-    return parser
-
-
-def main(argv=None) -> None:
-    """The `esmloc-dataset` command; prints the folder written or the repository URL pushed to."""
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO,
-                        handlers=[logging.StreamHandler(sys.stdout)])
-    for name in ("httpx", "httpx2", "httpcore", "httpcore2", "urllib3"):  # request lines add nothing to our messages
-        logging.getLogger(name).setLevel(logging.WARNING)
-    try:
-        if args.command == "export":
-            result = str(export_dataset(
-                _data_files(args.data_files), args.output_dir, args.dataset_config, split_method=args.split_method,
-                seed=args.seed, validation_partitions=args.validation_partitions,
-                test_partitions=args.test_partitions, license=args.license, source=args.source,
-                pretty_name=args.pretty_name, hub_dataset_id=args.hub_dataset_id, cache_dir=args.cache_dir))
-        else:
-            result = push_dataset_dir(args.dataset_dir, args.hub_dataset_id, private=args.private,
-                                      endpoint=args.hub_endpoint, commit_message=args.commit_message)
-    # DatasetError, DataValidationError, bad split options, a data file that is not there
-    except (publish.PublishError, ValueError, OSError) as error:
-        raise SystemExit(f"esmloc-dataset {args.command}: {error}") from None
-    print(result)  # returning it would make the console script's sys.exit(main()) exit with status 1
-
-
-if __name__ == "__main__":
-    main()

@@ -7,14 +7,15 @@ residues, with no Asp or Glu); negatives do not, some start with a signal peptid
 positive stretch) and some carry a nuclear localisation signal, so that "positive charge somewhere" is not enough.
 """
 
-import argparse
 import csv
 import math
 import random
+import sys
 from pathlib import Path
 
 from huggingface_hub import constants as hub_constants
 
+from esmloc import cli
 from esmloc.files import atomic_file
 
 
@@ -98,17 +99,26 @@ def demo_file() -> Path:
     return path if path.is_file() else write_demo_csv(path)
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def write_command(argv=None) -> int:
+    parser = cli.ArgumentParser(prog="python -m esmloc.demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", default=DEFAULT_OUTPUT, help=f"CSV file to write (default: {DEFAULT_OUTPUT})")
-    parser.add_argument("--rows", type=int, default=DEMO_ROWS, help=f"number of proteins (default: {DEMO_ROWS})")
+    parser.add_argument("--rows", type=cli.positive_int, default=DEMO_ROWS,
+                        help=f"number of proteins (default: {DEMO_ROWS})")
     parser.add_argument("--positive_fraction", type=float, default=0.15, help="share of Mitochondrion proteins")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     args = parser.parse_args(argv)
+    if not 0 <= args.positive_fraction <= 1:
+        parser.error(f"argument --positive_fraction: must lie in [0, 1], got {args.positive_fraction}")
+    cli.check_output_file(args.output, option="--output")
     path = write_demo_csv(args.output, args.rows, args.positive_fraction, args.seed)
     positives = round(args.rows * args.positive_fraction)
     print(f"Wrote {args.rows} synthetic proteins ({positives} Mitochondrion) to {path}")
+    return 0
+
+
+def main(argv=None) -> int:
+    return cli.run("python -m esmloc.demo", write_command, argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

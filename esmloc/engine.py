@@ -33,6 +33,12 @@ What makes it fast:
   (bench/precision_accuracy.py) bf16 moved test probabilities by up to 0.027 and int8 by 0.172 (no label changed),
   against the limits in AUTO_LIMITS; `precision="bf16"` / `"int8"` ask for them.
 - No work on the contact head, which inference never needs.
+- Long proteins under `long_proteins="windows"` (the tokenizer then leaves them whole): each protein's windows
+  (`EsmLocTokenizer.window_spans`) run like proteins of their own, padding-free and within the token budget, and
+  their states are stitched back into the whole protein's (`modeling_esmloc.stitch_windows`, the model's own rule)
+  before pooling, so a batch's `function` sees whole proteins. A protein is batched by the tokens of its windows;
+  one whose windows exceed the budget gets a batch of its own that runs them a budget's worth at a time, so memory
+  grows with its length, never with its square (attention stays within a window).
 
 Results always come back in input order, whatever order the batches ran in.
 """
@@ -51,6 +57,7 @@ from tqdm.auto import tqdm
 
 from esmloc import task
 from esmloc.varlen_esm import UnpaddedEsm, unpadded_forward_trusted, unsupported_reason
+from modeling_esmloc import stitch_windows
 
 
 FEATURE_KINDS = ("mean", "cls", "residues")
@@ -141,7 +148,7 @@ class Engine:
 
     Args:
         model: the model; its backbone is `model.esm` (a PEFT-wrapped model is looked through).
-        tokenizer: an `EsmLocTokenizer` (crops exactly as the model's config says).
+        tokenizer: an `EsmLocTokenizer` (crops, or windows long proteins, exactly as the model's config says).
         max_tokens_per_batch: tokens per batch (see `batches`: the proteins' tokens where attention runs without
             padding, else proteins x longest); default per device type.
         device: where to run; default the model's device.
@@ -195,7 +202,8 @@ class Engine:
         return self.packed.attention_mode(self.device, dtype)
 
     def encode(self, sequences: Sequence[str]) -> list[list[int]]:
-        """Token ids (`<cls>` residues `<eos>`, normalised and cropped by the tokenizer) of each protein."""
+        """Token ids (`<cls>` residues `<eos>`, normalised and cropped by the tokenizer; whole under
+        `long_proteins="windows"`) of each protein."""
         return self.tokenizer(list(sequences))["input_ids"] if len(sequences) else []
 
     def _autocast(self):
@@ -221,14 +229,16 @@ class Engine:
         torch's intra-op threads (default: one thread per worker on up to 4 cores): one batch per core scales
         better than every small operation split across the cores (and much better on a machine shared with other
         work, where split operations wait for each other)."""
-        batches = self.batches([len(ids) for ids in encoded])
+        spans = [self.tokenizer.window_spans(len(ids) - 2) for ids in encoded]
+        batches = self.batches([sum(end - start + 2 for start, end, _, _ in windows) for windows in spans])
         workers = min(self.workers, len(batches)) if self.packed is not None else 1
 
         def run(batch_indices):
             ids = [encoded[i] for i in batch_indices]
             lengths = [len(x) for x in ids]
             with torch.inference_mode(), self._autocast():
-                return batch_indices, function(lengths, self._backbone(ids, lengths))
+                hidden = self._windowed_backbone(ids, [spans[i] for i in batch_indices])
+                return batch_indices, function(lengths, hidden)
 
         was_training = self.model.training
         self.model.eval()
@@ -272,6 +282,30 @@ class Engine:
         `indices`."""
         for indices, (lengths, hidden) in self.map_batches(encoded, lambda lengths, hidden: (lengths, hidden), desc):
             yield indices, lengths, hidden
+
+    def _windowed_backbone(self, ids, spans) -> torch.Tensor:
+        """The packed last hidden states of whole proteins (`ids`), those with several windows (`spans`, per
+        protein) run window by window: the windows in order, in runs within the token budget (counted as
+        windows x longest, right for both attention paths), stitched back per protein (`stitch_windows`)."""
+        if all(len(windows) == 1 for windows in spans):
+            return self._backbone(ids, [len(x) for x in ids])
+        pieces = [x[:1] + x[1 + start:1 + end] + x[-1:] for x, windows in zip(ids, spans, strict=True)
+                  for start, end, _, _ in windows]
+        states, first = [], 0
+        while first < len(pieces):
+            last, longest = first + 1, len(pieces[first])
+            while last < len(pieces) and (last + 1 - first) * max(longest, len(pieces[last])) <= \
+                    self.max_tokens_per_batch:
+                longest = max(longest, len(pieces[last]))
+                last += 1
+            lengths = [len(piece) for piece in pieces[first:last]]
+            states += torch.split(self._backbone(pieces[first:last], lengths), lengths)
+            first = last
+        proteins, first = [], 0
+        for windows in spans:
+            proteins.append(stitch_windows(states[first:first + len(windows)], windows))
+            first += len(windows)
+        return torch.cat(proteins)
 
     def _backbone(self, ids, lengths) -> torch.Tensor:
         if self.packed is not None:

@@ -45,12 +45,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from accelerate.utils import broadcast_object_list, gather_object
 
 import esmloc
 from esmloc import cli
-from esmloc.cli import InputError
 from esmloc.files import TEMPORARY_PREFIX, atomic_file
-from esmloc.sequences import DataValidationError, ProteinRecord, checked_record, raw_records
+from esmloc.digests import file_digest
+from esmloc.errors import DataValidationError, InputError
+from esmloc.sequences import ProteinRecord, checked_record, raw_records
 
 
 logger = logging.getLogger(__name__)
@@ -73,36 +75,25 @@ def distributed_state():
                         **({"backend": backend} if backend else {}))
 
 
-def _broadcast(state, value):
-    if state.num_processes == 1:
-        return value
-    box = [value]
-    torch.distributed.broadcast_object_list(box, src=0)
-    return box[0]
+def _broadcast(value):
+    return broadcast_object_list([value])[0]
 
 
-def _gather(state, value) -> list:
-    if state.num_processes == 1:
-        return [value]
-    values = [None] * state.num_processes
-    torch.distributed.all_gather_object(values, value)
-    return values
+def _gather(value) -> list:
+    """`value` of every process, in rank order (one process: `[value]`)."""
+    return gather_object([value])
 
 
-def file_digest(path) -> str:
-    with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
-
-
-def tensors_digest(*modules) -> str:
-    """sha256 over the names, dtypes, shapes and bytes of every tensor of the modules' state dicts."""
-    digest = hashlib.sha256()
-    for module in modules:
-        for name, tensor in sorted(module.state_dict().items()):
-            data = tensor.detach().contiguous().cpu().reshape(-1)
-            digest.update(f"{name}|{data.dtype}|{tuple(tensor.shape)}|".encode())
-            digest.update(data.view(torch.uint8).numpy().data)
-    return digest.hexdigest()
+@contextmanager
+def same_everywhere(state):
+    """For checks every process makes alike (paths, the model directory): when they fail, the main process reports
+    the error and the others leave quietly with the same status."""
+    try:
+        yield
+    except InputError as error:
+        if state.is_main_process:
+            raise
+        raise SystemExit(error.exit_code) from error
 
 
 def id_digest(acc: str) -> int:
@@ -148,6 +139,7 @@ class Plan:
     owners: list[int]
     input_size: int
     input_sha256: str
+    cropped: int = 0  # records longer than max_residues
     # Planned `with_repeats`: the records whose sequence repeats an earlier record's (sorted), and the first record
     # with that sequence for each (`find_repeats`); int64 arrays, as long as the input has repeats.
     repeats: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
@@ -195,8 +187,9 @@ def make_plan(input_path, processes: int, max_residues: int, part_size: int | No
     earlier record's sequence exactly (`find_repeats`; 16 bytes per record while planning)."""
     step_tokens = array("q")  # tokens per PART_SIZE_STEP records, before the part size is known
     high, low = array("Q"), array("Q")
-    records = 0
+    records = cropped = 0
     for _, _, raw in raw_records(input_path):
+        cropped += len(raw) > max_residues
         if records % PART_SIZE_STEP == 0:
             step_tokens.append(0)
         step_tokens[-1] += tokens_seen(len(raw), max_residues)
@@ -215,7 +208,7 @@ def make_plan(input_path, processes: int, max_residues: int, part_size: int | No
         per_part = part_size // PART_SIZE_STEP
         part_tokens = np.add.reduceat(steps, np.arange(0, len(steps), per_part)).tolist() if len(steps) else []
     plan = Plan(records, part_size, part_tokens, assign_parts(part_tokens, processes),
-                os.path.getsize(input_path), file_digest(input_path))
+                os.path.getsize(input_path), file_digest(input_path), cropped)
     if with_repeats:
         plan.repeats, plan.repeat_of = find_repeats(high, low)
     return plan
@@ -262,7 +255,7 @@ class PartsJob:
                                    self.with_repeats)
             except DataValidationError as error:
                 result = error
-        result = _broadcast(self.state, result)
+        result = _broadcast(result)
         if isinstance(result, DataValidationError):
             self._stop(result, reporter=0)
         self.plan_ = result
@@ -281,21 +274,10 @@ class PartsJob:
                     checked_record(self.input_path, line, acc, raw)
         except DataValidationError as found:
             error = found
-        errors = _gather(self.state, None if error is None else str(error))
+        errors = _gather(None if error is None else str(error))
         reporter = next((rank for rank, message in enumerate(errors) if message is not None), None)
         if reporter is not None:
             self._stop(error if reporter == self.rank else None, reporter)
-
-    @contextmanager
-    def same_everywhere(self):
-        """For checks every process makes alike (paths, the model directory): when they fail, the main process
-        reports the error and the others leave quietly with the same status."""
-        try:
-            yield
-        except (InputError, DataValidationError) as error:
-            if self.is_main:
-                raise
-            raise SystemExit(InputError.exit_code) from error
 
     def part_records(self, part: int) -> int:
         return min(self.plan_.part_size, self.plan_.records - part * self.plan_.part_size)
@@ -359,8 +341,7 @@ class PartsJob:
             self.state.wait_for_everyone()
 
     def close(self) -> None:
-        if self.processes > 1 and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        cli.end_processes()
 
     # Parts --------------------------------------------------------------------------------------------------------
 
@@ -409,7 +390,7 @@ class PartsJob:
         """Waits for every process; the main process checks that every part exists, calls `merge(parts)` (which
         writes the output) and removes the parts directory. Returns whether this process merged."""
         seconds = time.perf_counter() - self.computed["started"]
-        shares = _gather(self.state, (self.computed["parts"], self.computed["records"], self.computed["tokens"],
+        shares = _gather((self.computed["parts"], self.computed["records"], self.computed["tokens"],
                                       seconds))
         logger.info("Computed: %s", "; ".join(
             f"process {rank + 1}: {parts} parts, {records} proteins, {tokens} tokens in {seconds:.1f} s"

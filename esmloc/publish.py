@@ -1,20 +1,19 @@
 """Publishing a trained model: the exact set of files a hub repository gets, and the push.
 
-    esmloc-push OUTPUT_DIR --hub_model_id user/name [--hub_private_repo] [--hub_endpoint URL] [--push_adapter]
+(The command `esmloc-push OUTPUT_DIR --hub_model_id user/name` is esmloc.commands.push.)
 
 `files_to_push` is an explicit allow-list: a repository gets a complete, self-contained model (config with a local
 `auto_map`, the three remote-code files, weights, tokenizer, card, metrics, plots) and never a checkpoint folder or a
 pickle. `push_output_dir` makes one commit of exactly those files and the model card (`esmloc.card`) to the endpoint
 given (`--hub_endpoint`, else `HF_ENDPOINT`, else the Hub); the token comes from the usual login or `HF_TOKEN` and is
 never printed, logged or written: huggingface_hub's errors never carry it (they name the URL and the server's
-message, and its debug output masks the authorization header), which tests/test_publish.py checks against a real
-local server.
+message, and its debug output masks the authorization header), and the server's message, which an endpoint may make
+an echo of the request's headers, reaches a failure message only through `esmloc.cli.redact_secrets`;
+tests/test_publish.py checks both against real local servers.
 """
 
 import logging
 import os
-import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 
 # huggingface_hub 2's HTTP client: a request that gets no answer raises its errors (HfHubHTTPError, an answer with an
@@ -22,10 +21,10 @@ from pathlib import Path
 import httpx2
 from huggingface_hub import CommitOperationAdd, HfApi
 from huggingface_hub import constants as hub_constants
-from transformers import HfArgumentParser
 
 from esmloc import cli, loading
-from esmloc.cli import InputError
+from esmloc.errors import InputError
+from esmloc.saving import MODEL_FILES, OPTIONAL_TOKENIZER_FILES, REMOTE_CODE_FILES, TOKENIZER_FILES
 # The card's names, here too for compatibility: they were esmloc.publish's before esmloc.card existed.
 from esmloc.card import (  # noqa: F401
     ADAPTER_DIR,
@@ -34,6 +33,8 @@ from esmloc.card import (  # noqa: F401
     CARD_KINDS,
     CARD_MARKER,
     DEFAULT_LICENSE,
+    PREDICTIONS_FILE,
+    RUN_INFO_FILE,
     PublishError,
     RunRecord,
     as_hub_model_id,
@@ -46,13 +47,8 @@ from esmloc.card import (  # noqa: F401
 logger = logging.getLogger("esmloc.publish")
 
 PUSH_TARGETS = CARD_KINDS
-# What a saved esmloc model is made of (esmloc.saving.save_model); all of it is required for a push.
-REMOTE_CODE_FILES = ("configuration_esmloc.py", "modeling_esmloc.py", "tokenization_esmloc.py")
-MODEL_FILES = ("config.json", "model.safetensors")
-TOKENIZER_FILES = ("tokenizer_config.json", "vocab.txt")
-OPTIONAL_TOKENIZER_FILES = ("special_tokens_map.json",)
 # The run's record: pushed when present. trainer_state.json holds the per-epoch validation log the card shows.
-RECORD_FILES = ("run_info.json", "trainer_state.json", "test_predictions.csv")
+RECORD_FILES = (RUN_INFO_FILE, "trainer_state.json", PREDICTIONS_FILE)
 RESULTS_SUFFIX = "_results.json"
 # Never pushed, whatever the allow-list says: pickles (arbitrary code on load) and optimizer/trainer state.
 NEVER_PUSHED_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib", ".npy", ".npz")
@@ -141,7 +137,9 @@ def resolve_endpoint(endpoint: str | None = None) -> str:
 MODEL_UNCHANGED = "The local output directory is unchanged: push it again with esmloc-push."
 
 
-def _failure_message(error: Exception, endpoint: str, repo_id: str, unchanged: str) -> str:
+def failure_message(error: Exception, endpoint: str, repo_id: str, unchanged: str, token: str | None = None) -> str:
+    """Why a push failed, what to check and `unchanged`; whatever the endpoint answered, no token (`token`, HF_TOKEN,
+    the token file's) is in it: an endpoint may echo the request's Authorization header in its error text."""
     where = f"pushing to {endpoint}/{repo_id} failed"
     status = getattr(getattr(error, "response", None), "status_code", None)
     if isinstance(status, int):
@@ -166,7 +164,7 @@ def _failure_message(error: Exception, endpoint: str, repo_id: str, unchanged: s
     else:
         detail = type(error).__name__
         hint = "check the endpoint, the repository id and the token's write access"
-    return f"{where} ({detail}); {hint}. The token is never shown. {unchanged}"
+    return cli.redact_secrets(f"{where} ({detail}); {hint}. The token is never shown. {unchanged}", token)
 
 
 def push_output_dir(
@@ -248,77 +246,6 @@ def commit_to_hub(
     except PublishError:
         raise
     except (httpx2.HTTPError, OSError, ValueError) as error:
-        raise PublishError(_failure_message(error, endpoint, repo_id, unchanged)) from None
+        raise PublishError(failure_message(error, endpoint, repo_id, unchanged, token)) from None
     logger.info("Pushed to %s", url)
     return url
-
-
-# --- the command ---------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class PushArguments:
-    hub_model_id: str = field(metadata={"help": "The repository to push to: user/name or org/name."})
-    hub_private_repo: bool = field(default=False, metadata={"help": "Create the repository private."})
-    hub_endpoint: str | None = field(
-        default=None,
-        metadata={"help": "The hub to push to (default: HF_ENDPOINT, else https://huggingface.co). The token is "
-                  "the one of `hf auth login` or HF_TOKEN; it is never printed."},
-    )
-    push_adapter: bool = field(
-        default=False,
-        metadata={"help": "Push the LoRA adapter (OUTPUT_DIR/adapter) with its own card instead of the merged model."},
-    )
-    license: str = field(default=DEFAULT_LICENSE, metadata={"help": "The card's license (a hub license id)."})
-    base_model: str | None = field(
-        default=None,
-        metadata={"help": "The card's base_model hub id, when the run's ESM-2 checkpoint was a local folder."},
-    )
-    datasets: list[str] | None = field(default=None, metadata={"help": "Hub dataset ids for the card's metadata."})
-    commit_message: str | None = field(default=None)
-    space: str | None = field(
-        default=None,
-        metadata={"help": "Also create or update this Gradio Space (user/name) serving the pushed model "
-                  "(esmloc.space); the model card links to it."},
-    )
-
-
-def parse_arguments(argv=None) -> tuple[Path, PushArguments]:
-    parser = HfArgumentParser(PushArguments, prog="esmloc-push",
-                              description="Push a train.py output directory to a Hugging Face hub repository.")
-    parser.add_argument("output_dir", metavar="OUTPUT_DIR", help="A train.py --output_dir.")
-    arguments, rest = parser.parse_args_into_dataclasses(args=sys.argv[1:] if argv is None else argv)
-    return Path(rest.output_dir), arguments
-
-
-def main(argv=None) -> int:
-    """The esmloc-push command: prints the repository's URL and returns 0, or exits with one message."""
-    output_dir, args = parse_arguments(argv)
-    cli.setup_logging()
-    what = "adapter" if args.push_adapter else "merged"
-    card_options = {"license": args.license, "base_model": args.base_model, "datasets": args.datasets,
-                    "space_id": args.space}
-    if args.space is not None and as_hub_model_id(args.space) != args.space:
-        raise SystemExit(f"esmloc-push: --space must be a full Space id, user/name or org/name, got {args.space!r}")
-    try:
-        url = push_output_dir(output_dir, args.hub_model_id, private=args.hub_private_repo,
-                              endpoint=args.hub_endpoint, what=what, commit_message=args.commit_message,
-                              card_options={k: v for k, v in card_options.items() if v is not None})
-    except (PublishError, ValueError) as error:
-        raise SystemExit(f"esmloc-push: {error}") from None
-    print(url)
-    if args.space:
-        from esmloc.space import push_space
-
-        endpoint = resolve_endpoint(args.hub_endpoint)
-        try:
-            print(push_space(args.space, args.hub_model_id, HfApi(endpoint=endpoint), endpoint,
-                             private=args.hub_private_repo))
-        except (httpx2.HTTPError, OSError, ValueError) as error:
-            raise SystemExit(f"esmloc-push: the model is at {url}, but the Space failed: "
-                             + _failure_message(error, endpoint, args.space, "")) from None
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

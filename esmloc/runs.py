@@ -28,7 +28,8 @@ from pathlib import Path
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
-from esmloc.cli import InputError
+from esmloc.digests import file_digest
+from esmloc.errors import InputError
 from esmloc.files import atomic_file
 
 
@@ -44,23 +45,28 @@ _RUN_OUTPUTS = ("model.safetensors", "test_results.json", "trainer_state.json")
 
 
 @dataclass
-class OverwriteArguments:
-    """The --overwrite_output_dir flag of the training commands (mixed into their TrainingArguments): transformers 5
-    dropped the field; esmloc keeps the name for what it always meant."""
+class RunArguments:
+    """What the training commands add to their TrainingArguments (mixed in before it): the --overwrite_output_dir flag
+    (transformers 5 dropped the field; esmloc keeps the name for what it always meant) and the checks of a run's
+    length and batch sizes, which TrainingArguments leaves to fail later (a run of zero steps "finishes" having trained
+    nothing)."""
 
     overwrite_output_dir: bool = field(
         default=False,
-        metadata={"help": "Start afresh in an --output_dir that holds another run: its checkpoints are deleted. "
-                  "Without it, such a directory is refused, and one holding this same run is resumed."},
+        metadata={"help": "Start afresh in an --output_dir that holds another esmloc run: its checkpoints are deleted. "
+                  "Without it, such a directory is refused, and one holding this same run is resumed. A directory "
+                  "holding files esmloc did not write is always refused."},
     )
 
-
-def file_digest(path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    def __post_init__(self):
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+            value = getattr(self, name)
+            if value < 1:
+                raise ValueError(f"--{name} must be a positive integer, got {value}")
+        if self.max_steps == 0 or (self.max_steps < 0 and self.num_train_epochs <= 0):
+            raise ValueError(f"nothing to train: --num_train_epochs {self.num_train_epochs:g} and --max_steps "
+                             f"{self.max_steps}; give a positive number of epochs (or --max_steps)")
+        super().__post_init__()
 
 
 def identity(components: dict) -> dict:
@@ -144,23 +150,50 @@ def plan_resume(output_dir, identity: dict, length: dict, resume_from_checkpoint
     if not output_dir.is_dir():
         return None
     checkpoints = [path for path in output_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if path.is_dir()]
-    if overwrite:
+    record = read_record(output_dir)
+    run_files = checkpoints or any((output_dir / name).exists() for name in _RUN_OUTPUTS)
+    if record is None and not run_files:
+        others = sorted(path.name for path in output_dir.iterdir())
+        if others:  # the user's own files: never written over, never deleted, not even with --overwrite_output_dir
+            shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
+            raise InputError(f"--output_dir {output_dir} holds files esmloc did not write ({shown}); nothing was "
+                             "changed there. Choose a new or empty directory.")
+        return None
+    if overwrite:  # deletes the checkpoints and the record only: what else the directory holds is overwritten or kept
         for path in checkpoints:
             shutil.rmtree(path)
         (output_dir / RUN_RECORD).unlink(missing_ok=True)
         return None
-    record = read_record(output_dir)
     if record is None:
-        if checkpoints or any((output_dir / name).exists() for name in _RUN_OUTPUTS):
-            raise _refusal(f"--output_dir {output_dir}", "holds a training run without an esmloc run record "
-                           f"({RUN_RECORD}; written by another tool or an older esmloc)", output_dir)
+        raise _refusal(f"--output_dir {output_dir}", "holds a training run without an esmloc run record "
+                       f"({RUN_RECORD}; written by another tool or an older esmloc)", output_dir)
+    if not record.get(FINISHED) and not checkpoints:
+        # A run that stopped before its first checkpoint (a failure, an interruption): nothing to resume or protect.
+        (output_dir / RUN_RECORD).unlink()
         return None
     if record["fingerprint"] != identity["fingerprint"]:
         changed = "; ".join(differences(record, identity))
         raise _refusal(f"--output_dir {output_dir}", f"holds another run, which differs in: {changed}", output_dir)
     if record.get(FINISHED) and record.get("training_length") == length:
+        damage = saved_model_problem(output_dir)
+        if damage:
+            raise InputError(f"--output_dir {output_dir}: the run record says this run finished, but {damage}; "
+                             "pass --overwrite_output_dir to train it again")
         return FINISHED
     return get_last_checkpoint(str(output_dir))
+
+
+def saved_model_problem(output_dir) -> str | None:
+    """Why the model a finished run saved in `output_dir` cannot be used (config or weights missing or damaged), or
+    None."""
+    from esmloc.loading import check_weights, read_config
+
+    try:
+        read_config(output_dir)
+        check_weights(output_dir)
+    except InputError as error:
+        return str(error)
+    return None
 
 
 class RunRecordCallback(TrainerCallback):

@@ -4,40 +4,36 @@ Needs no `datasets`: `esmloc-predict` streams its input through `read_sequences`
 `esmloc.data` validates whole training files with the same `validate_sequence` and row readers.
 
 - `validate_sequence`: the one sequence check (upper case, whitespace removed, a trailing `*` stop codon stripped,
-  residues limited to the ESM-2 alphabet).
+  residues limited to the ESM-2 alphabet): the rule of the model's own tokenizer (`tokenization_esmloc.
+  normalize_sequence`, which ships with every saved model), with the changes it made named.
 - `read_sequences` / `read_fasta`: streaming readers for prediction input (FASTA or CSV), one record at a time.
 - `fasta_entries` / `csv_rows`: the raw records of a file, with the line each starts on, for readers that check
   more than the sequence (the builder's labels).
 - `DataValidationError`: bad input, naming the file, line and accession of each problem.
 """
 
+import codecs
+import contextlib
 import csv
 import gzip
+import io
 import re
+import zlib
 from collections.abc import Iterator
+from pathlib import Path
 from typing import NamedTuple
 
-from tokenization_esmloc import ESM2_VOCAB
+from configuration_esmloc import window_overlap_for
+from esmloc.errors import DataValidationError
+from tokenization_esmloc import RESIDUES, STOP_CODON, InvalidSequenceError, normalize_sequence
 
 
 # The residue letters of the ESM-2 vocabulary. `.` and `-` are alignment gaps, not residues.
-ALPHABET = "".join(token for token in ESM2_VOCAB if len(token) == 1 and token.isalpha())
+ALPHABET = RESIDUES
 FASTA_SUFFIXES = (".fasta", ".fa", ".faa", ".fas", ".fsa")
 
-_VALID_SEQUENCE = re.compile(f"[{ALPHABET}]+")
-_INVALID_RESIDUE = re.compile(f"[^{ALPHABET}]")
 _WHITESPACE = re.compile(r"\s+")
 _UNIPROT_HEADER = re.compile(r"(?:sp|tr)\|([^|\s]+)\|")
-
-
-class DataValidationError(ValueError):
-    """Bad input data. `problems` lists the first few problems found (file, line, ACC, what), `count` all of them."""
-
-    def __init__(self, problems: list[str], count: int | None = None):
-        self.problems = problems
-        self.count = len(problems) if count is None else count
-        shown = f" (the first {len(problems)} below)" if self.count > len(problems) else ""
-        super().__init__(f"{self.count} problem(s) in the data{shown}:\n  " + "\n  ".join(problems))
 
 
 class BadValue(ValueError):
@@ -60,28 +56,33 @@ def validate_sequence(raw: str) -> tuple[str, tuple[str, ...]]:
     Raises `SequenceError` for an empty sequence or a character outside the alphabet, with its 1-based position
     counted in the sequence without whitespace.
     """
-    if _VALID_SEQUENCE.fullmatch(raw):  # the common case: nothing to do
-        return raw, ()
-    changes = []
-    sequence = _WHITESPACE.sub("", raw)
-    if sequence != raw:
-        changes.append("whitespace removed")
-    if sequence != sequence.upper():
-        sequence = sequence.upper()
-        changes.append("lower case upper-cased")
-    if sequence.endswith("*"):
-        sequence = sequence[:-1]
-        changes.append("stop codon '*' stripped")
-    if not sequence:
-        raise SequenceError("empty sequence")
-    bad = _INVALID_RESIDUE.search(sequence)
-    if bad:
-        raise SequenceError(
-            f"character {bad.group()!r} at position {bad.start() + 1} is not a residue of the ESM-2 alphabet "
-            f"({ALPHABET})",
-            position=bad.start() + 1,
-        )
+    try:
+        sequence = normalize_sequence(raw)
+    except InvalidSequenceError as error:
+        raise SequenceError(str(error), position=error.position) from None
+    if sequence == raw:  # the common case: nothing changed
+        return sequence, ()
+    compact = _WHITESPACE.sub("", raw)
+    changes = [change for change, applied in (("whitespace removed", compact != raw),
+                                              ("lower case upper-cased", compact != compact.upper()),
+                                              ("stop codon '*' stripped", compact.endswith(STOP_CODON))) if applied]
     return sequence, tuple(changes)
+
+
+def crop_note(cropped: int, total: int, max_residues: int, crop: str, long_proteins: str = "crop",
+              window_overlap: int | None = None) -> str | None:
+    """What a run says once about the proteins longer than the model's window (None when there are none): cropped,
+    or with `long_proteins="windows"` embedded whole in overlapping windows."""
+    if not cropped:
+        return None
+    if long_proteins == "windows":
+        overlap = window_overlap_for(max_residues, window_overlap)
+        return (f"{cropped} of {total} proteins are longer than the model's window of {max_residues} residues: each is "
+                f"embedded whole, in windows of {max_residues} residues overlapping by at least {overlap} (a stride of "
+                f"at most {max_residues - overlap}), each residue's state from the window it is most central in")
+    kept = "the N-terminal residues" if crop == "n_terminal" else "the N- and C-terminal halves"
+    return (f"{cropped} of {total} proteins are longer than the model's window of {max_residues} residues: each is "
+            f"cropped to {max_residues} residues ({crop} crop: {kept} are kept, the rest is not seen)")
 
 
 class ProteinRecord(NamedTuple):
@@ -92,11 +93,71 @@ class ProteinRecord(NamedTuple):
     line: int
 
 
-def _open_text(path):
+def _open_text(path, expected: str):
+    """`path` opened as text (UTF-8, a byte-order mark dropped; gunzipped for `.gz`) after `check_text_file`; text
+    already in memory (an `io.StringIO`: the demo's pasted text, named by its str()) as it is."""
+    if isinstance(path, io.TextIOBase):
+        return contextlib.nullcontext(path)
+    check_text_file(path, expected)
     # utf-8-sig: spreadsheet programs start CSV exports with a byte-order mark, which must not end up in "ACC".
     if str(path).endswith(".gz"):
         return gzip.open(path, "rt", encoding="utf-8-sig", newline="")
     return open(path, encoding="utf-8-sig", newline="")
+
+
+_SNIFF_BYTES = 1 << 16
+_PASS = {"FASTA": f"a FASTA file ({', '.join(FASTA_SUFFIXES)}, optionally .gz)",
+         "CSV": "a CSV or TSV file (.csv, .tsv) with a header row"}
+
+
+def check_text_file(path, expected: str) -> None:
+    """Refuses, with one line naming the file, what no reader can use: a missing file, a directory, binary or
+    non-UTF-8 data, and a FASTA file where a CSV/TSV is expected or the reverse (`expected`: "FASTA" or "CSV"),
+    saying which it looks like and what to pass. Looks at the first 64 KiB; a bad byte later is reported by the
+    reader with its line (`_lines`)."""
+    file = Path(path)
+    if not file.exists():
+        raise DataValidationError([f"{path}: no such file"])
+    if file.is_dir():
+        raise DataValidationError([f"{path}: is a directory; pass {_PASS[expected]}"])
+    try:
+        if str(path).endswith(".gz"):
+            with gzip.open(path, "rb") as handle:
+                head = handle.read(_SNIFF_BYTES)
+        else:
+            with open(path, "rb") as handle:
+                head = handle.read(_SNIFF_BYTES)
+    except (gzip.BadGzipFile, EOFError, zlib.error) as error:
+        raise DataValidationError([f"{path}: named .gz but not gzip data ({error})"]) from None
+    if b"\0" in head:
+        offset = head.index(b"\0")
+        raise DataValidationError([f"{path}: binary data (a NUL byte at offset {offset}), not text; pass "
+                                   f"{_PASS[expected]}"])
+    bom = len(codecs.BOM_UTF8) if head.startswith(codecs.BOM_UTF8) else 0
+    try:
+        text = codecs.getincrementaldecoder("utf-8")().decode(head[bom:], final=len(head) < _SNIFF_BYTES)
+    except UnicodeDecodeError as error:
+        offset = bom + error.start
+        raise DataValidationError([f"{path}: not UTF-8 text (byte 0x{head[offset]:02x} at offset {offset}); save it "
+                                   f"as UTF-8 and pass {_PASS[expected]}"]) from None
+    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    looks = "FASTA" if first.startswith(">") else "CSV" if first and (
+        "," in first or "\t" in first) and "Sequence" in first else None
+    if looks is not None and looks != expected:
+        raise DataValidationError([f"{path}: looks like {looks} (it starts with {first[:40]!r}), but is read as "
+                                   f"{expected} by its name; pass {_PASS[expected]}, or name the file after its "
+                                   f"content ({_PASS[looks]})"])
+
+
+def _lines(handle, path):
+    """The lines of an open text file; a byte that is not UTF-8 stops with the line it is on."""
+    line_number = 0
+    try:
+        for line_number, line in enumerate(handle, start=1):
+            yield line_number, line
+    except UnicodeDecodeError as error:
+        raise DataValidationError([f"{path}, line {line_number + 1}: not UTF-8 text ({error.reason}); save the file "
+                                   "as UTF-8"]) from None
 
 
 def is_fasta(path) -> bool:
@@ -112,8 +173,8 @@ def describe_row(path, line, acc) -> str:
 def fasta_entries(path) -> Iterator[tuple[int, str, str]]:
     """Yields (header line, ACC, raw sequence) per FASTA record, holding one record in memory at a time."""
     line_number, acc, header_line, chunks = 0, None, 0, []
-    with _open_text(path) as handle:
-        for line_number, line in enumerate(handle, start=1):
+    with _open_text(path, "FASTA") as handle:
+        for line_number, line in _lines(handle, path):
             if line.startswith(">"):
                 if acc is not None:
                     yield header_line, acc, "".join(chunks)
@@ -134,8 +195,9 @@ def fasta_entries(path) -> Iterator[tuple[int, str, str]]:
 
 def csv_rows(path, required: tuple[str, ...]) -> Iterator[tuple[int, dict[str, str]]]:
     """Yields (file line, {column: cell}) for the `required` columns; the header is line 1."""
-    with _open_text(path) as handle:
-        reader = csv.reader(handle, delimiter="\t" if str(path).removesuffix(".gz").endswith(".tsv") else ",")
+    with _open_text(path, "CSV") as handle:
+        delimiter = "\t" if str(path).removesuffix(".gz").endswith(".tsv") else ","
+        reader = csv.reader((line for _, line in _lines(handle, path)), delimiter=delimiter)
         header = [name.strip() for name in next(reader, [])]
         missing = [name for name in required if name not in header]
         if missing:

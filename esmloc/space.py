@@ -13,13 +13,14 @@ A Space gets:
   on a package index for the Space to build).
 """
 
-import argparse
 import re
 import sys
 from importlib import metadata, resources
 from pathlib import Path
 
 from huggingface_hub import CommitOperationAdd, HfApi, SpaceCard, SpaceCardData
+
+from esmloc import cli
 
 
 TEMPLATE = "space_app.py"
@@ -106,14 +107,20 @@ def push_space(space_id: str, model_repo_id: str, api: HfApi, endpoint: str, pri
     return f"{endpoint.rstrip('/')}/spaces/{space_id}"
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m esmloc.space", description=__doc__.split("\n\n")[0])
+def write_command(argv=None) -> int:
+    parser = cli.ArgumentParser(prog="python -m esmloc.space", description=__doc__.split("\n\n")[0])
     parser.add_argument("model_repo_id", help="the model repository the Space serves (user/name)")
     parser.add_argument("--output_dir", required=True, help="where to write the Space's files")
     parser.add_argument("--space", default=None, help="the Space's id (user/name), for its card")
     args = parser.parse_args(argv)
+    cli.check_output_dir(args.output_dir, "--output_dir")
     print(write_space(args.model_repo_id, args.output_dir, args.space))
+    return 0
+
+
+def main(argv=None) -> int:
+    return cli.run("python -m esmloc.space", write_command, argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -410,11 +410,25 @@ class FusedGeluIntermediate(nn.Module):
         return F.gelu(self.dense(hidden_states))
 
 
+def int8_linear_runs() -> bool:
+    """Whether oneDNN's int8 linear (`torch.ops.onednn.qlinear_pointwise`, behind `Int8Linear`) runs in this torch
+    build on this CPU at all; whether it is accurate is `int8_linear_available`'s question."""
+    global _INT8_RUNS
+    if _INT8_RUNS is None:
+        try:
+            Int8Linear(nn.Linear(64, 40))(torch.zeros(7, 64))
+            _INT8_RUNS = True
+        except (RuntimeError, AttributeError, NotImplementedError):
+            _INT8_RUNS = False
+    return _INT8_RUNS
+
+
 def int8_linear_available() -> bool:
     """Whether oneDNN's int8 linear (`Int8Linear`) runs here and stays within int8 rounding of `nn.Linear`."""
     global _INT8_OK
     if _INT8_OK is None:
-        try:
+        _INT8_OK = int8_linear_runs()
+        if _INT8_OK:
             generator = torch.Generator().manual_seed(0)
             linear = nn.Linear(64, 40)
             with torch.no_grad():
@@ -424,12 +438,10 @@ def int8_linear_available() -> bool:
                 # A matmul over 64 products of inputs and weights each within half a step of their grids: well
                 # under 0.3.
                 _INT8_OK = torch.allclose(Int8Linear(linear)(x), linear(x), atol=0.3, rtol=0)
-        except (RuntimeError, AttributeError, NotImplementedError):
-            _INT8_OK = False
     return _INT8_OK
 
 
-_INT8_OK = None
+_INT8_RUNS = _INT8_OK = None
 
 
 def unsupported_reason(esm) -> str | None:

@@ -7,12 +7,18 @@ import sys
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, loopback_only_namespace
+
+
+pytestmark = pytest.mark.slow  # each runs a benchmark script in a fresh process
 
 
 @pytest.mark.parametrize("script", ["embedding_throughput.py", "frozen_training.py", "precision_accuracy.py",
-                                    "engine_profile.py", "int8_candidates.py", "fork_question.py"])
+                                    "engine_profile.py", "int8_candidates.py", "fork_question.py", "ddp_teardown.py",
+                                    "explain_cost.py"])
 def test_bench_script_runs_in_smoke_mode(script, tmp_path):
+    if script == "ddp_teardown.py":
+        loopback_only_namespace()  # its 2-process runs need one
     if script == "fork_question.py" and subprocess.run(["git", "cat-file", "-e", "0d553df"], cwd=REPO,
                                                        capture_output=True).returncode != 0:
         pytest.skip("a shallow clone: the fork's commit is not here")
@@ -42,6 +48,20 @@ def test_bench_script_runs_in_smoke_mode(script, tmp_path):
     elif script == "fork_question.py":
         assert [line.split(" | ")[0][2:] for line in table[2:]][0].startswith("PackedEsm (the fork")
         assert "for keeping it" in result.stdout
+    elif script == "explain_cost.py":
+        assert all(column in table[0] for column in ("forward passes", "GFLOP", "CPU s (own)",
+                                                     "x faster than per-residue fp32", "other load"))
+        methods = [line.split(" | ")[0][2:] for line in table[2:]]
+        assert methods == ["per-residue occlusion (before), fp32",
+                           "strided occlusion (esmloc.explain, default budget), fp32"]
+        # The smoke protein has 300 residues: every one occluded before, windows every 2 residues now.
+        assert [line.split(" | ")[3:5] for line in table[2:]] == [["5 / 1", "301"], ["5 / 2", "152"]]
+        assert "stride by protein length: 100: 1 (window 5)" in result.stdout
+    elif script == "ddp_teardown.py":  # a run and 2 cycles of each teardown order; the new ones ended (old ones may hang)
+        runs, cycles = [[line.split(" | ") for line in table if line.startswith(("| old", "| new"))][i:i + 2]
+                        for i in (0, 2)]
+        assert [row[:2] for row in runs] == [["| old", "1"], ["| new", "1"]] and runs[1][2:4] == ["1", "0"]
+        assert [row[0] for row in cycles] == ["| old", "| new"] and cycles[1][:5] == ["| new", "1", "2", "2", "0 |"]
     elif script == "frozen_training.py":
         assert "speed-up" in table[0] and "max abs difference" in result.stdout
 

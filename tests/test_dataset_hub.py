@@ -17,18 +17,12 @@ import datasets
 import pytest
 
 from esmloc import data, dataset_hub
+from esmloc.commands import dataset as dataset_command
 from esmloc.demo import write_demo_csv
 
-from conftest import REPO, write_deeploc_layout_csv
-from test_publish import (
-    GitWorkTreeHub,
-    assert_no_token,
-    calls_named,
-    clean_env,
-    directory_digest,
-    front_matter,
-    hub,  # noqa: F401  (fixture: HfApi inside esmloc.publish replaced by a recording stand-in)
-    mirror,  # noqa: F401  (fixture: olah serving a folder of git work trees on 127.0.0.1)
+from conftest import (
+    OTHER_DATASETS_MAJOR, REPO, GitWorkTreeHub, assert_no_token, calls_named, clean_env, directory_digest, front_matter,
+    run_main, write_deeploc_layout_csv,
 )
 
 
@@ -244,8 +238,8 @@ def test_given_splits_are_exported_as_given_through_the_command_line(workdir, de
             writer.writeheader()
             writer.writerows(part)
     folder = workdir / "given_dataset"
-    dataset_hub.main(["export", *(f"{split}={path}" for split, path in files.items()), "--output_dir", str(folder),
-                      "--cache_dir", str(workdir / "cache")])
+    assert dataset_command.main(["export", *(f"{split}={path}" for split, path in files.items()), "--output_dir", str(folder),
+                             "--cache_dir", str(workdir / "cache")]) == 0
     exported = datasets.load_dataset(str(folder), cache_dir=str(workdir / "cache_loaded"))
     assert {split: rows["ACC"] for split, rows in exported.items()} == {
         "train": [row["ACC"] for row in rows[:200]], "validation": [row["ACC"] for row in rows[200:260]],
@@ -253,25 +247,25 @@ def test_given_splits_are_exported_as_given_through_the_command_line(workdir, de
     assert "the files given for each split, kept as they are" in (folder / "README.md").read_text()
 
 
-def test_bad_input_stops_the_export_naming_the_row_and_writes_nothing(workdir, demo_csv):
+def test_bad_input_stops_the_export_naming_the_row_and_writes_nothing(workdir, demo_csv, capsys):
     bad = workdir / "bad.csv"
     lines = demo_csv.read_text().splitlines(keepends=True)
     assert lines[7].startswith("SYN00007,")
     lines[7] = lines[7].replace(",M", ",M-", 1)  # a gap in the sequence of the protein on line 8
     bad.write_text("".join(lines))
     output = workdir / "never_written"
-    with pytest.raises(SystemExit) as caught:
-        dataset_hub.main(["export", str(bad), "--output_dir", str(output), "--cache_dir", str(workdir / "cache")])
-    assert f"{bad}, line 8, ACC 'SYN00007'" in str(caught.value) and "'-'" in str(caught.value)
+    status, _, err = run_main(dataset_command.main, ["export", bad, "--output_dir", output, "--cache_dir",
+                                                     workdir / "cache"], capsys)
+    assert status == 2 and f"{bad}, line 8, ACC 'SYN00007'" in err and "'-'" in err
     assert not output.exists() and not list(workdir.glob(".never_written*"))
 
 
-def test_export_never_overwrites_a_folder(workdir, demo_csv):
+def test_export_never_overwrites_a_folder(workdir, demo_csv, capsys):
     output = workdir / "occupied"
     output.mkdir()
     (output / "notes.txt").write_text("mine")
-    with pytest.raises(SystemExit, match="exists and is not an empty directory"):
-        dataset_hub.main(["export", str(demo_csv), "--output_dir", str(output)])
+    status, _, err = run_main(dataset_command.main, ["export", demo_csv, "--output_dir", output], capsys)
+    assert status == 2 and "exists and is not an empty directory" in err
     assert [p.name for p in output.iterdir()] == ["notes.txt"] and (output / "notes.txt").read_text() == "mine"
 
 
@@ -314,7 +308,7 @@ def test_the_loading_script_states_its_requirements_and_points_to_parquet(workdi
         assert "needs esmloc installed and datasets 3.x" in " ".join(text.split())
         assert "esmloc-dataset export" in text
     if DATASETS_MAJOR >= 4:
-        pytest.skip(f"datasets {datasets.__version__} runs no loading scripts at all")
+        pytest.skip(f"{OTHER_DATASETS_MAJOR}: datasets {datasets.__version__} runs no loading scripts at all")
     code = (f"import datasets\ndatasets.load_dataset({str(script)!r}, data_files={str(demo_csv)!r}, "
             "trust_remote_code=True)\n")
     result = subprocess.run([sys.executable, "-c", code], check=False, cwd=tmp_path, capture_output=True, text=True,
@@ -336,7 +330,7 @@ def test_push_sends_one_commit_of_the_card_and_the_parquet_files(demo_export, hu
     (folder / ".cache" / "x.parquet").write_text("stays local")
     monkeypatch.setenv("HF_ENDPOINT", "https://hub.example.test")
     before = directory_digest(folder)
-    dataset_hub.main(["push", str(folder), "--hub_dataset_id", REPO_ID])
+    assert dataset_command.main(["push", str(folder), "--hub_dataset_id", REPO_ID]) == 0
 
     captured = capsys.readouterr()
     assert captured.out.strip().splitlines()[-1] == f"https://hub.example.test/datasets/{REPO_ID}"
@@ -356,29 +350,29 @@ def test_push_sends_one_commit_of_the_card_and_the_parquet_files(demo_export, hu
 def test_push_private_with_an_explicit_endpoint(demo_export, hub, monkeypatch, capsys):
     monkeypatch.setenv("HF_ENDPOINT", "https://from-env.example.test")
     hub.existing_private = True
-    dataset_hub.main(["push", str(demo_export), "--hub_dataset_id", REPO_ID, "--private", "--hub_endpoint",
-                      "https://explicit.example.test"])
+    assert dataset_command.main(["push", str(demo_export), "--hub_dataset_id", REPO_ID, "--private", "--hub_endpoint",
+                             "https://explicit.example.test"]) == 0
     assert capsys.readouterr().out.strip().splitlines()[-1] == f"https://explicit.example.test/datasets/{REPO_ID}"
     assert calls_named(hub, "init")[0]["endpoint"] == "https://explicit.example.test"
     assert calls_named(hub, "create_repo")[0]["private"] is True
     assert calls_named(hub, "create_repo")[0]["repo_type"] == "dataset"
     hub.existing_private = False  # an existing public repository is never filled by a private push
-    with pytest.raises(SystemExit, match="already exists and is public"):
-        dataset_hub.main(["push", str(demo_export), "--hub_dataset_id", REPO_ID, "--private"])
+    status, _, err = run_main(dataset_command.main, ["push", demo_export, "--hub_dataset_id", REPO_ID, "--private"],
+                              capsys)
+    assert status == 1 and "already exists and is public" in err
     assert len(calls_named(hub, "create_commit")) == 1
 
 
 def test_failed_push_says_why_and_changes_nothing(demo_export, hub, capsys, caplog):
     hub.fail_on, hub.error = "create_commit", ConnectionError("connection refused")  # real errors carry no token
     before = directory_digest(demo_export)
-    with pytest.raises(SystemExit) as caught:
-        dataset_hub.main(["push", str(demo_export), "--hub_dataset_id", REPO_ID])
-    message = str(caught.value)
-    assert message.startswith("esmloc-dataset push: pushing to https://huggingface.co/alice/esmloc-demo failed")
+    status, out, message = run_main(dataset_command.main, ["push", demo_export, "--hub_dataset_id", REPO_ID], capsys)
+    (error,) = [line for line in message.splitlines() if line.startswith("esmloc-dataset: error:")]
+    assert status == 1 and "Traceback" not in message
+    assert error.startswith("esmloc-dataset: error: pushing to https://huggingface.co/alice/esmloc-demo failed")
     assert "could not be reached" in message and "push it again with esmloc-dataset push" in message
     assert directory_digest(demo_export) == before
-    captured = capsys.readouterr()
-    assert_no_token(message, captured.out, captured.err, caplog.text)
+    assert_no_token(message, out, caplog.text)
 
 
 @pytest.mark.parametrize("folder, repo_id, expected", [
@@ -386,10 +380,10 @@ def test_failed_push_says_why_and_changes_nothing(demo_export, hub, capsys, capl
     ("empty", REPO_ID, "not an exported dataset"),
     ("missing", REPO_ID, "is not a directory"),
 ])
-def test_push_refuses_what_is_not_an_exported_dataset(demo_export, hub, tmp_path, folder, repo_id, expected):
+def test_push_refuses_what_is_not_an_exported_dataset(demo_export, hub, tmp_path, folder, repo_id, expected, capsys):
     paths = {"demo": demo_export, "empty": tmp_path, "missing": tmp_path / "missing"}
-    with pytest.raises(SystemExit, match=expected):
-        dataset_hub.main(["push", str(paths[folder]), "--hub_dataset_id", repo_id])
+    status, _, err = run_main(dataset_command.main, ["push", paths[folder], "--hub_dataset_id", repo_id], capsys)
+    assert status == 2 and expected in err
     assert not calls_named(hub, "create_commit")
 
 
@@ -398,16 +392,14 @@ def test_push_refuses_what_is_not_an_exported_dataset(demo_export, hub, tmp_path
 
 def test_dataset_name_is_checked_for_splits_features_and_conflicting_arguments(demo_export, deeploc_export, tmp_path,
                                                                               monkeypatch):
-    from esmloc.cli import InputError
-    from esmloc.train import DataArguments, EsmLocTrainingArguments, ModelArguments, check_arguments, load_splits
+    from esmloc.commands.train import DataArguments, load_splits
+    from esmloc.errors import InputError
 
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
     loaded = load_splits(DataArguments(dataset_name=str(deeploc_export), dataset_config="deeploc"), seed=0)
     assert list(loaded) == ["train", "validation", "test"]
-    with pytest.raises(InputError, match="brings its own splits: drop --train_file, --split_method"):
-        check_arguments(ModelArguments(from_scratch="tiny"),
-                        DataArguments(dataset_name=str(demo_export), train_file="x.csv", split_method="stratified"),
-                        EsmLocTrainingArguments(output_dir=str(tmp_path / "out")))
+    with pytest.raises(ValueError, match="brings its own splits: drop --train_file, --split_method"):
+        DataArguments(dataset_name=str(demo_export), train_file="x.csv", split_method="stratified")
     with pytest.raises(InputError, match="config 'deeploc': ValueError: BuilderConfig 'deeploc' not found"):
         load_splits(DataArguments(dataset_name=str(demo_export), dataset_config="deeploc"), seed=0)
     misnamed = tmp_path / "misnamed"  # binary labels under the name of the multi-label config
@@ -460,6 +452,7 @@ def download_through(mirror, tmp_path: Path, env: dict) -> Path:
     return download
 
 
+@pytest.mark.slow
 def test_round_trip_through_a_mirror_server_without_esmloc(pushed, demo_csv, mirror, workdir, tmp_path):
     """A fresh process without esmloc, HF_ENDPOINT at the mirror: snapshot_download, then load_dataset on the
     downloaded folder and on the repository id."""
@@ -474,8 +467,9 @@ def test_round_trip_through_a_mirror_server_without_esmloc(pushed, demo_csv, mir
     assert_same_dataset(from_repo["configs"]["mitochondrion"], expected, same_major=True)
 
 
-@pytest.mark.skipif(DATASETS_MAJOR >= 4, reason="train.py runs on the datasets esmloc installs (3.x); this rerun "
-                    "only checks the loading")
+@pytest.mark.slow
+@pytest.mark.skipif(DATASETS_MAJOR >= 4, reason=f"{OTHER_DATASETS_MAJOR}: train.py runs on the datasets esmloc "
+                    "installs (3.x); this rerun only checks the loading")
 def test_train_from_the_downloaded_folder_and_from_the_mirror(pushed, demo_csv, mirror, workdir, tmp_path):
     train_env = clean_env(tmp_path, HF_ENDPOINT=mirror.url)
     download = download_through(mirror, tmp_path, train_env)

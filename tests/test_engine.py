@@ -316,9 +316,14 @@ def generic_ids(tokenizer, sequences):
 def test_tokenizer_fast_path_gives_the_generic_ids(kwargs):
     tokenizer = EsmLocTokenizer(**kwargs)
     assert tokenizer._residue_fast_path() is not None
-    sequences = SEQUENCES + ["", " mk ta\ny ", "MKJJ", "MK*", "MK..--XBUZO", "<cls>MK<eos>", "mk<unk>aa",
+    sequences = SEQUENCES + [" mk ta\ny ", "MK*", "mkXBUZO*", "mk<mask>aa",
                              "".join(random.Random(2).choice("LAGVSERTIDPKQNFYMHWCXBUZO") for _ in range(3000))]
     assert tokenizer(sequences)["input_ids"] == generic_ids(tokenizer, sequences)
+    for not_a_protein in ("", " * ", "MKJJ", "MK*A", "MK..--XBUZO", "<cls>MK<eos>", "mk<unk>aa"):  # both paths refuse
+        with pytest.raises(ValueError, match="empty sequence|not a residue"):
+            tokenizer(not_a_protein)
+        with pytest.raises(ValueError, match="empty sequence|not a residue"):
+            generic_ids(tokenizer, [not_a_protein])
 
 
 def test_tokenizer_fast_path_steps_aside_for_added_residue_tokens():

@@ -27,7 +27,7 @@ from esmloc.evaluation import (
     plot_curves,
 )
 from esmloc import task
-from esmloc.metrics.esmloc_metrics import key_name
+from esmloc.metrics.esmloc_metrics import MITOCHONDRION, key_name
 from esmloc.predictions import write_predictions_csv
 
 from conftest import run_offline
@@ -361,6 +361,7 @@ def test_task_rules():
     # the metric module keeps its own copy of the key rule (it is loaded from its file): both agree
     for name in ("Cell membrane", "Lysosome/Vacuole", "Endoplasmic reticulum", "Mitochondrion"):
         assert task.metric_key(name) == key_name(name)
+    assert MITOCHONDRION == task.POSITIVE_LABEL  # and the location it features
 
 
 def assert_png(path, min_bytes=10_000):

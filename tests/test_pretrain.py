@@ -15,19 +15,21 @@ import pytest
 import torch
 from transformers import DataCollatorForTokenClassification
 
-from esmloc import pretrain
+from esmloc import mlm
+from esmloc.commands import pretrain
 from esmloc.sequences import DataValidationError
 from tokenization_esmloc import EsmLocTokenizer
 
-from conftest import REPO, run_offline, run_processes, write_deeploc_layout_csv
-from test_train import distributed_failure, loopback_only_namespace, train_env
+from conftest import (
+    REPO, distributed_failure, loopback_only_namespace, run_offline, run_processes, train_env, write_deeploc_layout_csv,
+)
 
 
-PRETRAIN = [sys.executable, "-m", "esmloc.pretrain"]
+PRETRAIN = [sys.executable, "-m", "esmloc.commands.pretrain"]
 QUICK = ["--from_scratch", "tiny", "--max_residues", "60", "--learning_rate", "3e-3", "--validation_fraction", "0.1",
          "--disable_tqdm", "true"]
 BATCH_8 = ["--per_device_train_batch_size", "8"]
-AMINO_ACIDS = pretrain.STANDARD_AMINO_ACIDS
+AMINO_ACIDS = mlm.STANDARD_AMINO_ACIDS
 
 
 def random_proteins(n: int, seed: int, low: int = 20, high: int = 150) -> list[str]:
@@ -44,7 +46,7 @@ def run_pretrain(args, cwd, env=None, expect_ok=True, timeout=600) -> subprocess
     result = subprocess.run(PRETRAIN + args, cwd=cwd, env=env or train_env(), capture_output=True, text=True,
                             timeout=timeout)
     if expect_ok and result.returncode != 0:
-        raise AssertionError(f"esmloc.pretrain failed ({result.returncode}):\n{result.stdout[-5000:]}\n"
+        raise AssertionError(f"esmloc-pretrain failed ({result.returncode}):\n{result.stdout[-5000:]}\n"
                              f"{result.stderr[-5000:]}")
     return result
 
@@ -56,7 +58,7 @@ def masked_batch(proteins, seed):
     """The proteins tokenised, masked (one generator each) and padded as the Trainer gets them; and the original
     tokens, padded."""
     tokenizer = EsmLocTokenizer()
-    masking = pretrain.ResidueMasking(tokenizer)
+    masking = mlm.ResidueMasking(tokenizer)
     examples = []
     for index, protein in enumerate(proteins):
         masked, labels = masking(tokenizer(protein)["input_ids"], np.random.default_rng([seed, index]))
@@ -106,10 +108,10 @@ def unmasked(example, tokenizer) -> str:
 
 def test_crops_and_masks_move_every_epoch_and_are_seeded():
     tokenizer = EsmLocTokenizer()
-    masking = pretrain.ResidueMasking(tokenizer)
+    masking = mlm.ResidueMasking(tokenizer)
     rng = random.Random(4)
     long_protein = "".join(rng.choice(AMINO_ACIDS) for _ in range(500))
-    dataset = pretrain.MaskedProteinDataset([long_protein, "MKVLAAGIVG"], tokenizer, masking, max_residues=50, seed=7)
+    dataset = mlm.MaskedProteinDataset([long_protein, "MKVLAAGIVG"], tokenizer, masking, max_residues=50, seed=7)
 
     def draw(epoch, index=0):
         dataset.set_epoch(epoch)
@@ -123,7 +125,7 @@ def test_crops_and_masks_move_every_epoch_and_are_seeded():
     assert len(set(windows)) == 6
     assert len({tuple(e["labels"]) for e in examples}) == 6
     assert draw(2) == examples[2]  # drawn again: the same window and masks (what a resumed run relies on)
-    other_seed = pretrain.MaskedProteinDataset([long_protein], tokenizer, masking, max_residues=50, seed=8)
+    other_seed = mlm.MaskedProteinDataset([long_protein], tokenizer, masking, max_residues=50, seed=8)
     assert unmasked(other_seed[0], tokenizer) != windows[0]
     assert unmasked(draw(0, index=1), tokenizer) == "MKVLAAGIVG"  # short: never cropped
     held_out = dataset.fixed()
@@ -134,23 +136,23 @@ def test_identical_sequences_are_read_once_and_bad_records_named(tmp_path):
     fasta = write_fasta(tmp_path / "a.fasta", ["MKVL", "MKVL", "acdef"])
     csv_file = tmp_path / "b.csv"
     csv_file.write_text("ACC,Sequence\nQ1,MKVL\nQ2,MWWW\n")
-    sequences, summary = pretrain.read_unique_sequences([fasta, csv_file])
+    sequences, summary = mlm.read_unique_sequences([fasta, csv_file])
     assert sequences == ["MKVL", "ACDEF", "MWWW"]
     assert summary["files"] == [{"file": "a.fasta", "records": 3, "new_sequences": 2},
                                 {"file": "b.csv", "records": 2, "new_sequences": 1}]
     bad = tmp_path / "bad.csv"
     bad.write_text("ACC,Sequence\nQ1,MKVL\nQ9,MK1L\n")
     with pytest.raises(DataValidationError, match=r"bad.csv, line 3, ACC 'Q9'.*'1' at position 3"):
-        pretrain.read_unique_sequences([bad])
+        mlm.read_unique_sequences([bad])
 
 
 def test_held_out_proteins_depend_on_sequences_and_seed_only():
     proteins = random_proteins(200, seed=5)
-    train, held = pretrain.hold_out(proteins, 0.1, None, seed=1)
+    train, held = mlm.hold_out(proteins, 0.1, None, seed=1)
     assert len(held) == 20 and not set(train) & set(held) and len(train) + len(held) == 200
-    assert pretrain.hold_out(list(reversed(proteins)), 0.1, None, seed=1)[1] == list(reversed(held))
-    assert set(pretrain.hold_out(proteins, 0.1, None, seed=2)[1]) != set(held)
-    assert len(pretrain.hold_out(proteins, 0.1, 5, seed=1)[1]) == 5
+    assert mlm.hold_out(list(reversed(proteins)), 0.1, None, seed=1)[1] == list(reversed(held))
+    assert set(mlm.hold_out(proteins, 0.1, None, seed=2)[1]) != set(held)
+    assert len(mlm.hold_out(proteins, 0.1, 5, seed=1)[1]) == 5
 
 
 # ------------------------------------------------------------------------------------------------ runs
@@ -171,6 +173,7 @@ def pretrained(proteins_fasta, tmp_path_factory):
     return output_dir, result.stdout + result.stderr
 
 
+@pytest.mark.slow
 def test_run_reports_held_out_perplexity_and_leaves_a_card(pretrained):
     output_dir, log = pretrained
     for name in ("config.json", "model.safetensors", "tokenizer_config.json", "vocab.txt", "tokenization_esmloc.py",
@@ -212,6 +215,7 @@ print(json.dumps({{"difference": (states_mlm - states_loc).abs().max().item(), "
 """
 
 
+@pytest.mark.slow
 def test_saved_model_loads_offline_through_every_route(pretrained, tmp_path, elsewhere):
     output_dir, _ = pretrained
     loaded = run_offline(LOAD_THREE_WAYS.format(path=str(output_dir)), elsewhere, tmp_path)
@@ -236,6 +240,7 @@ def test_saved_model_loads_offline_through_every_route(pretrained, tmp_path, els
     assert json.loads((out / "config.json").read_text())["esm_name_or_path"] == str(output_dir)
 
 
+@pytest.mark.slow
 def test_rerun_with_other_data_or_settings_refuses(proteins_fasta, tmp_path, monkeypatch, capsys):
     output_dir = tmp_path / "out"
     args = ["--output_dir", str(output_dir), "--max_steps", "6", "--save_steps", "3", "--eval_steps", "3", *QUICK, *BATCH_8]
@@ -263,6 +268,7 @@ def test_rerun_with_other_data_or_settings_refuses(proteins_fasta, tmp_path, mon
     assert (output_dir / "model.safetensors").read_bytes() == weights
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_and_ends_where_an_uninterrupted_one_does(proteins_fasta, tmp_path):
     args = ["--train_files", str(proteins_fasta), "--max_steps", "60", "--save_steps", "10", "--eval_steps", "30",
             "--logging_steps", "10", "--save_total_limit", "3", "--per_device_train_batch_size", "4", *QUICK]
@@ -304,10 +310,11 @@ def test_killed_run_resumes_and_ends_where_an_uninterrupted_one_does(proteins_fa
     assert before[0]["initial_eval_perplexity"] == before[1]["initial_eval_perplexity"]  # written once, kept
 
 
+@pytest.mark.slow
 def test_two_process_run_produces_one_model(proteins_fasta, tmp_path, elsewhere):
     command = loopback_only_namespace() + [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1",
                                            "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-                                           "--master_port", "29500", "-m", "esmloc.pretrain"]
+                                           "--master_port", "29500", "-m", "esmloc.commands.pretrain"]
     output_dir = tmp_path / "out"
     result = run_processes(
         command + ["--train_files", str(proteins_fasta), "--output_dir", str(output_dir), "--use_cpu",
@@ -356,6 +363,7 @@ def test_benchmark_refuses_to_pretrain_on_held_out_partitions(accuracy, tmp_path
         accuracy.check_no_held_out(leaky, held_out, [3, 4])
 
 
+@pytest.mark.slow
 def test_benchmark_pretrain_mode_smoke(tmp_path):
     data_file = write_deeploc_layout_csv(tmp_path / "deeploc.csv", n_rows=300, seed=11)
     output_dir = tmp_path / "results"
@@ -364,7 +372,7 @@ def test_benchmark_pretrain_mode_smoke(tmp_path):
                              str(data_file), "--output_dir", str(output_dir), "--setups", "pretrain_frozen"],
                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
-    assert "python -m esmloc.pretrain --from_scratch tiny" in result.stdout
+    assert "python -m esmloc.commands.pretrain --from_scratch tiny" in result.stdout
     assert "none of partitions [3, 4] (checked)" in result.stdout
     row = "esmloc, ESM-2 `tiny` pretrained here (MLM on the training partitions), frozen"
     line = next(line for line in result.stdout.splitlines() if line.startswith(f"| {row} |"))

@@ -10,19 +10,14 @@ import pytest
 import yaml
 
 from esmloc import publish
+from esmloc.commands import push as push_command
 from esmloc.saving import save_model
 from esmloc.space import MODEL_LINE, app_source, space_files, write_space
 
-from conftest import REPO, tiny_model
-from test_publish import calls_named, hub  # noqa: F401 (hub: the stand-in HfApi fixture)
+from conftest import REPO, calls_named, front_matter, run_main, tiny_model
 
 
 MODEL_ID, SPACE_ID = "alice/esmloc-mito", "alice/esmloc-mito-demo"
-
-
-def front_matter(text: str) -> dict:
-    assert text.startswith("---\n")
-    return yaml.safe_load(text.split("---\n")[1])
 
 
 def test_app_is_the_top_level_template_with_the_model_filled_in():
@@ -36,7 +31,7 @@ def test_app_is_the_top_level_template_with_the_model_filled_in():
 def test_space_files_card_requirements_and_code():
     files = space_files(MODEL_ID, SPACE_ID)
     card = files["README.md"].decode()
-    meta = front_matter(card)
+    meta, _ = front_matter(card)
     assert meta["sdk"] == "gradio" and meta["app_file"] == "app.py" and meta["models"] == [MODEL_ID]
     assert meta["sdk_version"].split(".")[0] == "6"
     assert f"https://huggingface.co/{MODEL_ID}" in card
@@ -44,10 +39,11 @@ def test_space_files_card_requirements_and_code():
     assert any(line.startswith("gradio") for line in requirements)
     assert any(line.startswith("transformers") for line in requirements)
     assert not any("selenium" in line or "pytest" in line for line in requirements)  # the test extra stays out
-    for name in ("esmloc/webapp.py", "esmloc/predict.py", "esmloc/engine.py", "esmloc/explain.py",
+    for name in ("esmloc/webapp.py", "esmloc/loading.py", "esmloc/engine.py", "esmloc/explain.py",
                  "modeling_esmloc.py", "configuration_esmloc.py", "tokenization_esmloc.py"):
         assert files[name] == (REPO / name).read_bytes(), name
     assert "esmloc/space_app.py" not in files and not any("__pycache__" in name for name in files)
+    assert not any(name.startswith("esmloc/commands/") for name in files)  # the app needs no command
 
 
 def test_the_written_space_runs_its_app_from_its_own_files(tmp_path):
@@ -69,7 +65,7 @@ def test_the_written_space_runs_its_app_from_its_own_files(tmp_path):
 def test_push_with_space_pushes_the_model_then_its_space_and_the_card_links_it(tmp_path, hub, capsys):
     output_dir = save_model(tiny_model(), tmp_path / "run")
     publish.write_model_card(output_dir)
-    publish.main([str(output_dir), "--hub_model_id", MODEL_ID, "--space", SPACE_ID])
+    assert push_command.main([str(output_dir), "--hub_model_id", MODEL_ID, "--space", SPACE_ID]) == 0
 
     creates = calls_named(hub, "create_repo")
     assert [(call["repo_id"], call["repo_type"]) for call in creates] == [(MODEL_ID, "model"), (SPACE_ID, "space")]
@@ -84,8 +80,9 @@ def test_push_with_space_pushes_the_model_then_its_space_and_the_card_links_it(t
     assert "spaces/" not in (output_dir / "README.md").read_text()  # the local card is left as it was
 
 
-def test_a_bad_space_id_is_refused_before_anything_is_pushed(tmp_path, hub):
+def test_a_bad_space_id_is_refused_before_anything_is_pushed(tmp_path, hub, capsys):
     output_dir = save_model(tiny_model(), tmp_path / "run")
-    with pytest.raises(SystemExit, match="--space must be a full Space id"):
-        publish.main([str(output_dir), "--hub_model_id", MODEL_ID, "--space", "no-namespace"])
+    status, _, err = run_main(push_command.main, [output_dir, "--hub_model_id", MODEL_ID, "--space", "no-namespace"],
+                              capsys)
+    assert status == 2 and "--space must be a full Space id" in err
     assert hub.calls == []

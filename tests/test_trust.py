@@ -20,10 +20,9 @@ from configuration_esmloc import ESM2_ARCHITECTURES
 from esmloc.demo import demo_rows, write_demo_csv
 from esmloc.engine import Engine
 from esmloc.saving import save_model, tokenizer_for
-from esmloc.predict import main as predict_main
+from esmloc.commands.predict import main as predict_main
 
-from conftest import PROTEINS, REPO, tiny_model, write_deeploc_layout_csv
-from test_train import QUICK, TRAIN, run_train, train_env
+from conftest import PROTEINS, QUICK, REPO, TRAIN, run_train, tiny_model, train_env, write_deeploc_layout_csv
 
 
 def run(args, cwd, env=None) -> subprocess.CompletedProcess:
@@ -238,14 +237,14 @@ def test_a_directory_that_is_not_an_esmloc_model_gets_one_message(kind, expected
      "truncated": lambda: _truncated(path, model_dir), "no_tokenizer": lambda: _without_tokenizer(path, model_dir)}[kind]()
     fasta = write_fasta(tmp_path / "p.fasta", [("P1", PROTEINS[0])])
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run([sys.executable, "-m", "esmloc.predict", str(path), str(fasta), "-o",
+    result = subprocess.run([sys.executable, "-m", "esmloc.commands.predict", str(path), str(fasta), "-o",
                              str(tmp_path / "o.csv")], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2
     assert expected in result.stderr and str(path) in result.stderr
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) <= 3
     assert not (tmp_path / "o.csv").exists()
 
-    push = subprocess.run([sys.executable, "-m", "esmloc.publish", str(path), "--hub_model_id", "alice/x",
+    push = subprocess.run([sys.executable, "-m", "esmloc.commands.push", str(path), "--hub_model_id", "alice/x",
                            "--hub_endpoint", "http://127.0.0.1:9"], env=env, capture_output=True, text=True,
                           timeout=300)
     assert push.returncode != 0 and "Traceback" not in push.stderr and expected in push.stderr

@@ -13,9 +13,14 @@ Output, one row per input record, in input order:
   classes the most probable label is predicted;
 - multi-label models: ACC, probability_<label> for every label, predicted_labels (the labels at or above their
   thresholds, joined with ";"; empty for none).
-The decision threshold is, in this order: --threshold; the threshold tuned for MCC on the validation split of the
-training run (`test_threshold_tuned`, per label `test_threshold_<label>_tuned`, from MODEL_DIR/test_results.json);
-0.5. The log (stderr) says which one was used.
+The decision threshold is, in this order: --threshold; the model's own, tuned for MCC on the validation split of the
+training run and stored in its config.json (`decision_thresholds`, what the pipeline applies too); for models saved
+before the config held it, the tuned keys of MODEL_DIR/test_results.json (`test_threshold_tuned`, per label
+`test_threshold_<label>_tuned`); 0.5 (`esmloc.task.decision_thresholds`). The log (stderr) says which one was used.
+
+Long proteins (longer than the model's window, `max_residues`) are cropped or embedded whole in overlapping windows,
+as the model's config says (`long_proteins`, saved with the model); `--long_proteins` / `--window_overlap` choose
+otherwise, with a warning (the model was trained and evaluated with its own rule). The log says how many there are.
 
 Streaming: records are read and predicted in chunks of --chunk_size (batched within a chunk by the engine)
 and written as they come, so memory does not grow with the input; the progress bar moves with every batch.
@@ -36,9 +41,7 @@ reported at the end.
 
 import argparse
 import csv
-import json
 import logging
-import os
 import sys
 import time
 from array import array
@@ -46,14 +49,14 @@ from collections import Counter
 from itertools import islice
 from pathlib import Path
 
-import numpy as np
-import torch
 from tqdm.auto import tqdm
 
 from esmloc import cli, jobs, loading, task
-from esmloc.cli import InputError
-from esmloc.sequences import read_sequences
-from esmloc.engine import PRECISIONS, Engine
+from esmloc.task import decision_thresholds
+from esmloc.errors import InputError
+from esmloc.sequences import crop_note, read_sequences
+from esmloc.engine import Engine
+from esmloc.digests import tensors_digest
 from esmloc.files import atomic_file
 from esmloc.jobs import id_digest, repeated_digests
 from esmloc.predictions import PredictionsWriter, columns
@@ -61,95 +64,46 @@ from esmloc.predictions import PredictionsWriter, columns
 
 logger = logging.getLogger("esmloc.predict")
 
-RESULTS_FILE = "test_results.json"
-
-
-def file_job_parser(prog: str, description: str, model: str, model_help: str, writes: str) -> argparse.ArgumentParser:
-    """The command line both file tools share: MODEL INPUT -o OUTPUT (esmloc-predict, esmloc-embed)."""
-    parser = argparse.ArgumentParser(prog=prog, description=description)
-    parser.add_argument(model, help=model_help)
-    parser.add_argument("input", help="FASTA (.fasta/.fa/.faa/.fas/.fsa[.gz]) or CSV/TSV with ACC and Sequence")
-    parser.add_argument("-o", "--output", required=True, help=f"the {writes} to write")
-    return parser
-
 
 def parse_arguments(argv=None) -> argparse.Namespace:
-    parser = file_job_parser(
+    parser = cli.file_job_parser(
         "esmloc-predict",
         "Predict subcellular localisation for every protein of a FASTA or CSV file with a saved esmloc model; writes "
         "a CSV (ACC, probability per label, predicted label).",
         "model_dir", "a model directory saved by train.py", "CSV")
-    parser.add_argument("--threshold", type=float, default=None,
-                        help="decision threshold for the positive label (every label for multi-label models); "
-                             "default: the tuned one from MODEL_DIR/test_results.json, else 0.5")
+    parser.add_argument("--threshold", type=cli.probability, default=None,
+                        help="decision threshold for the positive label (every label for multi-label models), in "
+                             "[0, 1]; default: the model's own (decision_thresholds in config.json), else 0.5")
     parser.add_argument("--resumable", action="store_true",
                         help="with one process too: write resumable parts beside the output, as several processes "
                              "do (see Large jobs)")
-    return parse_run_arguments(parser, argv, "predicted and written")
-
-
-def parse_run_arguments(parser: argparse.ArgumentParser, argv, done: str) -> argparse.Namespace:
-    """Adds the options of how the engine and large jobs run (shared by esmloc-predict and esmloc-embed), parses
-    `argv` and checks them."""
-    parser.add_argument("--max_tokens_per_batch", "--batch", type=int, default=None,
-                        help="token budget per batch (proteins x longest); default 2048 on CPU, 65536 on CUDA")
-    parser.add_argument("--chunk_size", type=int, default=4096,
-                        help=f"records read, {done} at a time (default 4096)")
-    parser.add_argument("--device", default=None,
-                        help="cpu, cuda, cuda:1, ... (default: cuda if available; the process's own GPU under "
-                             "torchrun / accelerate launch)")
-    parser.add_argument("--precision", default="auto", choices=PRECISIONS,
-                        help="auto: per device (esmloc.engine.AUTO_PRECISION: fp32 on CPU, bf16 or fp16 autocast on "
-                             "CUDA); int8: dynamic int8 linear layers on CPU (README, Speed: its measured cost)")
-    parser.add_argument("--no_progress", action="store_true",
-                        help="no progress bar (default: a bar when stderr is a terminal)")
     parser.add_argument("--explain", metavar="DIR", default=None,
                         help="also write per-residue explanations into DIR: explanations.csv (occlusion scores, and "
                              "attention-pooling weights, for every residue) and a PNG per protein for the first "
-                             "--explain_plots (esmloc.explain; a second pass, one forward pass per residue)")
+                             "--explain_plots (esmloc.explain; a second pass: occlusion windows centred on every "
+                             "residue of proteins up to ~220 residues, every few residues beyond, at most ~48 "
+                             "forward passes of a 1,022-residue protein each; the CSV says each protein's window and "
+                             "stride)")
     parser.add_argument("--explain_plots", type=int, default=10, help="proteins drawn by --explain (default 10)")
-    parser.add_argument("--part_size", type=int, default=None,
-                        help="records per resumable part (large jobs: several processes or --resumable); default "
-                             "about 1/1024 of the input, between 16 and 4096")
+    cli.add_engine_options(parser, "predicted and written")
     args = parser.parse_args(argv)
-    if args.chunk_size < 1:
-        parser.error("--chunk_size must be positive")
-    if args.part_size is not None and args.part_size < 1:
-        parser.error("--part_size must be positive")
+    if args.explain_plots < 0:
+        parser.error(f"argument --explain_plots: must not be negative, got {args.explain_plots}")
     return args
 
 
-def check_output_path(output, inputs) -> None:
-    """Refuses an output path that is one of the input files (also through links or another spelling): the
-    predictions would replace the proteins they come from."""
-    output = Path(output)
-    for path in inputs:
-        path = Path(path)
-        same = output.resolve() == path.resolve() or (output.exists() and path.exists() and os.path.samefile(output, path))
-        if same:
-            raise InputError(f"-o {output} is the input file {path}: refusing to overwrite it; choose another output path")
-
-
-def decision_thresholds(model_dir, config, override: float | None) -> tuple[np.ndarray | None, str]:
-    """Per-label thresholds (None for a multi-class model, which predicts the most probable label) and where they
-    came from."""
-    names, multi_label = task.label_names(config), task.is_multi_label(config)
-    if not multi_label and len(names) != 2:
-        return None, "none (multi-class: the most probable label)"
-    count = len(names) if multi_label else 1
-    if override is not None:
-        return np.full(count, override), f"{override} (--threshold)"
-    results_path = Path(model_dir) / RESULTS_FILE
-    if results_path.is_file():
-        results = json.loads(results_path.read_text())
-        keys = task.tuned_threshold_keys(names, multi_label)
-        if all(isinstance(results.get(key), (int, float)) for key in keys):
-            values = np.asarray([float(results[key]) for key in keys])
-            shown = ", ".join(f"{name}={value:.4g}" for name, value in zip(names if multi_label else [names[1]],
-                                                                            values))
-            return values, f"{shown} (tuned on validation, {', '.join(keys[:2])}{' ...' if len(keys) > 2 else ''} " \
-                           f"from {results_path})"
-    return np.full(count, 0.5), f"0.5 (default: no tuned threshold in {results_path})"
+def check_paths(args) -> list[Path]:
+    """The checks every process makes alike before any work: the input exists and is a file, the model directory is
+    a complete esmloc model, and no output replaces an input or a model file or lands where it cannot be written."""
+    input_path = Path(args.input)
+    if not input_path.is_file():
+        raise InputError(f"{input_path}: {'is a directory, not a file' if input_path.is_dir() else 'no such file'}")
+    loading.check_model_dir(args.model_dir)
+    inputs = [input_path, *Path(args.model_dir).glob("*")]
+    cli.check_output_file(args.output, inputs)
+    if args.explain:
+        cli.check_output_dir(args.explain, "--explain")
+    return inputs
 
 
 def batched(iterable, size: int):
@@ -159,16 +113,18 @@ def batched(iterable, size: int):
         yield chunk
 
 
-def survey(path) -> tuple[int, int, set[int]]:
-    """Reads every record once (raising DataValidationError at the first bad one): the number of records and of
-    residues, and the digests of the record IDs that occur more than once. IDs are kept as 8-byte digests, not
-    strings, so that memory stays small on proteome-sized files (two IDs share a digest with odds of about
-    1 in 10^9 among a million IDs: at worst a repeated ID is reported that is not)."""
-    digests, residues = array("Q"), 0
+def survey(path, max_residues: int) -> tuple[int, int, int, set[int]]:
+    """Reads every record once (raising DataValidationError at the first bad one): the number of records, of
+    residues and of records longer than `max_residues` (cropped), and the digests of the record IDs that occur more
+    than once. IDs are kept as 8-byte digests, not strings, so that memory stays small on proteome-sized files (two
+    IDs share a digest with odds of about 1 in 10^9 among a million IDs: at worst a repeated ID is reported that is
+    not)."""
+    digests, residues, cropped = array("Q"), 0, 0
     for record in read_sequences(path):
         digests.append(id_digest(record.acc))
         residues += len(record.sequence)
-    return len(digests), residues, repeated_digests(digests)
+        cropped += len(record.sequence) > max_residues
+    return len(digests), residues, cropped, repeated_digests(digests)
 
 
 def predict_file(model, tokenizer, input_path, output_path, thresholds, chunk_size: int = 4096,
@@ -197,27 +153,25 @@ def predict_file(model, tokenizer, input_path, output_path, thresholds, chunk_si
 def predict(argv=None) -> int:
     args = parse_arguments(argv)
     state = jobs.distributed_state()
-    cli.setup_logging(logging.INFO if state.is_main_process else logging.WARNING)
     if state.num_processes > 1 or args.resumable:
         return predict_in_parts(args, state)
     input_path = Path(args.input)
-    if not input_path.is_file():
-        raise InputError(f"{input_path}: no such file")
-    check_output_path(args.output, [input_path, *Path(args.model_dir).glob("*")])
+    check_paths(args)
+    device = cli.choose_device(args.device)
     started = time.perf_counter()
-    total, residues, repeated_ids = survey(input_path)
+    config = loading.read_config(args.model_dir)
+    total, residues, cropped, repeated_ids = survey(input_path, config["max_residues"])
     if repeated_ids:
         logger.warning("%s: %d record ID(s) occur more than once; each record gets its own row, in input order "
                        "(listed at the end)", input_path, len(repeated_ids))
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model, tokenizer = loading.load_model_dir(args.model_dir, device)
+    model, tokenizer = load(args, device)
+    note_cropped(cropped, total, model.config)
     thresholds, source = decision_thresholds(args.model_dir, model.config, args.threshold)
     logger.info("%s: %d proteins (%d residues); model %s (%s pooling); decision threshold: %s", input_path, total,
                 residues, args.model_dir, model.config.pooling, source)
     written, repeated = predict_file(model, tokenizer, input_path, args.output, thresholds, chunk_size=args.chunk_size,
                                      max_tokens_per_batch=args.max_tokens_per_batch, device=device,
-                                     precision=args.precision,
-                                     progress=not args.no_progress and cli.progress_bars_wanted(), total=total,
+                                     precision=args.precision, progress=cli.show_progress(args), total=total,
                                      repeated_ids=repeated_ids)
     if repeated:
         shown = ", ".join(f"{acc} (x{count})" for acc, count in repeated.most_common(10))
@@ -227,41 +181,60 @@ def predict(argv=None) -> int:
         from esmloc.explain import explain_records
 
         path = explain_records(model, tokenizer, read_sequences(input_path), args.explain, plots=args.explain_plots,
-                               progress=not args.no_progress and cli.progress_bars_wanted(), total=total,
-                               device=device, precision=args.precision, max_tokens_per_batch=args.max_tokens_per_batch)
+                               progress=cli.show_progress(args), total=total, device=device,
+                               precision=args.precision, max_tokens_per_batch=args.max_tokens_per_batch)
         logger.info("Wrote per-residue explanations to %s", path)
     return 0
+
+
+def load(args, device):
+    """The model and tokenizer of MODEL_DIR, with the long-protein rule of --long_proteins / --window_overlap when
+    given (a warning when it is not the one the model was trained and evaluated with)."""
+    model, tokenizer = loading.load_model_dir(args.model_dir, device)
+    saved = (model.config.long_proteins, model.config.window_overlap)
+    tokenizer = loading.with_long_proteins(model, args.long_proteins, args.window_overlap) or tokenizer
+    if (model.config.long_proteins, model.config.window_overlap) != saved:
+        logger.warning("%s was trained and evaluated with long_proteins=%s (window_overlap %s); predicting with %s "
+                       "(window_overlap %s), as asked", args.model_dir, *saved, model.config.long_proteins,
+                       model.config.window_overlap)
+    return model, tokenizer
+
+
+def note_cropped(cropped: int, total: int, config) -> None:
+    """Says once per run how many proteins are longer than the model's window, and so cropped (or windowed)."""
+    message = crop_note(cropped, total, config.max_residues, config.crop, config.long_proteins,
+                        config.window_overlap)
+    if message:
+        logger.warning("%s", message)
 
 
 def predict_in_parts(args, state) -> int:
     """The large-job path (`esmloc.jobs`): this process's share of the input, resumable parts, one merged output."""
     started = time.perf_counter()
     input_path = Path(args.input)
-    job = jobs.PartsJob("esmloc-predict", input_path, args.output, (".csv",), max_residues=0,
+    with jobs.same_everywhere(state):
+        check_paths(args)
+        config = loading.read_config(args.model_dir)
+        device = cli.choose_device(args.device, state)
+    job = jobs.PartsJob("esmloc-predict", input_path, args.output, (".csv",), max_residues=config["max_residues"],
                         part_size=args.part_size, chunk_size=args.chunk_size, state=state)
-    with job.same_everywhere():
-        if not input_path.is_file():
-            raise InputError(f"{input_path}: no such file")
-        check_output_path(args.output, [input_path, *Path(args.model_dir).glob("*")])
-        loading.check_model_dir(args.model_dir)
-        job.max_residues = loading.read_config(args.model_dir).get("max_residues", 1022)
     plan = job.plan()
     job.validate()
-    device = torch.device(args.device) if args.device else state.device
-    model, tokenizer = loading.load_model_dir(args.model_dir, device)
+    model, tokenizer = load(args, device)
     config = model.config
+    note_cropped(plan.cropped, plan.records, config)
     thresholds, source = decision_thresholds(args.model_dir, config, args.threshold)
     engine = Engine(model, tokenizer, max_tokens_per_batch=args.max_tokens_per_batch, device=device,
                     precision=args.precision, progress=False)
     logger.info("%s: %d proteins in %d parts of %d, %d process(es); model %s (%s pooling); decision threshold: %s",
                 input_path, plan.records, plan.parts, plan.part_size, job.processes, args.model_dir, config.pooling,
                 source)
-    job.prepare(lambda: {"model_weights": jobs.tensors_digest(model), "model_config": jobs.model_config(config),
+    job.prepare(lambda: {"model_weights": tensors_digest(model), "model_config": jobs.model_config(config),
                          "thresholds": None if thresholds is None else [float(t) for t in thresholds],
                          "precision": engine.precision_name})
     names, multi_label = task.label_names(config), task.is_multi_label(config)
     pending = job.pending_parts()
-    progress = not args.no_progress and cli.progress_bars_wanted()
+    progress = cli.show_progress(args)
     with tqdm(total=sum(job.part_records(part) for part in pending), unit="protein", disable=not progress,
               desc=f"Predicting ({job.rank + 1}/{job.processes})", position=job.rank) as bar:
         for window in job.windows():

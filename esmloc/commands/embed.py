@@ -6,7 +6,9 @@
 
 MODEL_OR_ESM_CHECKPOINT is an esmloc model directory (saved by train.py) or a stock ESM-2 checkpoint: a local
 directory or a hub id (`EsmModel` or `EsmForMaskedLM` layout). Sequences are normalised and cropped as the model
-says (a stock checkpoint: 1022 residues, middle crop, the esmloc default), exactly as for prediction.
+says (a stock checkpoint: 1022 residues, middle crop, the esmloc default), exactly as for prediction; with
+`--long_proteins windows` (or a model saved with that rule) a longer protein is embedded whole, in overlapping windows
+(`--window_overlap`), and its per-residue states cover every residue.
 
 Output: a Parquet file (pyarrow, written in row groups as the parts are merged), one row per input record, in input
 order, duplicates included:
@@ -39,41 +41,34 @@ one process.
 import argparse
 import json
 import logging
-import os
-import shutil
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
-from safetensors import safe_open
 from safetensors.numpy import save as safetensors_bytes
 from tqdm.auto import tqdm
 
 from esmloc import cli, jobs, loading
-from esmloc.cache import backbone_fingerprint, sequence_key
-from esmloc.cli import InputError
+from esmloc.cache import backbone_fingerprint, long_protein_rule, sequence_key
+from esmloc.digests import tensors_digest
+from esmloc.embeddings import (
+    INDEX_FILE, POOLINGS, RESIDUE_DTYPES, SCHEMA_FIELDS, RepeatedSequences, choose_pooling, embedding_table,
+    merge_residues, pooled_features,
+)
 from esmloc.engine import Engine
-from esmloc.files import TEMPORARY_PREFIX, atomic_file
-from esmloc.predict import check_output_path, file_job_parser, parse_run_arguments
-from esmloc.saving import tokenizer_for
-from modeling_esmloc import EsmForLocalization
+from esmloc.errors import InputError
+from esmloc.files import atomic_file
+from esmloc.sequences import crop_note
 
 
 logger = logging.getLogger("esmloc.embed")
 
-POOLINGS = ("mean", "cls", "attention")
-RESIDUE_DTYPES = {"float16": np.float16, "float32": np.float32}
-INDEX_FILE = "index.json"
-SCHEMA_FIELDS = [("ACC", pa.string()), ("sequence_sha256", pa.string()), ("embedding", pa.list_(pa.float32()))]
-
 
 def parse_arguments(argv=None) -> argparse.Namespace:
-    parser = file_job_parser(
+    parser = cli.file_job_parser(
         "esmloc-embed",
         "Pooled (and optionally per-residue) ESM-2 embeddings of every protein of a FASTA or CSV file, from an esmloc "
         "model or a stock ESM-2 checkpoint; writes Parquet.",
@@ -83,139 +78,56 @@ def parse_arguments(argv=None) -> argparse.Namespace:
     parser.add_argument("--per_residue", default=None, metavar="DIR",
                         help="also write per-residue embeddings, as safetensors shards with an index.json, to DIR")
     parser.add_argument("--per_residue_dtype", choices=tuple(RESIDUE_DTYPES), default="float16")
-    return parse_run_arguments(parser, argv, "embedded and written")
-
-
-def load_model(name_or_path, device="cpu"):
-    """(model, tokenizer, kind): an esmloc model directory as saved, or a stock ESM-2 checkpoint wrapped by
-    `EsmForLocalization.from_esm` (its head unused) with the tokenizer that crops as its config says."""
-    if Path(name_or_path).is_dir() and loading.model_kind(name_or_path) == "esmloc":
-        model, tokenizer = loading.load_model_dir(name_or_path, device)
-        return model, tokenizer, "esmloc"
-    if str(name_or_path).startswith(("/", "./", "../", "~")) and not Path(name_or_path).expanduser().exists():
-        raise InputError(f"{name_or_path}: no such model directory")
-    try:
-        model = EsmForLocalization.from_esm(name_or_path)
-    except (OSError, ValueError) as error:
-        raise InputError(f"{name_or_path}: cannot load an ESM-2 checkpoint from it ({error})") from None
-    return model.to(device).eval(), tokenizer_for(model.config), "esm"
-
-
-def choose_pooling(requested, model, kind: str) -> str:
-    own = model.config.pooling if kind == "esmloc" else "mean"
-    pooling = requested or own
-    if pooling == "attention" and own != "attention":
-        raise InputError(f"--pooling attention needs an esmloc model trained with attention pooling; this model "
-                         f"pools by {own}")
-    return pooling
-
-
-def pooled_features(model, pooling: str):
-    """`function(lengths, hidden)` for `Engine.map_batches`: the pooled float32 vectors of a batch."""
-    def pool(lengths, hidden):
-        if pooling == "attention":
-            return model.pooler(*Engine.padded(hidden, lengths))[0].float()
-        return Engine.pool(hidden, lengths, pooling).float()
-    return pool
-
-
-def embedding_table(accs, keys, vectors: np.ndarray, missing=None) -> pa.Table:
-    """The output's rows: one vector per record (`vectors`, records x hidden); records flagged in `missing` (a part
-    file's repeats of earlier sequences, filled in by the merge) get a null embedding and no row of `vectors`."""
-    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-    present = np.ones(len(accs), dtype=bool) if missing is None else ~np.asarray(missing, dtype=bool)
-    offsets = np.concatenate([[0], np.cumsum(present * vectors.shape[1])]).astype(np.int32)
-    embedding = pa.ListArray.from_arrays(pa.array(offsets), pa.array(vectors.reshape(-1)),
-                                         mask=None if present.all() else pa.array(~present))
-    return pa.Table.from_arrays([pa.array(accs, pa.string()), pa.array(keys, pa.string()), embedding],
-                                schema=pa.schema(SCHEMA_FIELDS))
-
-
-class RepeatedSequences:
-    """During the merge: the vectors of the records whose sequence repeats later in the input (`plan.repeat_of`), kept
-    on disk in fixed-size slots of a scratch file (memory stays flat however many repeats there are), and filled
-    into the rows of the repeats (which the processes did not embed again)."""
-
-    def __init__(self, plan, path: Path, hidden_size: int):
-        self.plan, self.path, self.hidden_size = plan, path, hidden_size
-        self.originals = np.unique(plan.repeat_of)  # sorted record indices
-        self.slot_bytes = 64 + 4 * hidden_size  # the sequence key (hex) and the vector
-        self.handle = open(path, "w+b") if len(self.originals) else None
-
-    def fill(self, table: pa.Table, first_record: int) -> pa.Table:
-        """`table` (one part, starting at record `first_record`) with its repeats filled in; the vectors of its
-        originals are kept for later parts. A repeat whose sequence key differs from its original's (two sequences
-        with one 16-byte digest) stops the merge: no wrong vector is ever written."""
-        records = np.arange(first_record, first_record + table.num_rows)
-        originals = np.isin(records, self.originals, assume_unique=True)
-        repeats = np.isin(records, self.plan.repeats, assume_unique=True)
-        if not (originals.any() or repeats.any()):
-            return table
-        keys = table.column("sequence_sha256").to_pylist()
-        vectors = table.column("embedding").to_pylist()
-        for row in np.flatnonzero(originals):
-            slot = int(np.searchsorted(self.originals, records[row]))
-            data = keys[row].encode() + np.asarray(vectors[row], dtype=np.float32).tobytes()
-            os.pwrite(self.handle.fileno(), data, slot * self.slot_bytes)
-        for row in np.flatnonzero(repeats):
-            original = int(self.plan.repeat_of[np.searchsorted(self.plan.repeats, records[row])])
-            data = os.pread(self.handle.fileno(), self.slot_bytes,
-                            int(np.searchsorted(self.originals, original)) * self.slot_bytes)
-            if data[:64].decode() != keys[row]:
-                raise RuntimeError(f"record {records[row] + 1} was taken for a repeat of record {original + 1}, but "
-                                   "their sequences differ; nothing was written. Please report this.")
-            vectors[row] = np.frombuffer(data[64:], dtype=np.float32)
-        return embedding_table(table.column("ACC").to_pylist(), keys, np.asarray(vectors, dtype=np.float32))
-
-    def close(self):
-        if self.handle is not None:
-            self.handle.close()
-            self.path.unlink(missing_ok=True)
+    cli.add_engine_options(parser, "embedded and written")
+    return parser.parse_args(argv)
 
 
 def embed(argv=None) -> int:
     args = parse_arguments(argv)
     state = jobs.distributed_state()
-    cli.setup_logging(logging.INFO if state.is_main_process else logging.WARNING)
     started = time.perf_counter()
     input_path, output = Path(args.input), Path(args.output)
-    suffixes = (".parquet",) + ((".safetensors",) if args.per_residue else ())
-    job = jobs.PartsJob("esmloc-embed", input_path, output, suffixes, max_residues=0, part_size=args.part_size,
-                        chunk_size=args.chunk_size, state=state, with_repeats=True)
-    device = torch.device(args.device) if args.device else state.device
-    with job.same_everywhere():
+    with jobs.same_everywhere(state):
         if not input_path.is_file():
-            raise InputError(f"{input_path}: no such file")
+            raise InputError(f"{input_path}: {'is a directory, not a file' if input_path.is_dir() else 'no such file'}")
         model_files = list(Path(args.model).glob("*")) if Path(args.model).is_dir() else []
-        check_output_path(output, [input_path, *model_files])
+        cli.check_output_file(output, [input_path, *model_files])
         if args.per_residue:
-            check_output_path(args.per_residue, [input_path, output, *model_files])
-            residues_dir = Path(args.per_residue)
+            residues_dir = cli.check_output_dir(args.per_residue, "--per_residue")
+            if any(cli.same_file(residues_dir, path) for path in (input_path, output, *model_files)):
+                raise InputError(f"--per_residue {residues_dir} is an input or the output: choose another directory")
             if residues_dir.exists() and not (residues_dir / INDEX_FILE).is_file() and any(residues_dir.iterdir()):
                 raise InputError(f"--per_residue {residues_dir} exists and holds no {INDEX_FILE} of an earlier "
                                  "esmloc-embed run: refusing to replace it; choose another directory")
-        model, tokenizer, kind = load_model(args.model, device)
+        device = cli.choose_device(args.device, state)
+        model, tokenizer, kind = loading.load_model_or_backbone(args.model, device)
+        tokenizer = loading.with_long_proteins(model, args.long_proteins, args.window_overlap) or tokenizer
         pooling = choose_pooling(args.pooling, model, kind)
-    job.max_residues = tokenizer.max_residues
+    suffixes = (".parquet",) + ((".safetensors",) if args.per_residue else ())
+    job = jobs.PartsJob("esmloc-embed", input_path, output, suffixes, max_residues=tokenizer.max_residues,
+                        part_size=args.part_size, chunk_size=args.chunk_size, state=state, with_repeats=True)
     plan = job.plan()
     job.validate()
+    note = crop_note(plan.cropped, plan.records, tokenizer.max_residues, tokenizer.crop, tokenizer.long_proteins,
+                     tokenizer.window_overlap)
+    if note:
+        logger.warning("%s", note)
     engine = Engine(model, tokenizer, max_tokens_per_batch=args.max_tokens_per_batch, device=device,
                     precision=args.precision, progress=False)
     residue_dtype = RESIDUE_DTYPES[args.per_residue_dtype]
-    logger.info("%s: %d proteins in %d parts of %d, %d process(es); %s %s, %s pooling, %s, cropped to %d residues "
-                "(%s)", input_path, plan.records, plan.parts, plan.part_size, job.processes, kind, args.model,
-                pooling, engine.precision_name, tokenizer.max_residues, tokenizer.crop)
+    logger.info("%s: %d proteins in %d parts of %d, %d process(es); %s %s, %s pooling, %s, long proteins: %s",
+                input_path, plan.records, plan.parts, plan.part_size, job.processes, kind, args.model, pooling,
+                engine.precision_name, long_protein_rule(tokenizer))
     if len(plan.repeats):
         logger.info("%d record(s) repeat the sequence of an earlier record: embedded once, written for each",
                     len(plan.repeats))
     settings = {"backbone": None, "pooling": pooling, "precision": engine.precision_name,
-                "max_residues": tokenizer.max_residues, "crop": tokenizer.crop,
-                "per_residue_dtype": args.per_residue_dtype if args.per_residue else None}
+                **long_protein_rule(tokenizer), "per_residue_dtype": args.per_residue_dtype if args.per_residue else None}
 
     def fingerprint():
         settings["backbone"] = backbone_fingerprint(model.esm)
         if pooling == "attention":
-            settings["pooler"] = jobs.tensors_digest(model.pooler)
+            settings["pooler"] = tensors_digest(model.pooler)
         return settings
 
     job.prepare(fingerprint)
@@ -225,7 +137,7 @@ def embed(argv=None) -> int:
         residues = [x.float().cpu().numpy() for x in Engine.residues(hidden, lengths)] if args.per_residue else None
         return pool(lengths, hidden).cpu().numpy(), residues
 
-    progress = not args.no_progress and cli.progress_bars_wanted()
+    progress = cli.show_progress(args)
     with tqdm(total=sum(job.part_records(part) for part in job.pending_parts()), unit="protein",
               disable=not progress, desc=f"Embedding ({job.rank + 1}/{job.processes})", position=job.rank) as bar:
         for window in job.windows():
@@ -286,36 +198,6 @@ def embed(argv=None) -> int:
                     output, f" and per-residue states to {args.per_residue}" if args.per_residue else "",
                     time.perf_counter() - started, job.processes)
     return 0
-
-
-def merge_residues(job, parts, directory: Path, metadata: dict) -> None:
-    """Copies each part's safetensors shard into a new directory with an index (sequence key -> the first shard
-    holding it), which then replaces `directory` (the parts stay until the whole merge is done)."""
-    building = directory.with_name(f"{TEMPORARY_PREFIX}{uuid.uuid4().hex}-{directory.name}")
-    building.mkdir(parents=True)
-    weight_map = {}
-    try:
-        for part in parts:
-            name = f"residues-{part:06d}.safetensors"
-            with safe_open(job.part_path(part, ".safetensors"), "np") as handle:
-                for key in handle.keys():
-                    weight_map.setdefault(key, name)
-            shutil.copyfile(job.part_path(part, ".safetensors"), building / name)
-        (building / INDEX_FILE).write_text(json.dumps({"metadata": metadata, "weight_map": weight_map}, indent=1))
-        if directory.exists():
-            shutil.rmtree(directory)  # an earlier esmloc-embed output (checked before the run)
-        building.rename(directory)
-    finally:
-        if building.exists():
-            shutil.rmtree(building)
-
-
-def read_residues(directory, key: str) -> np.ndarray:
-    """One sequence's per-residue states (residues, hidden) from a `--per_residue` directory, by sequence_sha256."""
-    directory = Path(directory)
-    shard = json.loads((directory / INDEX_FILE).read_text())["weight_map"][key]
-    with safe_open(directory / shard, "np") as handle:
-        return handle.get_tensor(key)
 
 
 def main(argv=None) -> int:
