@@ -275,7 +275,7 @@ def main(argv=None):
                 quickest = min(timed.values())
                 # The smallest budget within 3% of the fastest: bigger batches then buy nothing but memory.
                 summary["recommended_cuda_budget"] = min(b for b, s in timed.items() if s <= 1.03 * quickest)
-        del model, variants, results  # the engines hold the model: free them before the next size
+        model = variants = results = None  # the engines hold the model: free them before the next size
         budget_variants = budget_results = None
         if device.type == "cuda":
             torch.cuda.empty_cache()
