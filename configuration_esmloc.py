@@ -1,5 +1,7 @@
 """EsmLoc model configuration: an ESM-2 backbone plus a subcellular-localisation head."""
 
+import copy
+
 from transformers import EsmConfig, PreTrainedConfig
 
 
@@ -9,6 +11,10 @@ POOLING_MODES = ("mean", "cls", "attention")
 CROP_STRATEGIES = ("middle", "n_terminal")
 DEFAULT_MAX_RESIDUES = 1022
 DEFAULT_CROP = "middle"
+# What happens to a protein longer than max_residues: "crop" (per `crop`) or "windows" (embedded whole, in overlapping
+# windows of max_residues residues whose states are combined; the rule itself: tokenization_esmloc.window_spans).
+LONG_PROTEIN_RULES = ("crop", "windows")
+DEFAULT_LONG_PROTEINS = "crop"
 
 # Local entries only: a model loaded from a hub repo and saved again would otherwise carry
 # `user/repo--module.Class` references that reach the network on every later load.
@@ -16,6 +22,15 @@ AUTO_MAP = {
     "AutoConfig": "configuration_esmloc.EsmLocConfig",
     "AutoModel": "modeling_esmloc.EsmForLocalization",
     "AutoModelForSequenceClassification": "modeling_esmloc.EsmForLocalization",
+}
+# The pipeline a saved model brings along (transformers reads `custom_pipelines` from config.json), so that
+# `pipeline("text-classification", model=DIR, trust_remote_code=True)` applies `decision_thresholds`. Local too.
+CUSTOM_PIPELINES = {
+    "text-classification": {
+        "impl": "modeling_esmloc.EsmLocClassificationPipeline",
+        "pt": ["AutoModelForSequenceClassification"],
+        "type": "text",
+    },
 }
 
 _ESM2_COMMON = {
@@ -47,6 +62,15 @@ ESM2_ARCHITECTURES = {
 }
 
 
+def window_overlap_for(max_residues: int, window_overlap: int | None = None) -> int:
+    """The least overlap of neighbouring windows, in residues: `window_overlap`, or by default a quarter of
+    `max_residues`; ValueError unless it lies in [0, max_residues)."""
+    overlap = max_residues // 4 if window_overlap is None else window_overlap
+    if not 0 <= overlap < max_residues:
+        raise ValueError(f"window_overlap must lie between 0 and max_residues - 1 = {max_residues - 1}, got {overlap}")
+    return overlap
+
+
 class EsmLocConfig(PreTrainedConfig):
     r"""
     Configuration of an [`EsmForLocalization`] model: an ESM-2 encoder whose per-residue states are pooled
@@ -68,12 +92,31 @@ class EsmLocConfig(PreTrainedConfig):
         crop (`str`, *optional*, defaults to `"middle"`):
             How a protein longer than `max_residues` is cropped: `"middle"` keeps the N- and C-terminal halves
             and drops the middle (as DeepLoc does); `"n_terminal"` keeps the start, where mitochondrial
-            targeting peptides sit.
+            targeting peptides sit. Used when `long_proteins="crop"`.
+        long_proteins (`str`, *optional*, defaults to `"crop"`):
+            What happens to a protein longer than `max_residues`: `"crop"` (per `crop`: the rest is not seen) or
+            `"windows"`: the whole protein is embedded in overlapping windows of `max_residues` residues (the first
+            at the N-terminus, the last at the C-terminus, evenly spaced, neighbours overlapping by at least
+            `window_overlap` residues: a stride of at most `max_residues - window_overlap`); each residue keeps its
+            state from the window in which it lies most central (windows are cut at the middle of each overlap), the
+            protein's `<cls>`/`<eos>` states are the mean of its windows' ones, and the whole protein is pooled as
+            `pooling` says. Proteins of at most `max_residues` residues are one window: exactly what `"crop"` gives.
+            See `tokenization_esmloc.window_spans`.
+        window_overlap (`int`, *optional*):
+            With `long_proteins="windows"`: the least overlap of neighbouring windows, in residues (0 to
+            `max_residues - 1`); default a quarter of `max_residues` (255 for 1022), which gives every residue at
+            least an eighth of a window of context on each side.
         class_weights (`list[float]`, *optional*):
             Loss weights, one per label: the cross-entropy `weight` for single-label problems, the BCE
             `pos_weight` for `problem_type="multi_label_classification"`.
         esm_name_or_path (`str`, *optional*):
             The ESM-2 checkpoint the backbone weights came from (a hub id or a local path), for the record.
+        decision_thresholds (`float` or `list[float]`, *optional*):
+            The decision rule's thresholds (train.py stores the ones tuned for MCC on validation): one number for a
+            binary model (label 1 is predicted when its probability is >= it), one per label for a multi-label
+            model (every label at or above its own is predicted), None for a multi-class model (the most probable
+            label). None means 0.5 for binary and multi-label models. Every path applies it: the pipeline,
+            `EsmForLocalization.predict_labels`, esmloc-predict and the demo.
 
     Labels use the standard `id2label` / `label2id` / `problem_type`; the default is the binary
     `{0: "Other", 1: "Mitochondrion"}`.
@@ -87,8 +130,11 @@ class EsmLocConfig(PreTrainedConfig):
     classifier_dropout: float = 0.1
     max_residues: int = DEFAULT_MAX_RESIDUES
     crop: str = DEFAULT_CROP
+    long_proteins: str = DEFAULT_LONG_PROTEINS
+    window_overlap: int | None = None
     class_weights: list[float] | None = None
     esm_name_or_path: str | None = None
+    decision_thresholds: float | list[float] | None = None
     # ESM-2's <pad> and <eos> ids, as the tokenizer has them; declared so that Trainer finds them here and does not
     # "align" the config with a warning at every run.
     pad_token_id: int | None = 1
@@ -97,6 +143,8 @@ class EsmLocConfig(PreTrainedConfig):
     def __post_init__(self, **kwargs):
         if self.esm_config is None:
             self.esm_config = dict(ESM2_ARCHITECTURES["esm2_t6_8M"])
+        if isinstance(self.esm_config, dict):  # transformers before sub_configs_defaults (5.17) leaves a dict as it is
+            self.esm_config = EsmConfig(**self.esm_config)
         if self.id2label is None and kwargs.get("num_labels", 2) == 2:
             self.id2label = {0: "Other", 1: "Mitochondrion"}
         if self.id2label is not None and self.label2id is None:
@@ -106,18 +154,48 @@ class EsmLocConfig(PreTrainedConfig):
             raise ValueError(f"pooling must be one of {POOLING_MODES}, got {self.pooling!r}")
         if self.crop not in CROP_STRATEGIES:
             raise ValueError(f"crop must be one of {CROP_STRATEGIES}, got {self.crop!r}")
+        if self.long_proteins not in LONG_PROTEIN_RULES:
+            raise ValueError(f"long_proteins must be one of {LONG_PROTEIN_RULES}, got {self.long_proteins!r}")
         if self.max_residues < 1 or self.max_residues + 2 > self.esm_config.max_position_embeddings:
             raise ValueError(
                 f"max_residues must be between 1 and {self.esm_config.max_position_embeddings - 2} "
                 f"(the backbone's max_position_embeddings minus <cls> and <eos>), got {self.max_residues}"
             )
+        window_overlap_for(self.max_residues, self.window_overlap)  # raises for an overlap the windows cannot have
         if self.class_weights is not None and len(self.class_weights) != self.num_labels:
             raise ValueError(f"class_weights has {len(self.class_weights)} entries for {self.num_labels} labels")
+        self.check_decision_thresholds()
         self.auto_map = dict(AUTO_MAP)
+        self.custom_pipelines = copy.deepcopy(CUSTOM_PIPELINES)  # transformers edits the entries it reads in place
+
+    def check_decision_thresholds(self):
+        """ValueError unless `decision_thresholds` fits the problem: one number for binary, one per label for
+        multi-label, None for multi-class; numbers between 0 and 1."""
+        thresholds, multi_label = self.decision_thresholds, self.problem_type == "multi_label_classification"
+        if thresholds is None:
+            return
+        if not multi_label and self.num_labels != 2:
+            raise ValueError(f"decision_thresholds must be None for a multi-class model (it predicts its most probable "
+                             f"label), got {thresholds!r}")
+        if multi_label:
+            wanted = f"a list of {self.num_labels} numbers between 0 and 1 for a multi-label model, one per label"
+        else:
+            wanted = "one number between 0 and 1 for a binary model, label 1's threshold"
+        listed = isinstance(thresholds, (list, tuple))
+        values = thresholds if listed else [thresholds]
+        if (listed != multi_label or len(values) != (self.num_labels if multi_label else 1)
+                or not all(isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 1
+                           for value in values)):
+            raise ValueError(f"decision_thresholds must be {wanted}, got {thresholds!r}")
+
+    def validate(self):
+        super().validate()
+        self.check_decision_thresholds()  # also at save time: train.py sets the tuned thresholds after __init__
 
     def to_dict(self):
         output = super().to_dict()
         output["auto_map"] = dict(AUTO_MAP)
+        output["custom_pipelines"] = copy.deepcopy(CUSTOM_PIPELINES)
         return output
 
     @property
@@ -128,4 +206,5 @@ class EsmLocConfig(PreTrainedConfig):
 EsmLocConfig.register_for_auto_class()
 
 
-__all__ = ["EsmLocConfig", "ESM2_ARCHITECTURES", "CROP_STRATEGIES", "DEFAULT_CROP", "DEFAULT_MAX_RESIDUES"]
+__all__ = ["EsmLocConfig", "CUSTOM_PIPELINES", "ESM2_ARCHITECTURES", "CROP_STRATEGIES", "DEFAULT_CROP",
+           "DEFAULT_MAX_RESIDUES", "LONG_PROTEIN_RULES", "DEFAULT_LONG_PROTEINS", "window_overlap_for"]

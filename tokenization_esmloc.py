@@ -1,4 +1,5 @@
-"""EsmLoc tokenizer: the ESM-2 tokenizer with protein normalisation and cropping on every path."""
+"""EsmLoc tokenizer: the ESM-2 tokenizer with protein normalisation and the long-protein rule (crop, or whole proteins
+for windows) on every path."""
 
 import re
 import tempfile
@@ -9,16 +10,36 @@ from transformers.models.esm.configuration_esm import get_default_vocab_list
 
 
 try:  # relative as remote code (transformers collects it; it ignores imports inside `try`), absolute as a module
-    from .configuration_esmloc import CROP_STRATEGIES, DEFAULT_CROP, DEFAULT_MAX_RESIDUES
+    from .configuration_esmloc import (
+        CROP_STRATEGIES, DEFAULT_CROP, DEFAULT_LONG_PROTEINS, DEFAULT_MAX_RESIDUES, LONG_PROTEIN_RULES,
+        window_overlap_for,
+    )
 except ImportError:
-    from configuration_esmloc import CROP_STRATEGIES, DEFAULT_CROP, DEFAULT_MAX_RESIDUES
+    from configuration_esmloc import (
+        CROP_STRATEGIES, DEFAULT_CROP, DEFAULT_LONG_PROTEINS, DEFAULT_MAX_RESIDUES, LONG_PROTEIN_RULES,
+        window_overlap_for,
+    )
 
 
 # The ESM-2 vocabulary (fair-esm's `Alphabet("ESM-1b")`, as in facebook/esm2_* `vocab.txt`), from transformers, so
 # that a tokenizer exists with no download.
 ESM2_VOCAB = tuple(get_default_vocab_list())
-_SPECIAL_TOKEN = re.compile(r"(<[^<>\s]+>)")
+# The residue letters of the vocabulary: the 20 amino acids and X, B, U, Z, O. `.` and `-` are alignment gaps, not
+# residues; `*` is a stop codon, stripped once at the end of a sequence.
+RESIDUES = "".join(token for token in ESM2_VOCAB if len(token) == 1 and token.isalpha())
+STOP_CODON = "*"
+_RESIDUE_RUN = re.compile(f"[{RESIDUES}]+")
+_NOT_A_RESIDUE = re.compile(f"[^{RESIDUES}]")
 _WHITESPACE = re.compile(r"\s+")
+
+
+class InvalidSequenceError(ValueError):
+    """A text that is not a protein sequence. `position`: the 1-based position (counted without whitespace) of the
+    first character that is not a residue; None for an empty sequence."""
+
+    def __init__(self, message: str, position: int | None = None):
+        super().__init__(message)
+        self.position = position
 
 
 def crop_sequence(sequence: str, max_residues: int = DEFAULT_MAX_RESIDUES, crop: str = DEFAULT_CROP) -> str:
@@ -38,26 +59,80 @@ def crop_sequence(sequence: str, max_residues: int = DEFAULT_MAX_RESIDUES, crop:
     raise ValueError(f"crop must be one of {CROP_STRATEGIES}, got {crop!r}")
 
 
-def normalize_sequence(text: str) -> str:
-    """Removes all whitespace and upper-cases residues; special tokens such as `<mask>` are kept as written."""
-    parts = _SPECIAL_TOKEN.split(_WHITESPACE.sub("", text))
-    return "".join(part if _SPECIAL_TOKEN.fullmatch(part) else part.upper() for part in parts)
+def window_spans(residues: int, max_residues: int = DEFAULT_MAX_RESIDUES, window_overlap: int | None = None
+                 ) -> list[tuple[int, int, int, int]]:
+    """The windows of a protein of `residues` residues under `long_proteins="windows"`, as `(start, end, keep_start,
+    keep_end)` residue positions (0-based, end exclusive): the window `[start, end)` is embedded (as `<cls>` window
+    `<eos>`) and supplies the states of the residues `[keep_start, keep_end)`; the kept ranges tile the protein.
+
+    A protein of at most `max_residues` residues is one window, itself. A longer one gets the fewest windows of exactly
+    `max_residues` residues whose neighbours overlap by at least `window_overlap` residues (default a quarter of
+    `max_residues`: `window_overlap_for`), the first at the N-terminus, the last at the C-terminus, the others evenly
+    spaced between them (a stride of at most `max_residues - window_overlap`). Each residue keeps the state of the
+    window in which it lies most central: neighbouring windows are cut at the middle of their overlap.
+    """
+    overlap = window_overlap_for(max_residues, window_overlap)
+    if residues <= max_residues:
+        return [(0, residues, 0, residues)]
+    steps = -(-(residues - max_residues) // (max_residues - overlap))  # ceil: gaps between the first and last start
+    starts = [step * (residues - max_residues) // steps for step in range(steps + 1)]
+    cuts = [0] + [(start + following + max_residues) // 2 for start, following in zip(starts, starts[1:])] + [residues]
+    return [(start, start + max_residues, cuts[i], cuts[i + 1]) for i, start in enumerate(starts)]
+
+
+def normalize_sequence(text: str, keep: tuple[str, ...] = ()) -> str:
+    """The one sequence rule, for every path from raw text to the model (the tokenizer, esmloc-predict, the data
+    builder, the demo): all whitespace removed, residues upper-cased, one trailing `*` (a stop codon) removed; then
+    the sequence must be non-empty and every character a residue of ESM-2 (`RESIDUES`), else
+    `InvalidSequenceError` (a `ValueError`) names the first bad character and its position.
+
+    `keep`: tokens allowed as written, e.g. the tokenizer's `("<mask>",)` for masked-language-model inputs.
+    """
+    if _RESIDUE_RUN.fullmatch(text):  # the common case: nothing to do
+        return text
+    text = _WHITESPACE.sub("", text)
+    parts = re.split("(" + "|".join(map(re.escape, keep)) + ")", text) if keep else [text]
+    parts[::2] = [part.upper() for part in parts[::2]]  # residues, between the kept tokens
+    if parts[-1].endswith(STOP_CODON):
+        parts[-1] = parts[-1][:-1]
+    if not any(parts):
+        raise InvalidSequenceError("empty sequence")
+    offset = 0
+    for index, part in enumerate(parts):
+        bad = _NOT_A_RESIDUE.search(part) if index % 2 == 0 else None
+        if bad:
+            position = offset + bad.start() + 1
+            raise InvalidSequenceError(
+                f"character {bad.group()!r} at position {position} is not a residue of the ESM-2 alphabet "
+                f"({RESIDUES})", position=position)
+        offset += len(part)
+    return "".join(parts)
 
 
 class EsmLocTokenizer(EsmTokenizer):
     """
-    An ESM-2 tokenizer that normalises each protein (whitespace removed, residues upper-cased; the stock
-    `EsmTokenizer` turns `"mktayiak"` into a single `<unk>`) and crops it to `max_residues` residues per `crop`
-    (see `crop_sequence`) before tokenising, so that the pipeline, the Trainer and a user's own call all feed the
-    model the same input; `normalize_and_crop` is that rule, public for whoever must know what the model sees (the
-    feature cache keys on it). `vocab_file=None` uses transformers' ESM-2 vocabulary.
+    An ESM-2 tokenizer that checks and normalises each protein by the one sequence rule (`normalize_sequence`:
+    whitespace removed, residues upper-cased, a trailing `*` stop codon removed; an empty sequence or a character
+    that is not a residue raises `InvalidSequenceError`, a `ValueError`, where the stock `EsmTokenizer` would turn it
+    into `<unk>` and let the model score it), then applies the long-protein rule before tokenising: with
+    `long_proteins="crop"` it crops a protein to `max_residues` residues per `crop` (see `crop_sequence`); with
+    `"windows"` it keeps the whole protein, which the model embeds in windows (`window_spans`, with `window_overlap`;
+    `EsmForLocalization` and esmloc's engine both window any protein longer than `max_residues`). So the pipeline,
+    the Trainer, esmloc-predict and a user's own call all feed the model the same input. The mask token (`<mask>`)
+    may be written as it is, for masked-language-model use; no other token may. `normalize_and_crop` is that rule,
+    public for whoever must know what the model sees (the feature cache keys on it). `vocab_file=None` uses
+    transformers' ESM-2 vocabulary. `INPUT_SETTINGS` name the settings a model's config and its tokenizer must share.
     """
+
+    INPUT_SETTINGS = ("max_residues", "crop", "long_proteins", "window_overlap")
 
     def __init__(
         self,
         vocab_file=None,
         max_residues=DEFAULT_MAX_RESIDUES,
         crop=DEFAULT_CROP,
+        long_proteins=DEFAULT_LONG_PROTEINS,
+        window_overlap=None,
         unk_token="<unk>",
         cls_token="<cls>",
         pad_token="<pad>",
@@ -67,9 +142,15 @@ class EsmLocTokenizer(EsmTokenizer):
     ):
         if crop not in CROP_STRATEGIES:
             raise ValueError(f"crop must be one of {CROP_STRATEGIES}, got {crop!r}")
+        if long_proteins not in LONG_PROTEIN_RULES:
+            raise ValueError(f"long_proteins must be one of {LONG_PROTEIN_RULES}, got {long_proteins!r}")
+        window_overlap_for(max_residues, window_overlap)  # raises for an overlap the windows cannot have
         self.max_residues = max_residues
         self.crop = crop
-        kwargs.setdefault("model_max_length", max_residues + 2)
+        self.long_proteins = long_proteins
+        self.window_overlap = window_overlap
+        # With windows the model takes proteins of any length: no limit for transformers to warn about.
+        kwargs.setdefault("model_max_length", max_residues + 2 if long_proteins == "crop" else int(1e30))
         with tempfile.TemporaryDirectory() as folder:
             if vocab_file is None:  # EsmTokenizer reads its vocabulary from a file (as transformers' convert_esm.py)
                 vocab_file = Path(folder, "vocab.txt")
@@ -83,23 +164,36 @@ class EsmLocTokenizer(EsmTokenizer):
                 eos_token=eos_token,
                 max_residues=max_residues,
                 crop=crop,
+                long_proteins=long_proteins,
+                window_overlap=window_overlap,
                 **kwargs,
             )
 
     def normalize_and_crop(self, text: str) -> str:
-        """The residues the model sees of `text`: whitespace removed, residues upper-cased (`normalize_sequence`),
-        cropped to `max_residues` per `crop` (`crop_sequence`). Text with special tokens such as `<mask>` is not
-        cropped; it raises `ValueError` when it is longer than `max_residues`."""
-        text = normalize_sequence(text)
-        residues = _SPECIAL_TOKEN.split(text)
+        """The residues the model sees of `text`: checked and normalised (`normalize_sequence`; `InvalidSequenceError`
+        for what is not a protein), cropped to `max_residues` per `crop` (`crop_sequence`); with
+        `long_proteins="windows"` the whole protein (the model embeds it in `window_spans`). Text with `<mask>` is
+        not cropped; it raises `ValueError` when it is longer than `max_residues`."""
+        text = normalize_sequence(text, keep=(self.mask_token,))
+        if self.long_proteins == "windows":
+            return text
+        residues = text.split(self.mask_token)
         if len(residues) == 1:
             return crop_sequence(text, self.max_residues, self.crop)
-        if sum(len(part) for part in residues[::2]) + len(residues) // 2 > self.max_residues:
+        if sum(map(len, residues)) + len(residues) - 1 > self.max_residues:  # a <mask> is one residue
             raise ValueError(
-                f"cannot crop a sequence that contains special tokens to {self.max_residues} residues; "
-                "crop it before adding special tokens"
+                f"cannot crop a sequence that contains {self.mask_token} to {self.max_residues} residues; "
+                "crop it before masking"
             )
         return text
+
+    def window_spans(self, residues: int) -> list[tuple[int, int, int, int]]:
+        """The windows a protein of `residues` residues (as `normalize_and_crop` returns it) is embedded in:
+        `window_spans` with this tokenizer's settings; one window, the protein itself, under `long_proteins="crop"`
+        (the protein is cropped already)."""
+        if self.long_proteins == "crop":
+            return [(0, residues, 0, residues)]
+        return window_spans(residues, self.max_residues, self.window_overlap)
 
     def prepare_for_tokenization(self, text, is_split_into_words=False, **kwargs):
         return self.normalize_and_crop(text), kwargs
@@ -148,4 +242,5 @@ class EsmLocTokenizer(EsmTokenizer):
 EsmLocTokenizer.register_for_auto_class("AutoTokenizer")
 
 
-__all__ = ["EsmLocTokenizer", "crop_sequence", "normalize_sequence", "ESM2_VOCAB"]
+__all__ = ["EsmLocTokenizer", "InvalidSequenceError", "crop_sequence", "normalize_sequence", "window_spans", "ESM2_VOCAB",
+           "RESIDUES"]

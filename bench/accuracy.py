@@ -11,6 +11,8 @@
     python bench/accuracy.py --pretrain           # also pretrain a backbone here (esmloc-pretrain, masked language
                                                   # model on the training partitions only) and run the frozen and
                                                   # full rows from it
+    python bench/accuracy.py --long_proteins crop,windows --max_residues 1022 --setups scratch_frozen \
+        --share_feature_cache --multi_label       # long proteins cropped vs embedded whole in windows, side by side
 
 Setups (rows):
 
@@ -37,8 +39,17 @@ the `test_results.json` it writes. The baseline's threshold is tuned for MCC on 
 from `esmloc.evaluation`, the same code train.py uses. Wall time is measured per setup (for train.py: the whole
 process, including start-up, dataset loading, tokenisation, training, prediction and plots).
 
-Proteins are cropped to their N-terminal `--max_residues` (default 256) for the esmloc setups, to fit the CPU
+Proteins are cropped to their N-terminal `--max_residues` (default 128) for the esmloc setups, to fit the CPU
 budget; the baseline sees the N-terminal 50 residues and the whole protein's composition.
+
+Long proteins, crop vs windows (`--long_proteins crop,windows`): every esmloc setup runs twice, once cropping the
+proteins longer than `--max_residues` (the rows above) and once embedding them whole in windows (`train.py
+--long_proteins windows`, rows "..., long proteins in windows"). A table under each task compares them: the test
+metrics of all proteins and of the proteins longer than the window (at the thresholds tuned on validation over all
+proteins, from each run's test_predictions.csv), the seconds the backbone spent embedding (read from each run's log;
+frozen rows) and the tokens the backbone runs under each rule (counted, all splits). With `--share_feature_cache` the
+frozen rows of one setup and rule share a feature cache across tasks (the backbone is the same), so only the first
+task embeds: its runs carry the embedding time, the later tasks' none.
 
 Results go to `--output_dir` (default bench/results/accuracy/, git-ignored): accuracy.md (the tables),
 accuracy.json (every metric of every run), runs/<setup>/fold<t>/ (each train.py output directory).
@@ -49,6 +60,7 @@ import json
 import math
 import os
 import platform
+import re
 import shutil
 import statistics
 import subprocess
@@ -243,6 +255,8 @@ class Budget:
     # core (measured here: 100 training steps of `tiny` took 6 s with one thread, 109 s with two, while another
     # process kept one core busy).
     threads: int = 1
+    # The long-protein rules each esmloc setup runs with (comma-separated: crop, windows; see "Long proteins" above).
+    long_proteins: str = "crop"
     # --pretrain: the masked-language-model pretraining of the backbone (esmloc.commands.pretrain); it stops at
     # pretrain_max_steps or after pretrain_minutes of training, whichever comes first.
     pretrain_architecture: str = "tiny"
@@ -270,6 +284,35 @@ def _num(value: float) -> str:
     return f"{value:g}"
 
 
+def long_protein_rules(budget: Budget) -> list[str]:
+    from configuration_esmloc import LONG_PROTEIN_RULES
+
+    rules = budget.long_proteins.split(",")
+    if not rules or set(rules) - set(LONG_PROTEIN_RULES) or len(set(rules)) < len(rules):
+        raise SystemExit(f"--long_proteins: a comma-separated subset of {', '.join(LONG_PROTEIN_RULES)}, got "
+                         f"{budget.long_proteins!r}")
+    return rules
+
+
+WINDOWS_SUFFIX = "_windows"
+
+
+def with_long_protein_rules(setups: list[Setup], rules: list[str]) -> list[Setup]:
+    """Each esmloc setup once per rule: the crop rows as they are, the windows rows keyed `<key>_windows` and run
+    with `--long_proteins windows` (baselines once)."""
+    out = []
+    for setup in setups:
+        if setup.kind != "esmloc":
+            out.append(setup)
+            continue
+        if "crop" in rules:
+            out.append(setup)
+        if "windows" in rules:
+            out.append(Setup(setup.key + WINDOWS_SUFFIX, setup.name + ", long proteins in windows", setup.kind,
+                             setup.args + ["--long_proteins", "windows"], run=setup.run, note=setup.note))
+    return out
+
+
 def make_setups(budget: Budget, pretrained: str | None, pretrain: bool = False) -> list[Setup]:
     scratch = ["--from_scratch", budget.architecture, "--pooling", budget.pooling]
     here = ["--model_name_or_path", PRETRAINED_HERE, "--pooling", budget.pooling]
@@ -285,7 +328,7 @@ def make_setups(budget: Budget, pretrained: str | None, pretrain: bool = False) 
               here + ["--finetune", "full", "--num_train_epochs", _num(budget.epochs),
                       "--learning_rate", _num(budget.learning_rate_full)]),
     ] if pretrain else []
-    return [
+    return with_long_protein_rules([
         Setup("baseline_composition", "Baseline: logistic regression, N-terminal AA + dipeptide composition",
               "baseline"),
         Setup("baseline_physchem", "Baseline: the same + N-terminal charge, hydropathy, hydrophobic moment",
@@ -305,7 +348,7 @@ def make_setups(budget: Budget, pretrained: str | None, pretrain: bool = False) 
                "--finetune", "lora", "--num_train_epochs", _num(budget.pretrained_epochs)],
               run=pretrained is not None, note="not run here: no pretrained weights offline"),
         *pretrained_here,
-    ]
+    ], long_protein_rules(budget))
 
 
 def folds(all_folds: bool, test_partition: int) -> list[tuple[int, int]]:
@@ -315,10 +358,12 @@ def folds(all_folds: bool, test_partition: int) -> list[tuple[int, int]]:
 
 
 def train_command(setup: Setup, budget: Budget, data_file: Path, validation: int, test: int, output_dir: Path,
-                  multi_label: bool) -> list[str]:
-    # Frozen runs embed every split once and cache the features: a fresh cache per run, so that the wall time
-    # includes the embedding (a random backbone built from the same seed would otherwise hit an earlier run's cache).
-    cache = ["--feature_cache_dir", str(output_dir / "feature_cache")] if "frozen" in setup.args else []
+                  multi_label: bool, feature_cache: Path | None = None) -> list[str]:
+    # Frozen runs embed every split once and cache the features: a fresh cache per run (unless `feature_cache` names
+    # a shared one), so that the wall time includes the embedding (a random backbone built from the same seed would
+    # otherwise hit an earlier run's cache).
+    cache = ["--feature_cache_dir", str(feature_cache or output_dir / "feature_cache")] if "frozen" in setup.args \
+        else []
     return [
         sys.executable, str(REPO / "train.py"), *setup.args,
         "--dataset_config", "deeploc" if multi_label else "mitochondrion",
@@ -465,6 +510,91 @@ def pretraining_table(infos: dict[str, dict]) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Long proteins: crop vs windows
+# ----------------------------------------------------------------------------------------------------------------
+
+SHARED_CACHE = "feature_cache"  # under --output_dir, with --share_feature_cache
+_EMBEDDED = re.compile(r"(\d+) embedded now in ([0-9.]+) s")  # esmloc.cache.cached_features' log line
+
+
+def embedding_seconds(log: Path) -> float | None:
+    """The seconds a train.py run spent embedding proteins into its feature cache (the sum over the splits it
+    embedded, from its log: 0 when everything came from the cache); None for a run without a feature cache."""
+    found = _EMBEDDED.findall(log.read_text()) if log.is_file() else []
+    return sum(float(seconds) for count, seconds in found if int(count)) if found else None
+
+
+def long_protein_metrics(run_dir: Path, test_split, multi_label: bool, window: int) -> dict:
+    """A run's test metrics on the proteins longer than `window` residues, at the run's thresholds tuned on
+    validation (over all proteins): `long_<metric>_tuned` for the metrics of the decisions (MCC, F1, ...; not the
+    AUCs), and `long_proteins` (how many there are). The decisions are read from the run's test_predictions.csv,
+    where they were taken on the unrounded probabilities, and scored by the same metric module as the run's own."""
+    import pandas as pd
+
+    from esmloc import evaluation, task
+    from esmloc.data import LOCATIONS
+
+    predictions = pd.read_csv(run_dir / "test_predictions.csv", keep_default_na=False, dtype=str)
+    if predictions["ACC"].tolist() != list(test_split["ACC"]):
+        raise RuntimeError(f"{run_dir / 'test_predictions.csv'}: not the test split's proteins in order")
+    long = np.array([len(sequence) > window for sequence in test_split["Sequence"]])
+
+    def chosen(column, names):  # 1 where a protein's cell names the label (a ";"-joined list for multi-label)
+        return np.array([[name in cell.split(task.LABEL_SEPARATOR) for name in names]
+                         for cell in predictions[column]], dtype=np.int64)
+
+    if multi_label:
+        names = list(LOCATIONS)
+        decided, truth = chosen("predicted_labels", names), chosen("true_labels", names)
+        metrics = evaluation.classification_metrics(decided[long], truth[long], [0.5] * len(names), names)
+    else:
+        decided, truth = chosen("predicted_label", [task.POSITIVE_LABEL])[:, 0], chosen("true_label",
+                                                                                       [task.POSITIVE_LABEL])[:, 0]
+        metrics = evaluation.classification_metrics(decided[long], truth[long], 0.5)
+    return {"long_proteins": int(long.sum()),
+            **{f"long_{key}_tuned": value for key, value in metrics.items()
+               if isinstance(value, (int, float)) and "auc" not in key and "threshold" not in key}}
+
+
+def backbone_tokens(sequences, window: int, rule: str) -> int:
+    """The tokens the backbone runs for `sequences` under a long-protein rule: each window's residues + 2."""
+    from tokenization_esmloc import window_spans
+
+    if rule == "crop":
+        return sum(min(len(sequence), window) + 2 for sequence in sequences)
+    return sum(end - start + 2 for sequence in sequences for start, end, _, _ in window_spans(len(sequence), window))
+
+
+def long_proteins_section(rows: list[dict], multi_label: bool, window: int, dataset) -> str:
+    """The crop-vs-windows table of one task: each esmloc setup's crop and windows rows side by side."""
+    columns = ([("macro MCC", "macro_mcc_tuned"), ("Mito MCC", "mcc_Mitochondrion_tuned")] if multi_label
+               else [("Mito MCC", "mcc_tuned")])
+    header = ["Setup", "long proteins"] + [f"{name}, {part}" for name, _ in columns
+                                           for part in ("all", f"> {window} residues")] + ["embedding time"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
+    long_count = None
+    for row in rows:
+        if not row["runs"] or not row["key"].startswith(("scratch", "pretrain")):
+            continue
+        rule = "windows" if row["key"].endswith(WINDOWS_SUFFIX) else "crop"
+        cells = []
+        for _, key in columns:
+            cells += [_summary([run["metrics"].get(f"test_{key}") for run in row["runs"]]),
+                      _summary([run["metrics"].get(f"long_{key}") for run in row["runs"]])]
+        seconds = [run["metrics"].get("embedding_s") for run in row["runs"]]
+        cells.append(_wall(seconds) if all(value is not None for value in seconds) else "— (no feature cache)")
+        long_count = row["runs"][0]["metrics"].get("long_proteins", long_count)
+        name = row["name"].removesuffix(", long proteins in windows")
+        lines.append("| " + " | ".join([name, rule, *cells]) + " |")
+    sequences = [sequence for split in dataset.values() for sequence in split["Sequence"]]
+    crop, windows = (backbone_tokens(sequences, window, rule) for rule in ("crop", "windows"))
+    return (f"Long proteins, crop vs windows ({long_count} of {len(dataset['test'])} test proteins are longer than "
+            f"the {window}-residue window; their metrics use the thresholds tuned on all validation proteins):\n\n"
+            + "\n".join(lines) + f"\n\nTokens the backbone runs over all {len(sequences)} proteins: crop "
+            f"{crop:,}, windows {windows:,} ({windows / crop:.2f}x).")
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Tables
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -492,7 +622,7 @@ def _wall(seconds: list[float]) -> str:
 
 def describe(budget: Budget, tasks: list[str]) -> str:
     """What the rows ran, in words, for the report under the tables."""
-    from configuration_esmloc import ESM2_ARCHITECTURES
+    from configuration_esmloc import ESM2_ARCHITECTURES, window_overlap_for
 
     architecture = ESM2_ARCHITECTURES[budget.architecture]
     crops = " and ".join(f"{budget.multi_label_crop if task == 'deeploc' else budget.crop} crop for {task}"
@@ -500,7 +630,11 @@ def describe(budget: Budget, tasks: list[str]) -> str:
     return (
         f"esmloc rows: `train.py`, ESM-2 `{budget.architecture}` architecture ({architecture['num_hidden_layers']} "
         f"layers, hidden size {architecture['hidden_size']}) with random initial weights, proteins cropped to "
-        f"{budget.max_residues} residues ({crops}), {budget.pooling} pooling, batch {budget.batch_size}, "
+        f"{budget.max_residues} residues ({crops})"
+        + (f" or, in the rows 'long proteins in windows', embedded whole in windows of {budget.max_residues} residues "
+           f"overlapping by at least {window_overlap_for(budget.max_residues)} (train.py --long_proteins windows)"
+           if "windows" in long_protein_rules(budget) else "")
+        + f", {budget.pooling} pooling, batch {budget.batch_size}, "
         f"warmup {_num(budget.warmup)}, seed {budget.seed}, OMP_NUM_THREADS={budget.threads}; full: "
         f"{_num(budget.epochs)} epochs at learning rate {_num(budget.learning_rate_full)}; frozen: "
         f"{_num(budget.frozen_epochs)} epochs at {_num(budget.learning_rate_frozen)}; the checkpoint with the best "
@@ -569,6 +703,9 @@ def parse_arguments(argv=None) -> argparse.Namespace:
                         "--pretrain_* budget) and run the frozen and full rows from it")
     parser.add_argument("--pretrained", default=None, metavar="ID_OR_PATH",
                         help=f"run the pretrained rows from this ESM-2 checkpoint (e.g. {PUBLISHED_PRETRAINED})")
+    parser.add_argument("--share_feature_cache", action="store_true",
+                        help="frozen rows share one feature cache per setup across tasks (emptied at the start), so "
+                        "only the first task embeds (see Long proteins)")
     parser.add_argument("--smoke", action="store_true",
                         help="a few hundred proteins (sampled per partition), tiny models, 1 epoch, 64 residues")
     parser.add_argument("--smoke_rows_per_partition", type=int, default=60)
@@ -592,13 +729,16 @@ def main(argv=None) -> dict:
     if args.smoke:
         data_file = smoke_data(data_file, output_dir / "smoke_data.csv", args.smoke_rows_per_partition, budget.seed)
 
+    if args.share_feature_cache and (output_dir / SHARED_CACHE).exists():
+        shutil.rmtree(output_dir / SHARED_CACHE)  # fresh: the first task's runs embed, and carry the embedding time
     setups = make_setups(budget, args.pretrained, pretrain=args.pretrain)
     if args.setups:
         chosen = args.setups.split(",")
         unknown = set(chosen) - {setup.key for setup in setups}
         if unknown:
             raise SystemExit(f"--setups: unknown {sorted(unknown)}")
-        setups = [setup for setup in setups if setup.key in chosen]
+        # A setup's windows row comes with it (see with_long_protein_rules).
+        setups = [setup for setup in setups if setup.key.removesuffix(WINDOWS_SUFFIX) in chosen or setup.key in chosen]
 
     started = time.perf_counter()
     tasks = ["mitochondrion", "deeploc"] if args.multi_label else args.tasks.split(",")
@@ -663,7 +803,10 @@ def run_task(task: str, setups: list[Setup], budget: Budget, args, data_file: Pa
                 row["commands"].append(f"(in-process) {details}")
                 print(f"- {setup.name}: {wall:.0f} s, C={details['C']}, {details['n_features']} features")
             else:
-                command = train_command(setup, budget, data_file, validation, test, run_dir, multi_label)
+                shared_cache = (output_dir / SHARED_CACHE / setup.key / f"fold{test}") if args.share_feature_cache \
+                    else None
+                command = train_command(setup, budget, data_file, validation, test, run_dir, multi_label,
+                                        shared_cache)
                 if fold in pretraining:
                     command = [pretraining[fold]["backbone"] if part == PRETRAINED_HERE else part for part in command]
                 line = shell_line(command)
@@ -673,6 +816,8 @@ def run_task(task: str, setups: list[Setup], budget: Budget, args, data_file: Pa
                     continue
                 print(f"- {setup.name}:\n    {line}", flush=True)
                 report, wall = run_train(command, run_dir, budget.threads)
+                report = {**report, **long_protein_metrics(run_dir, dataset["test"], multi_label, budget.max_residues),
+                          "embedding_s": embedding_seconds(run_dir.parent / f"{run_dir.name}.log")}
                 print(f"    {wall:.0f} s", flush=True)
             metrics = {key: value for key, value in report.items() if isinstance(value, (int, float)) or value is None}
             row["runs"].append({"test_partition": test, "validation_partition": validation, "wall_s": wall,
@@ -684,6 +829,8 @@ def run_task(task: str, setups: list[Setup], budget: Budget, args, data_file: Pa
     fold_text = "all 5 folds, mean ± sd" if args.all_folds else f"test partition {args.test_partition}"
     sizes = next(iter(split_sizes.values()))
     table = markdown_table(rows, MULTI_COLUMNS if multi_label else BINARY_COLUMNS, published=not multi_label)
+    if "windows" in long_protein_rules(budget):
+        table += "\n\n" + long_proteins_section(rows, multi_label, budget.max_residues, dataset)
     if needs_backbone:
         table += (f"\n\nThe pretrained-here backbone: ESM-2 `{budget.pretrain_architecture}`"
                   + (f" ({budget.pretrain_config_overrides})" if budget.pretrain_config_overrides else "")

@@ -16,6 +16,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
 DEEPLOC_CSV = REPO.parent / "shared" / "data" / "deeploc2_swissprot.csv"
+# What `bench/gpu_check.py --prepare` writes for the GPU machine, which gets the working tree but not ../shared and
+# has no network: wheels of the packages it lacks, and the DeepLoc proteins' lengths (no sequences). Ignored by git
+# (bench/results/), carried to the machine by name.
+GPU_CARRY = REPO / "bench" / "results" / "gpu_carry"
+DEEPLOC_LENGTHS = GPU_CARRY / "deeploc_lengths.txt"
+AMINO_ACIDS = "ACDEFGHIKLMNPQRSTVWY"
 
 
 def load_proteins(path: Path, n: int, smoke: bool) -> tuple[list[dict], str]:
@@ -37,6 +43,57 @@ def load_proteins(path: Path, n: int, smoke: bool) -> tuple[list[dict], str]:
 
     rows = [{key: str(value) for key, value in row.items()} for row in demo_rows(n_rows=n, seed=0)]
     return rows, f"{len(rows)} synthetic proteins (esmloc.demo; {path} not found)"
+
+
+def csv_lengths(path: Path) -> list[int]:
+    """The length of every protein of a CSV with a Sequence column, in file order."""
+    with open(path, newline="") as handle:
+        return [len(row["Sequence"]) for row in csv.DictReader(handle)]
+
+
+def deeploc_lengths(smoke: bool = False) -> tuple[list[int], str]:
+    """The residue counts of the DeepLoc 2.0 proteins in file order: from DEEPLOC_LENGTHS (the GPU machine's copy),
+    else from the CSV. Without either: smoke runs take the lengths of esmloc.demo's proteins; real runs stop with a
+    message (status 0, so that a fresh checkout does not fail)."""
+    if DEEPLOC_LENGTHS.is_file():
+        return [int(line) for line in DEEPLOC_LENGTHS.read_text().split()], f"the DeepLoc 2.0 lengths in {DEEPLOC_LENGTHS}"
+    if DEEPLOC_CSV.is_file():
+        return csv_lengths(DEEPLOC_CSV), f"the DeepLoc 2.0 lengths of {DEEPLOC_CSV}"
+    if not smoke:
+        print(f"SKIPPED: neither {DEEPLOC_LENGTHS} nor {DEEPLOC_CSV} found: run `python bench/gpu_check.py "
+              "--prepare` where ../shared/data/ is (see ../shared/data/README.md), or --smoke.")
+        sys.exit(0)
+    from esmloc.demo import demo_rows
+
+    return [len(row["Sequence"]) for row in demo_rows(n_rows=64, seed=0)], "the lengths of esmloc.demo's proteins"
+
+
+def random_proteins(lengths, max_residues: int = 1022, seed: int = 0) -> list[str]:
+    """Random amino-acid sequences of these lengths, cropped to `max_residues` (for random-weight speed runs, where
+    only the lengths matter)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    letters = np.frombuffer(AMINO_ACIDS.encode(), dtype=np.uint8)
+    return [letters[rng.integers(0, len(letters), min(int(length), max_residues))].tobytes().decode()
+            for length in lengths]
+
+
+def cuda_matmul_peak_tflops(dtype=torch.bfloat16, size: int = 8192, repeats: int = 10) -> float:
+    """The GPU's matmul throughput right now: (size x size) @ (size x size) on random data in `dtype`, median of
+    `repeats` timed with CUDA events after three warm-ups, 2 * size^3 FLOPs each."""
+    a, b = (torch.randn(size, size, device="cuda", dtype=dtype) for _ in range(2))
+    for _ in range(3):
+        torch.matmul(a, b)
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        torch.matmul(a, b)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1000)
+    return 2 * size**3 / statistics.median(times) / 1e12
 
 
 def median_seconds(function, repeats: int) -> float:

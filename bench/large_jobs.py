@@ -74,11 +74,14 @@ def launcher(processes: int) -> list[str]:
     if processes == 1:
         return []
     sys.path.insert(0, str(REPO / "tests"))
-    from test_train import loopback_only_namespace  # the store of torch.distributed then listens on lo only
+    from conftest import loopback_only_prefix  # the store of torch.distributed then listens on lo only
 
-    return loopback_only_namespace() + [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1",
-                                        "--nproc_per_node", str(processes), "--master_addr", "127.0.0.1",
-                                        "--master_port", "29500"]
+    prefix = loopback_only_prefix()
+    if prefix is None:
+        sys.exit("cannot create a loopback-only network namespace (unshare/ip): not starting a PyTorch rendezvous "
+                 "store that listens on all interfaces")
+    return prefix + [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node",
+                     str(processes), "--master_addr", "127.0.0.1", "--master_port", "29500"]
 
 
 def run(work: Path, model: Path, data: Path, output: Path, processes: int, threads: int | None) -> dict:

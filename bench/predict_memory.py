@@ -4,12 +4,18 @@
     python bench/predict_memory.py --smoke            # 2,000 and 20,000 (the test runs this)
     python bench/predict_memory.py --sizes 10000 200000 --tool embed       # esmloc-embed (resumable parts)
     python bench/predict_memory.py --sizes 10000 200000 --resumable        # esmloc-predict's large-job path
+    python bench/predict_memory.py --one_protein --sizes 4000 40000         # one protein of 4,000 / 40,000 residues
 
 Each size runs `python -m esmloc.commands.predict` in a process of its own on a FASTA file of synthetic proteins (50-150
 residues, deterministic) with a tiny random-weight model (the model's size does not change what grows with the input;
 a small one keeps the run short), and reports that process's peak resident set size (getrusage ru_maxrss). Streaming
 prediction must hold only a chunk of records at a time: the target is the larger run's peak within 5% of the
 smaller one's.
+
+With `--one_protein` the sizes are the residues of a single protein, predicted whole by a model saved with
+`long_proteins="windows"` (windows of 1022 residues): attention stays within a window and the windows run a token
+budget's worth at a time, so peak memory may grow with the protein's length (its residue states), never with its
+square (a 40,000-residue protein run whole would need 40,000^2 attention scores per head and layer, 6.4 GB in fp32).
 """
 
 import argparse
@@ -42,12 +48,18 @@ def write_fasta(path: Path, n: int, seed: int = 0) -> Path:
     return path
 
 
-def save_tiny_model(path: Path) -> Path:
+def write_one_protein(path: Path, residues: int, seed: int = 0) -> Path:
+    rng = random.Random(seed)
+    path.write_text(f">sp|L{residues:08d}|LONG\n{''.join(rng.choices('LAGVSERTIDPKQNFYMHWC', k=residues))}\n")
+    return path
+
+
+def save_tiny_model(path: Path, **config) -> Path:
     sys.path.insert(0, str(REPO / "tests"))
     from conftest import tiny_model  # the tests' tiny architecture
     from esmloc.saving import save_model
 
-    return save_model(tiny_model(max_residues=1022), path)
+    return save_model(tiny_model(max_residues=1022, **config), path)
 
 
 def measure(model_dir: Path, fasta: Path, output: Path, tool: str = "predict", extra=()) -> tuple[float, float]:
@@ -69,28 +81,33 @@ def main(argv=None):
     parser.add_argument("--smoke", action="store_true", help="2,000 and 20,000 proteins")
     parser.add_argument("--tool", choices=["predict", "embed"], default="predict")
     parser.add_argument("--resumable", action="store_true", help="esmloc-predict --resumable (the large-job path)")
+    parser.add_argument("--one_protein", action="store_true",
+                        help="sizes are the residues of one protein, predicted whole in windows")
     args = parser.parse_args(argv)
     sizes = [2_000, 20_000] if args.smoke else args.sizes
     print(f"command: {command_line()}")
     with tempfile.TemporaryDirectory() as work:
         work = Path(work)
-        model_dir = save_tiny_model(work / "model")
+        model_dir = save_tiny_model(work / "model", **({"long_proteins": "windows"} if args.one_protein else {}))
         rows = []
         for n in sizes:
-            fasta = write_fasta(work / f"proteins-{n}.fasta", n)
+            fasta = (write_one_protein if args.one_protein else write_fasta)(work / f"proteins-{n}.fasta", n)
             output = work / (f"predictions-{n}.csv" if args.tool == "predict" else f"embeddings-{n}.parquet")
             peak, seconds = measure(model_dir, fasta, output, args.tool, ["--resumable"] if args.resumable else [])
             rows.append([f"{n:,}", f"{peak:.1f}", f"{seconds:.1f}", f"{n / seconds:,.0f}"])
             fasta.unlink()
         growth = float(rows[1][1]) / float(rows[0][1]) - 1
-    result = table(["proteins", "process peak RSS (MiB)", "seconds", "proteins/s"], rows)
-    verdict = f"peak RSS growth from {sizes[0]:,} to {sizes[1]:,} proteins: {100 * growth:+.1f}% (target: within 5%)"
+    unit = "residues of one protein" if args.one_protein else "proteins"
+    result = table([unit, "process peak RSS (MiB)", "seconds", "residues/s" if args.one_protein else "proteins/s"], rows)
+    verdict = f"peak RSS growth from {sizes[0]:,} to {sizes[1]:,} {unit}: {100 * growth:+.1f}% (target: within 5%)"
     print(result)
     print(verdict)
     path = "predict --resumable" if args.resumable else args.tool
-    write_table(f"predict_memory-{path.replace(' --', '-')}",
-                f"Peak memory of esmloc-{path}, one single-thread process per size, tiny random-weight model, "
-                "synthetic proteins of 50-150 residues", f"{result}\n\n{verdict}", smoke=args.smoke)
+    name = f"predict_memory-{path.replace(' --', '-')}" + ("-one_protein" if args.one_protein else "")
+    what = ("one protein of each size predicted whole in windows" if args.one_protein
+            else "synthetic proteins of 50-150 residues")
+    write_table(name, f"Peak memory of esmloc-{path}, one single-thread process per size, tiny random-weight model, "
+                f"{what}", f"{result}\n\n{verdict}", smoke=args.smoke)
 
 
 if __name__ == "__main__":

@@ -14,17 +14,19 @@ so a split larger than memory still trains), and the attention pooler runs on th
 Cache layout (`FeatureCache`):
 
     <cache_dir>/                      default: $HF_HOME/esmloc/features (HF_HOME: ~/.cache/huggingface)
-      <fingerprint[:16]>-<kind>-r<max_residues>-<crop>-<precision>/
-        meta.json                     the full backbone fingerprint, kind, crop settings, precision, hidden size
+      <fingerprint[:16]>-<kind>-r<max_residues>-<rule>-<precision>/   rule: the crop (middle, n_terminal), or
+                                      windows<overlap> (long proteins embedded whole, in windows)
+        meta.json                     the full backbone fingerprint, kind, long-protein settings, precision, hidden size
         <shard>.npy                   features of a group of proteins: float32 (proteins, hidden) for mean / cls,
                                       float16 (residues of all proteins, hidden) for residues
-        <shard>.index.json            sha256 of each protein's normalised, cropped sequence -> its rows in <shard>.npy
+        <shard>.index.json            sha256 of each protein's normalised (cropped) sequence -> its rows in <shard>.npy
 
 - The directory name keys everything that changes a feature except the sequence: the backbone fingerprint
   (`backbone_fingerprint`: sha256 over the forward's version (`esmloc.varlen_esm.forward_fingerprint`: the
   padding-free path's FORWARD_VERSION and the transformers version whose modules it runs), the architecture and
-  every tensor of the backbone's state dict, the contact head excepted; about 0.1 s per 100 MB of weights), the feature kind, `max_residues` and `crop`, and the precision
-  the backbone ran in. A changed weight or setting therefore means a new directory, never stale features. Within a
+  every tensor of the backbone's state dict, the contact head excepted; about 0.1 s per 100 MB of weights), the feature
+  kind, the long-protein rule (`long_protein_rule`: `max_residues` and the crop, or the windows and their overlap),
+  and the precision the backbone ran in. A changed weight or setting therefore means a new directory, never stale features. Within a
   directory a protein is found by the sha256 of the sequence the backbone actually sees (normalised and cropped,
   `sequence_key`), so a changed sequence is a miss and identical proteins share one entry.
 - Writes are atomic: a shard's data and then its index are written to temporary files and renamed into place; a
@@ -54,6 +56,7 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from esmloc.files import TEMPORARY_PREFIX, atomic_file
 from esmloc.digests import update_with_tensors
+from configuration_esmloc import window_overlap_for
 from esmloc.varlen_esm import forward_fingerprint
 
 
@@ -95,25 +98,36 @@ def backbone_fingerprint(esm) -> str:
 
 def sequence_key(sequence: str, tokenizer) -> str:
     """sha256 (hex) of the sequence the backbone sees: `tokenizer.normalize_and_crop(sequence)` (an EsmLocTokenizer's
-    own rule, so a key can never drift from the tokenizer's input)."""
+    own rule, so a key can never drift from the tokenizer's input; the whole protein under windows)."""
     return hashlib.sha256(tokenizer.normalize_and_crop(sequence).encode()).hexdigest()
 
 
+def long_protein_rule(tokenizer) -> dict:
+    """What `tokenizer` (an `EsmLocTokenizer`) turns a long protein into, as the feature cache keys it: `max_residues`,
+    `long_proteins`, and the crop strategy (crop) or the windows' resolved overlap (windows)."""
+    rule = {"max_residues": tokenizer.max_residues, "long_proteins": tokenizer.long_proteins}
+    if tokenizer.long_proteins == "windows":
+        return {**rule, "window_overlap": window_overlap_for(tokenizer.max_residues, tokenizer.window_overlap)}
+    return {**rule, "crop": tokenizer.crop}
+
+
 class FeatureCache:
-    """One cache directory: the features of one backbone (by fingerprint), kind, crop setting (the `tokenizer`'s, an
-    `EsmLocTokenizer`) and precision."""
+    """One cache directory: the features of one backbone (by fingerprint), kind, long-protein rule (the
+    `tokenizer`'s, an `EsmLocTokenizer`: `long_protein_rule`) and precision."""
 
     def __init__(self, root, fingerprint: str, kind: str, tokenizer, precision: str, hidden_size: int):
         if kind not in POOLED_KINDS + ("residues",):
             raise ValueError(f"unknown feature kind {kind!r}")
         self.root = Path(root).expanduser()
         self.fingerprint, self.kind, self.tokenizer = fingerprint, kind, tokenizer
-        max_residues, crop = tokenizer.max_residues, tokenizer.crop
+        rule = long_protein_rule(tokenizer)
         self.precision, self.hidden_size = precision, hidden_size
         self.dtype = np.float16 if kind == "residues" else np.float32
-        self.path = self.root / f"{fingerprint[:16]}-{kind}-r{max_residues}-{crop}-{precision}"
+        # A cropping cache keeps the directory name it had before windows existed; windows name their overlap.
+        long_proteins = rule["crop"] if "crop" in rule else f"windows{rule['window_overlap']}"
+        self.path = self.root / f"{fingerprint[:16]}-{kind}-r{rule['max_residues']}-{long_proteins}-{precision}"
         self.meta = {"format": FORMAT_VERSION, "forward": forward_fingerprint(), "fingerprint": fingerprint,
-                     "kind": kind, "max_residues": max_residues, "crop": crop, "precision": precision, "hidden_size": hidden_size,
+                     "kind": kind, **rule, "precision": precision, "hidden_size": hidden_size,
                      "dtype": np.dtype(self.dtype).name}
         self._index: dict[str, tuple[str, int, int]] = {}
         self._seen_shards: set[str] = set()
@@ -256,9 +270,11 @@ def cached_features(engine, sequences: Sequence[str], kind: str, cache_dir=None,
                     fingerprint: str | None = None, **shard_options):
     """Features of `sequences` (see `FeatureCache.load`), embedding with `engine` only what the cache lacks."""
     cache = FeatureCache.for_engine(engine, kind, root=cache_dir, fingerprint=fingerprint)
+    started = time.perf_counter()
     stats = cache.ensure(engine, sequences, desc=desc, **shard_options)
-    logger.info("%s: %d proteins, %d cached, %d embedded now (%s)", desc, stats["proteins"], stats["hits"],
-                stats["computed"], cache.path)
+    # bench/accuracy.py reads the seconds from this line (the embedding time of a run).
+    logger.info("%s: %d proteins, %d cached, %d embedded now in %.1f s (%s)", desc, stats["proteins"], stats["hits"],
+                stats["computed"], time.perf_counter() - started, cache.path)
     return cache.load(sequences)
 
 

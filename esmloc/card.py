@@ -18,6 +18,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from huggingface_hub import constants as hub_constants
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
+from configuration_esmloc import window_overlap_for
 from esmloc import task
 
 
@@ -334,6 +335,22 @@ def _crop_text(crop: str | None) -> str:
         crop, f"crop strategy {crop!r}")
 
 
+def _long_proteins_texts(config: dict) -> tuple[str, str]:
+    """(the summary table's cell, the limitation) for the model's long-protein rule: cropped, or whole in windows."""
+    max_residues = config.get("max_residues", "(not recorded)")
+    if config.get("long_proteins") == "windows":
+        overlap = window_overlap_for(max_residues, config.get("window_overlap"))
+        return (f"embedded whole, in windows of {max_residues} residues overlapping by at least {overlap} (each "
+                "residue's state from the window it is most central in), on every path",
+                f"**Long proteins.** ESM-2 was trained on at most 1022 residues. This model sees every residue of a "
+                f"longer protein, each through a window of {max_residues} residues: it never relates residues that no "
+                "window holds together (for instance signals at the two ends of a long protein).")
+    return (f"cropped to {max_residues} residues ({_crop_text(config.get('crop'))}) by the tokenizer, on every path",
+            f"**Cropping.** ESM-2 was trained on at most 1022 residues. This model sees at most {max_residues} "
+            f"residues of a protein ({_crop_text(config.get('crop'))}); signals in the removed part (for instance an "
+            "internal targeting signal) are invisible to it.")
+
+
 def _training_rows(run: RunRecord) -> list[tuple[str, str]]:
     rows = []
     finetune = run.finetune
@@ -437,6 +454,41 @@ def _data_rows(run: RunRecord) -> list[tuple[str, str]]:
     return rows
 
 
+def _exact(value) -> str:
+    """A threshold as the paths apply it: every digit (a rounded one would decide some proteins differently)."""
+    return f"`{float(value)!r}`"
+
+
+def _decision_rule(run: RunRecord) -> tuple[str, bool]:
+    """The rule every path applies to this model's probabilities (`modeling_esmloc.predicted_labels` with the
+    config's `decision_thresholds`), in words, with the exact thresholds; and whether every path does apply it (not
+    so for a model saved before config.json held its thresholds: its pipeline uses 0.5, esmloc-predict the tuned ones
+    of test_results.json)."""
+    labels, multi_label, thresholds = run.labels, run.multi_label, run.config.get("decision_thresholds")
+    if not multi_label and len(labels) != 2:
+        return "The most probable label is predicted.", True
+    if thresholds is None:
+        rule = ("Every location whose probability is at least 0.5 is predicted (possibly none)." if multi_label else
+                f"`{labels[1]}` is predicted when its probability is at least 0.5, else `{labels[0]}`.")
+        if task.saved_with_thresholds(run.config):
+            return rule, True
+        tuned = [run.test.get(key) for key in task.tuned_threshold_keys(labels, multi_label)]
+        if all(_number(value) for value in tuned):
+            rule = ("This model was saved before esmloc stored decision thresholds in `config.json`: esmloc-predict "
+                    "and the demo apply the threshold(s) tuned on validation (`test_results.json`), "
+                    + ", ".join(f"`{label}` ≥ {_exact(value)}" for label, value in zip(labels[-len(tuned):], tuned))
+                    + "; its own code (the pipeline) does not.")
+        return rule, False
+    source = ("`decision_thresholds` in `config.json`, which train.py sets to the threshold"
+              f"{'s' if multi_label else ''} tuned for MCC on validation")
+    if multi_label:
+        return ("Every location whose probability is at least its own threshold is predicted (possibly none): "
+                + ", ".join(f"`{label}` ≥ {_exact(value)}" for label, value in zip(labels, thresholds))
+                + f" ({source})."), True
+    return (f"`{labels[1]}` is predicted when its probability is at least {_exact(thresholds)} ({source}), else "
+            f"`{labels[0]}`."), True
+
+
 def _class_weights_text(run: RunRecord) -> str | None:
     weights = run.config.get("class_weights")
     return ", ".join(f"{label} {_fmt(w)}" for label, w in zip(run.labels, weights)) if weights else None
@@ -519,6 +571,7 @@ def render_model_card(
     )
     evaluation_header, evaluation_rows, location_header, location_rows = _evaluation_table(run)
     epoch_header, epoch_rows = _epoch_log(run)
+    decision_rule, same_rule_everywhere = _decision_rule(run)
     load_ref = repo_id or name
     hub_url = (endpoint or hub_constants.ENDPOINT).rstrip("/")
     return ModelCard.from_template(
@@ -537,16 +590,16 @@ def render_model_card(
         adapter_saves=", ".join(f"`{m}`" for m in run.adapter_config.get("modules_to_save") or []),
         finetune_text=finetune_text,
         head_text=_head_text(run),
-        max_residues=run.config.get("max_residues", "(not recorded)"),
-        crop_text=_crop_text(run.config.get("crop")),
+        long_proteins_text=_long_proteins_texts(run.config)[0],
+        long_proteins_limitation=_long_proteins_texts(run.config)[1],
         load_ref=load_ref,
         clone_url=f"{hub_url}/{repo_id}" if repo_id else f"{hub_url}/<user>/{name}",
         clone_dir=name,
         space_url=f"{hub_url}/spaces/{space_id}" if space_id else None,
         positive_label=labels[-1],
         negative_label=labels[0],
-        tuned_threshold=(_fmt(run.test["test_threshold_tuned"], THRESHOLD_SPEC) if "test_threshold_tuned" in run.test
-                         else None),
+        decision_rule=decision_rule,
+        same_rule_everywhere=same_rule_everywhere,
         training_rows=_training_rows(run),
         lora_rows=_lora_rows(run),
         data_rows=_data_rows(run),

@@ -18,6 +18,7 @@ import errno
 import json
 import logging
 import os
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -188,6 +189,14 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    """argparse `type` for counts that may be 0."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative, got {text}")
+    return value
+
+
 def probability(text: str) -> float:
     """argparse `type` for a decision threshold: a number in [0, 1]."""
     value = float(text)
@@ -213,6 +222,7 @@ def file_job_parser(prog: str, description: str, model: str, model_help: str, wr
 
 def add_engine_options(parser: argparse.ArgumentParser, done: str) -> None:
     """The options of how the engine and large jobs run (esmloc-predict, esmloc-embed)."""
+    from configuration_esmloc import LONG_PROTEIN_RULES
     from esmloc.engine import PRECISIONS
 
     parser.add_argument("--max_tokens_per_batch", "--batch", type=positive_int, default=None,
@@ -225,6 +235,13 @@ def add_engine_options(parser: argparse.ArgumentParser, done: str) -> None:
     parser.add_argument("--precision", default="auto", choices=PRECISIONS,
                         help="auto: per device (esmloc.engine.AUTO_PRECISION: fp32 on CPU, bf16 or fp16 autocast on "
                              "CUDA); int8: dynamic int8 linear layers on CPU (docs: speed and precision)")
+    parser.add_argument("--long_proteins", choices=LONG_PROTEIN_RULES, default=None,
+                        help="a protein longer than the model's window (max_residues): crop (as the model's crop "
+                             "says) or windows (embedded whole, in overlapping windows); default: the model's own "
+                             "rule, saved with it (crop for a stock ESM-2 checkpoint)")
+    parser.add_argument("--window_overlap", type=non_negative_int, default=None,
+                        help="with windows: the least overlap of neighbouring windows, in residues (default: the "
+                             "model's own; a quarter of max_residues)")
     parser.add_argument("--no_progress", action="store_true",
                         help="no progress bar (default: a bar when stderr is a terminal)")
     parser.add_argument("--part_size", type=positive_int, default=None,
@@ -330,3 +347,50 @@ __all__ = [
     "setup_logging",
     "show_progress",
 ]
+
+
+# --- secrets ---------------------------------------------------------------------------------------------------
+
+HIDDEN = "<token hidden>"
+_CREDENTIALS = (  # what a token looks like in an echoed request: a Bearer/Basic credential, a bare header, hf_...
+    (re.compile(r"(?i)\b(bearer|basic)\s+[^\s;,'\"]+"), rf"\1 {HIDDEN}"),
+    (re.compile(r"(?i)\b(authorization\s*[:=]\s*)(?!bearer\b|basic\b)[^\s;,'\"]+"), rf"\1{HIDDEN}"),
+    (re.compile(r"\bhf_[A-Za-z0-9]{8,}"), HIDDEN),
+)
+
+
+def redact_secrets(text: str, *tokens: str | None) -> str:
+    """`text` with every hub token in it replaced by `<token hidden>`: the `tokens` given (an argument), the one
+    huggingface_hub would send (HF_TOKEN, else the token file), and anything shaped like one (`hf_...`, a Bearer or
+    Basic credential, an Authorization header's value). An endpoint may echo a request's headers in its error text:
+    every push's messages go through here."""
+    from huggingface_hub import get_token
+
+    known = {token for token in (*tokens, get_token()) if token}
+    for token in sorted(known, key=len, reverse=True):
+        text = text.replace(token, HIDDEN)
+    for pattern, replacement in _CREDENTIALS:
+        text = pattern.sub(replacement, text)
+    return text
+
+
+def end_processes(trainer=None) -> None:
+    """Ends a multi-process run (torchrun / accelerate launch) on every process, in an order that lets each of them
+    exit; in a single process it only lets go of the trainer's wrapped model. Train, pretrain and the large jobs
+    end with it.
+
+    1. The trainer's DDP-wrapped model is let go and collected while the process group still exists. Freed after the
+       group was destroyed (when `train()` returned), its reducer held the group's last reference and destroyed gloo's
+       process group itself, holding the GIL: that destructor joins gloo's worker threads, and a worker still
+       releasing a finished collective's tensors waits for the GIL, so the process hung (gdb shows both; torch issue
+       56297). Under load, about 1 two-process run in 130 hung there after saving everything; bench/ddp_teardown.py
+       counts them.
+    2. Every process waits for the others: none destroys its side of the group while another still talks to it.
+    3. The process group is destroyed (before the interpreter's exit, where gloo may otherwise abort a process).
+    """
+    if trainer is not None:
+        trainer.model_wrapped = trainer.model
+        trainer.accelerator.free_memory()  # its own references to the wrapped model, then gc.collect()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()

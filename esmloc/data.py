@@ -26,6 +26,8 @@ from pathlib import Path
 import datasets
 from datasets.data_files import DataFilesDict
 
+import tokenization_esmloc
+
 from esmloc import sequences, task
 from esmloc.sequences import (
     ALPHABET,
@@ -93,10 +95,11 @@ _LICENSE = (
 )
 # The build report rides in DatasetInfo.description, the one free-text field datasets stores with the cache.
 _REPORT_MARKER = "esmloc build report: "
-# Folded into the cache key: a new version of this module or of the sequence check must never be served a split made by
-# an old one.
+# Folded into the cache key: a new version of this module or of the sequence check (sequences.py and the rule it
+# applies, tokenization_esmloc.normalize_sequence) must never be served a split made by an old one.
 _CODE_FINGERPRINT = hashlib.sha256(
-    Path(__file__).read_bytes() + Path(sequences.__file__).read_bytes() + ALPHABET.encode()
+    Path(__file__).read_bytes() + Path(sequences.__file__).read_bytes()
+    + Path(tokenization_esmloc.__file__).read_bytes() + ALPHABET.encode()
 ).hexdigest()[:16]
 _LABEL_SPELLINGS = {"0": 0, "1": 1, "0.0": 0, "1.0": 1, "false": 0, "true": 1}
 

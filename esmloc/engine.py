@@ -11,15 +11,17 @@ What makes it fast:
 
 - Proteins are tokenised once (EsmLocTokenizer's fast path) and grouped into batches bounded by a token budget,
   `max_tokens_per_batch`, rather than by a protein count: many short proteins or a few long ones per batch. Where
-  attention runs without padding (CPU) the budget counts the proteins' tokens and the batches are even, as many as
-  a multiple of the workers (`balanced_batches`); otherwise proteins are sorted by length and the budget counts the
-  padded size, proteins x longest (`length_batches`): almost no padding. `Engine.batches` decides which.
+  attention runs without padding the budget counts the proteins' tokens and the batches are even, as many as a
+  multiple of the workers (`balanced_batches`); otherwise (the `padded` attention, or no padding-free path) proteins
+  are sorted by length and the budget counts the padded size, proteins x longest (`length_batches`): almost no
+  padding. `Engine.batches` decides which.
 - The backbone runs *padding-free* (`esmloc.varlen_esm.UnpaddedEsm`): the proteins of a batch are flattened into one
   row that goes through transformers' own `EsmModel.forward`, with per-protein rotary positions (`position_ids`) and
-  an attention function registered with transformers (`varlen_sdpa`: `scaled_dot_product_attention` once per run of
-  equal-length proteins, without a mask; on CUDA one call per batch with a key-padding mask), so the linear layers
-  never see padding. It computes what `EsmModel.forward` computes on padded batches (equal within 1e-5 in fp32,
-  tests/test_engine.py); a backbone it cannot run flattened (absolute positions, a decoder) runs padded.
+  an attention function registered with transformers (`varlen_sdpa`: on CPU `scaled_dot_product_attention` once per
+  run of equal-length proteins, without a mask; on CUDA one of torch's variable-length kernels, chosen by
+  `varlen_esm.choose_attention`), so the linear layers never see padding. It computes what `EsmModel.forward`
+  computes on padded batches (equal within 1e-5 in fp32, tests/test_engine.py); a backbone it cannot run flattened
+  (absolute positions, a decoder) runs padded.
 - precision="int8" (CPU): the backbone's linear layers with dynamic int8 quantisation through oneDNN
   (`varlen_esm.Int8Linear`, on a view of the backbone; the model is not changed); the other operations stay fp32.
   What it and bf16 cost in accuracy and gain in speed: README, "Speed".
@@ -31,6 +33,12 @@ What makes it fast:
   (bench/precision_accuracy.py) bf16 moved test probabilities by up to 0.027 and int8 by 0.172 (no label changed),
   against the limits in AUTO_LIMITS; `precision="bf16"` / `"int8"` ask for them.
 - No work on the contact head, which inference never needs.
+- Long proteins under `long_proteins="windows"` (the tokenizer then leaves them whole): each protein's windows
+  (`EsmLocTokenizer.window_spans`) run like proteins of their own, padding-free and within the token budget, and
+  their states are stitched back into the whole protein's (`modeling_esmloc.stitch_windows`, the model's own rule)
+  before pooling, so a batch's `function` sees whole proteins. A protein is batched by the tokens of its windows;
+  one whose windows exceed the budget gets a batch of its own that runs them a budget's worth at a time, so memory
+  grows with its length, never with its square (attention stays within a window).
 
 Results always come back in input order, whatever order the batches ran in.
 """
@@ -49,6 +57,7 @@ from tqdm.auto import tqdm
 
 from esmloc import task
 from esmloc.varlen_esm import UnpaddedEsm, unpadded_forward_trusted, unsupported_reason
+from modeling_esmloc import stitch_windows
 
 
 FEATURE_KINDS = ("mean", "cls", "residues")
@@ -139,7 +148,7 @@ class Engine:
 
     Args:
         model: the model; its backbone is `model.esm` (a PEFT-wrapped model is looked through).
-        tokenizer: an `EsmLocTokenizer` (crops exactly as the model's config says).
+        tokenizer: an `EsmLocTokenizer` (crops, or windows long proteins, exactly as the model's config says).
         max_tokens_per_batch: tokens per batch (see `batches`: the proteins' tokens where attention runs without
             padding, else proteins x longest); default per device type.
         device: where to run; default the model's device.
@@ -150,8 +159,10 @@ class Engine:
         progress: show a progress bar.
         packed: run padding-free (`UnpaddedEsm`) when the backbone allows it (False: always `EsmModel.forward` on
             padded batches).
-        attention: the padding-free attention: `grouped` (per run of equal lengths, no mask; the CPU default) or
-            `padded` (one masked call per batch; the CUDA default).
+        attention: the padding-free attention (`esmloc.varlen_esm.ATTENTION_MODES`): `auto` (per device, dtype and
+            head size: `varlen_esm.choose_attention`), `grouped` (per run of equal lengths, no mask; CPU's),
+            `padded` (one masked call per batch), or one of torch's variable-length kernels: `varlen`, `nested`,
+            `flex`.
         workers: batches run at once (see `map_batches`); default on CPU: torch's intra-op threads, at most 4;
             on CUDA 1.
     """
@@ -183,9 +194,16 @@ class Engine:
                              f"{reason or self.device.type}")
         if not reason:
             self.packed = UnpaddedEsm(self.esm, attention=attention, int8=int8)
+            self.attention_mode()  # an attention asked for that cannot run here fails now, not at the first batch
+
+    def attention_mode(self) -> str:
+        """The padding-free path's attention on this engine's device and precision (`UnpaddedEsm.attention_mode`)."""
+        dtype = self.autocast_dtype or next(self.esm.parameters()).dtype
+        return self.packed.attention_mode(self.device, dtype)
 
     def encode(self, sequences: Sequence[str]) -> list[list[int]]:
-        """Token ids (`<cls>` residues `<eos>`, normalised and cropped by the tokenizer) of each protein."""
+        """Token ids (`<cls>` residues `<eos>`, normalised and cropped by the tokenizer; whole under
+        `long_proteins="windows"`) of each protein."""
         return self.tokenizer(list(sequences))["input_ids"] if len(sequences) else []
 
     def _autocast(self):
@@ -195,9 +213,9 @@ class Engine:
 
     def batches(self, lengths: Sequence[int]) -> list[np.ndarray]:
         """How proteins of these token counts are grouped into batches, in the order they run: where attention
-        runs without padding (grouped, the CPU default), even batches of tokens for the workers
+        runs without padding (every padding-free mode but `padded`), even batches of tokens for the workers
         (`balanced_batches`); otherwise batches sorted by length under a padded budget (`length_batches`)."""
-        if self.packed is not None and self.packed.attention_mode(self.device) == "grouped":
+        if self.packed is not None and self.attention_mode() != "padded":
             return balanced_batches(lengths, self.max_tokens_per_batch, self.workers)
         return length_batches(lengths, self.max_tokens_per_batch)
 
@@ -211,14 +229,16 @@ class Engine:
         torch's intra-op threads (default: one thread per worker on up to 4 cores): one batch per core scales
         better than every small operation split across the cores (and much better on a machine shared with other
         work, where split operations wait for each other)."""
-        batches = self.batches([len(ids) for ids in encoded])
+        spans = [self.tokenizer.window_spans(len(ids) - 2) for ids in encoded]
+        batches = self.batches([sum(end - start + 2 for start, end, _, _ in windows) for windows in spans])
         workers = min(self.workers, len(batches)) if self.packed is not None else 1
 
         def run(batch_indices):
             ids = [encoded[i] for i in batch_indices]
             lengths = [len(x) for x in ids]
             with torch.inference_mode(), self._autocast():
-                return batch_indices, function(lengths, self._backbone(ids, lengths))
+                hidden = self._windowed_backbone(ids, [spans[i] for i in batch_indices])
+                return batch_indices, function(lengths, hidden)
 
         was_training = self.model.training
         self.model.eval()
@@ -262,6 +282,30 @@ class Engine:
         `indices`."""
         for indices, (lengths, hidden) in self.map_batches(encoded, lambda lengths, hidden: (lengths, hidden), desc):
             yield indices, lengths, hidden
+
+    def _windowed_backbone(self, ids, spans) -> torch.Tensor:
+        """The packed last hidden states of whole proteins (`ids`), those with several windows (`spans`, per
+        protein) run window by window: the windows in order, in runs within the token budget (counted as
+        windows x longest, right for both attention paths), stitched back per protein (`stitch_windows`)."""
+        if all(len(windows) == 1 for windows in spans):
+            return self._backbone(ids, [len(x) for x in ids])
+        pieces = [x[:1] + x[1 + start:1 + end] + x[-1:] for x, windows in zip(ids, spans, strict=True)
+                  for start, end, _, _ in windows]
+        states, first = [], 0
+        while first < len(pieces):
+            last, longest = first + 1, len(pieces[first])
+            while last < len(pieces) and (last + 1 - first) * max(longest, len(pieces[last])) <= \
+                    self.max_tokens_per_batch:
+                longest = max(longest, len(pieces[last]))
+                last += 1
+            lengths = [len(piece) for piece in pieces[first:last]]
+            states += torch.split(self._backbone(pieces[first:last], lengths), lengths)
+            first = last
+        proteins, first = [], 0
+        for windows in spans:
+            proteins.append(stitch_windows(states[first:first + len(windows)], windows))
+            first += len(windows)
+        return torch.cat(proteins)
 
     def _backbone(self, ids, lengths) -> torch.Tensor:
         if self.packed is not None:

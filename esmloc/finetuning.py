@@ -34,6 +34,8 @@ def build_model(model_args, label_config: dict) -> EsmForLocalization:
         classifier_dropout=model_args.classifier_dropout,
         max_residues=model_args.max_residues,
         crop=model_args.crop,
+        long_proteins=model_args.long_proteins,
+        window_overlap=model_args.window_overlap,
         attn_implementation=model_args.attn_implementation,
         **label_config,
     )

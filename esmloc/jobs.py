@@ -49,10 +49,9 @@ from accelerate.utils import broadcast_object_list, gather_object
 
 import esmloc
 from esmloc import cli
-from esmloc.errors import InputError
 from esmloc.files import TEMPORARY_PREFIX, atomic_file
 from esmloc.digests import file_digest
-from esmloc.errors import DataValidationError
+from esmloc.errors import DataValidationError, InputError
 from esmloc.sequences import ProteinRecord, checked_record, raw_records
 
 
@@ -342,8 +341,7 @@ class PartsJob:
             self.state.wait_for_everyone()
 
     def close(self) -> None:
-        if self.processes > 1 and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        cli.end_processes()
 
     # Parts --------------------------------------------------------------------------------------------------------
 

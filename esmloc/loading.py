@@ -16,6 +16,7 @@ from pathlib import Path
 from huggingface_hub import constants as hub_constants
 from safetensors import SafetensorError, safe_open
 
+from configuration_esmloc import window_overlap_for
 from esmloc.errors import EnvironmentProblem, InputError
 from esmloc.saving import TOKENIZER_FILES, WEIGHTS_FILE, crop_mismatch, tokenizer_for
 from modeling_esmloc import EsmForLocalization
@@ -35,23 +36,24 @@ def local_or_hub(name, option: str = "model") -> Path | str:
     return str(name)
 
 
-def hub_unreachable_message(name: str, error: Exception) -> str:
+def hub_unreachable_message(name: str, error: Exception, option: str = "--model_name_or_path") -> str:
+    short = name.split("/")[-1]
     return (
         f"could not load {name!r} from {hub_constants.ENDPOINT} ({type(error).__name__}: "
         f"{str(error).splitlines()[0] if str(error) else 'no answer'}). Any of these works: use a mirror (export "
-        "HF_ENDPOINT=https://hf-mirror.com before starting); clone the model (git clone "
-        f"{hub_constants.ENDPOINT}/{name}) and pass its path; or, offline, build a backbone with random weights "
+        f"HF_ENDPOINT=https://hf-mirror.com before starting); clone the model (git clone {hub_constants.ENDPOINT}/"
+        f"{name}) and pass its path ({option} /path/to/{short}); or, offline, start from random weights "
         "(--from_scratch esm2_t6_8M)"
     )
 
 
-def from_hub(load, name: str):
+def from_hub(load, name: str, option: str = "--model_name_or_path"):
     """`load(name)` for a hub id; an unreachable hub or a missing repository becomes an EnvironmentProblem saying
-    what to do."""
+    what to do (`option`: how the user passes a local path instead)."""
     try:
         return load(name)
     except OSError as error:  # transformers' "not a valid model identifier", connection errors, offline mode
-        raise EnvironmentProblem(hub_unreachable_message(name, error)) from None
+        raise EnvironmentProblem(hub_unreachable_message(name, error, option)) from None
 
 
 def resolve_model_dir(name) -> Path:
@@ -61,7 +63,7 @@ def resolve_model_dir(name) -> Path:
         return source
     from huggingface_hub import snapshot_download
 
-    return Path(from_hub(snapshot_download, source))
+    return Path(from_hub(snapshot_download, source, option="MODEL_DIR:"))
 
 
 STOCK_ESM_ADVICE = ("a stock ESM-2 checkpoint ({architecture}), not an esmloc model: train from it with "
@@ -125,8 +127,30 @@ def load_model_or_backbone(name, device="cpu") -> tuple[EsmForLocalization, EsmL
     if isinstance(source, Path) and model_kind(source) == "esmloc":
         model, tokenizer = load_model_dir(source, device)
         return model, tokenizer, "esmloc"
-    model = from_hub(EsmForLocalization.from_esm, str(source))
+    model = from_hub(EsmForLocalization.from_esm, str(source), option="MODEL:")
     return model.to(device).eval(), tokenizer_for(model.config), "esm"
+
+
+def with_long_proteins(model, long_proteins: str | None = None, window_overlap: int | None = None
+                       ) -> EsmLocTokenizer | None:
+    """A command line's `--long_proteins` / `--window_overlap` applied to a loaded model: its config takes them (the
+    config is what outputs and job fingerprints record) and the tokenizer that follows them is returned; None when
+    neither is given (the model's own rule stands). InputError for an overlap the windows cannot have, or an overlap
+    without windows."""
+    if long_proteins is None and window_overlap is None:
+        return None
+    config = model.config
+    rule = long_proteins or config.long_proteins
+    if window_overlap is not None and rule != "windows":
+        raise InputError("--window_overlap applies to windows only: add --long_proteins windows")
+    try:
+        window_overlap_for(config.max_residues, window_overlap if window_overlap is not None else config.window_overlap)
+    except ValueError as error:
+        raise InputError(f"--{error}") from None
+    config.long_proteins = rule
+    if window_overlap is not None:
+        config.window_overlap = window_overlap
+    return tokenizer_for(config)
 
 
 def load_model_dir(path, device="cpu") -> tuple[EsmForLocalization, EsmLocTokenizer]:

@@ -7,8 +7,9 @@
 pickle. `push_output_dir` makes one commit of exactly those files and the model card (`esmloc.card`) to the endpoint
 given (`--hub_endpoint`, else `HF_ENDPOINT`, else the Hub); the token comes from the usual login or `HF_TOKEN` and is
 never printed, logged or written: huggingface_hub's errors never carry it (they name the URL and the server's
-message, and its debug output masks the authorization header), which tests/test_publish.py checks against a real
-local server.
+message, and its debug output masks the authorization header), and the server's message, which an endpoint may make
+an echo of the request's headers, reaches a failure message only through `esmloc.cli.redact_secrets`;
+tests/test_publish.py checks both against real local servers.
 """
 
 import logging
@@ -21,7 +22,7 @@ import httpx2
 from huggingface_hub import CommitOperationAdd, HfApi
 from huggingface_hub import constants as hub_constants
 
-from esmloc import loading
+from esmloc import cli, loading
 from esmloc.errors import InputError
 from esmloc.saving import MODEL_FILES, OPTIONAL_TOKENIZER_FILES, REMOTE_CODE_FILES, TOKENIZER_FILES
 # The card's names, here too for compatibility: they were esmloc.publish's before esmloc.card existed.
@@ -136,7 +137,9 @@ def resolve_endpoint(endpoint: str | None = None) -> str:
 MODEL_UNCHANGED = "The local output directory is unchanged: push it again with esmloc-push."
 
 
-def failure_message(error: Exception, endpoint: str, repo_id: str, unchanged: str) -> str:
+def failure_message(error: Exception, endpoint: str, repo_id: str, unchanged: str, token: str | None = None) -> str:
+    """Why a push failed, what to check and `unchanged`; whatever the endpoint answered, no token (`token`, HF_TOKEN,
+    the token file's) is in it: an endpoint may echo the request's Authorization header in its error text."""
     where = f"pushing to {endpoint}/{repo_id} failed"
     status = getattr(getattr(error, "response", None), "status_code", None)
     if isinstance(status, int):
@@ -161,7 +164,7 @@ def failure_message(error: Exception, endpoint: str, repo_id: str, unchanged: st
     else:
         detail = type(error).__name__
         hint = "check the endpoint, the repository id and the token's write access"
-    return f"{where} ({detail}); {hint}. The token is never shown. {unchanged}"
+    return cli.redact_secrets(f"{where} ({detail}); {hint}. The token is never shown. {unchanged}", token)
 
 
 def push_output_dir(
@@ -243,6 +246,6 @@ def commit_to_hub(
     except PublishError:
         raise
     except (httpx2.HTTPError, OSError, ValueError) as error:
-        raise PublishError(failure_message(error, endpoint, repo_id, unchanged)) from None
+        raise PublishError(failure_message(error, endpoint, repo_id, unchanged, token)) from None
     logger.info("Pushed to %s", url)
     return url

@@ -11,6 +11,8 @@ import logging
 from functools import partial
 from pathlib import Path
 
+import numpy as np
+
 from esmloc import data, engine, evaluation, task
 from esmloc.card import PREDICTIONS_FILE, RUN_INFO_FILE, write_model_card
 from esmloc.files import atomic_file
@@ -25,7 +27,8 @@ logger = logging.getLogger("esmloc.report")
 def evaluate_and_save(trainer, final_model, tokenizer, dataset, model_args, data_args, training_args, run_record: dict,
                       output_dir: Path, feature_cache_dir=None) -> tuple[dict, str]:
     """Saves the model, then predicts validation and test with exactly the saved weights: the report (threshold
-    tuned on validation), the predictions CSV, the plots, the run record and the model card. With
+    tuned on validation, also stored in the saved config as `decision_thresholds`), the predictions CSV, the plots,
+    the run record and the model card. With
     `feature_cache_dir` (a frozen backbone), pooled features come from the cache: the same numbers. Returns the
     report and the table of a few test proteins under the decision rule (empty without --num_examples_to_show)."""
     save_model(final_model, output_dir, tokenizer)
@@ -43,6 +46,10 @@ def evaluate_and_save(trainer, final_model, tokenizer, dataset, model_args, data
                                           label_names=names)
     trainer.save_metrics("test", report)
     threshold = evaluation.tuned_threshold(scores["validation"], truth["validation"])
+    # The tuned thresholds go into the saved config, where every path reads them (pipeline, predict_labels,
+    # esmloc-predict, the demo, the card): the weights saved above are unchanged.
+    config.decision_thresholds = np.asarray(threshold, dtype=float).tolist()
+    config.save_pretrained(output_dir)
     accs = dataset["test"]["ACC"]
     write_predictions_csv(output_dir / PREDICTIONS_FILE, accs, probabilities["test"], names, multi_label, threshold,
                           truths=truth["test"])

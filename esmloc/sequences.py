@@ -4,7 +4,8 @@ Needs no `datasets`: `esmloc-predict` streams its input through `read_sequences`
 `esmloc.data` validates whole training files with the same `validate_sequence` and row readers.
 
 - `validate_sequence`: the one sequence check (upper case, whitespace removed, a trailing `*` stop codon stripped,
-  residues limited to the ESM-2 alphabet).
+  residues limited to the ESM-2 alphabet): the rule of the model's own tokenizer (`tokenization_esmloc.
+  normalize_sequence`, which ships with every saved model), with the changes it made named.
 - `read_sequences` / `read_fasta`: streaming readers for prediction input (FASTA or CSV), one record at a time.
 - `fasta_entries` / `csv_rows`: the raw records of a file, with the line each starts on, for readers that check
   more than the sequence (the builder's labels).
@@ -12,24 +13,25 @@ Needs no `datasets`: `esmloc-predict` streams its input through `read_sequences`
 """
 
 import codecs
+import contextlib
 import csv
 import gzip
+import io
 import re
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
 
+from configuration_esmloc import window_overlap_for
 from esmloc.errors import DataValidationError
-from tokenization_esmloc import ESM2_VOCAB
+from tokenization_esmloc import RESIDUES, STOP_CODON, InvalidSequenceError, normalize_sequence
 
 
 # The residue letters of the ESM-2 vocabulary. `.` and `-` are alignment gaps, not residues.
-ALPHABET = "".join(token for token in ESM2_VOCAB if len(token) == 1 and token.isalpha())
+ALPHABET = RESIDUES
 FASTA_SUFFIXES = (".fasta", ".fa", ".faa", ".fas", ".fsa")
 
-_VALID_SEQUENCE = re.compile(f"[{ALPHABET}]+")
-_INVALID_RESIDUE = re.compile(f"[^{ALPHABET}]")
 _WHITESPACE = re.compile(r"\s+")
 _UNIPROT_HEADER = re.compile(r"(?:sp|tr)\|([^|\s]+)\|")
 
@@ -54,34 +56,30 @@ def validate_sequence(raw: str) -> tuple[str, tuple[str, ...]]:
     Raises `SequenceError` for an empty sequence or a character outside the alphabet, with its 1-based position
     counted in the sequence without whitespace.
     """
-    if _VALID_SEQUENCE.fullmatch(raw):  # the common case: nothing to do
-        return raw, ()
-    changes = []
-    sequence = _WHITESPACE.sub("", raw)
-    if sequence != raw:
-        changes.append("whitespace removed")
-    if sequence != sequence.upper():
-        sequence = sequence.upper()
-        changes.append("lower case upper-cased")
-    if sequence.endswith("*"):
-        sequence = sequence[:-1]
-        changes.append("stop codon '*' stripped")
-    if not sequence:
-        raise SequenceError("empty sequence")
-    bad = _INVALID_RESIDUE.search(sequence)
-    if bad:
-        raise SequenceError(
-            f"character {bad.group()!r} at position {bad.start() + 1} is not a residue of the ESM-2 alphabet "
-            f"({ALPHABET})",
-            position=bad.start() + 1,
-        )
+    try:
+        sequence = normalize_sequence(raw)
+    except InvalidSequenceError as error:
+        raise SequenceError(str(error), position=error.position) from None
+    if sequence == raw:  # the common case: nothing changed
+        return sequence, ()
+    compact = _WHITESPACE.sub("", raw)
+    changes = [change for change, applied in (("whitespace removed", compact != raw),
+                                              ("lower case upper-cased", compact != compact.upper()),
+                                              ("stop codon '*' stripped", compact.endswith(STOP_CODON))) if applied]
     return sequence, tuple(changes)
 
 
-def crop_note(cropped: int, total: int, max_residues: int, crop: str) -> str | None:
-    """What a run says once about the proteins longer than the model's window (None when there are none)."""
+def crop_note(cropped: int, total: int, max_residues: int, crop: str, long_proteins: str = "crop",
+              window_overlap: int | None = None) -> str | None:
+    """What a run says once about the proteins longer than the model's window (None when there are none): cropped,
+    or with `long_proteins="windows"` embedded whole in overlapping windows."""
     if not cropped:
         return None
+    if long_proteins == "windows":
+        overlap = window_overlap_for(max_residues, window_overlap)
+        return (f"{cropped} of {total} proteins are longer than the model's window of {max_residues} residues: each is "
+                f"embedded whole, in windows of {max_residues} residues overlapping by at least {overlap} (a stride of "
+                f"at most {max_residues - overlap}), each residue's state from the window it is most central in")
     kept = "the N-terminal residues" if crop == "n_terminal" else "the N- and C-terminal halves"
     return (f"{cropped} of {total} proteins are longer than the model's window of {max_residues} residues: each is "
             f"cropped to {max_residues} residues ({crop} crop: {kept} are kept, the rest is not seen)")
@@ -96,7 +94,10 @@ class ProteinRecord(NamedTuple):
 
 
 def _open_text(path, expected: str):
-    """`path` opened as text (UTF-8, a byte-order mark dropped; gunzipped for `.gz`) after `check_text_file`."""
+    """`path` opened as text (UTF-8, a byte-order mark dropped; gunzipped for `.gz`) after `check_text_file`; text
+    already in memory (an `io.StringIO`: the demo's pasted text, named by its str()) as it is."""
+    if isinstance(path, io.TextIOBase):
+        return contextlib.nullcontext(path)
     check_text_file(path, expected)
     # utf-8-sig: spreadsheet programs start CSV exports with a byte-order mark, which must not end up in "ACC".
     if str(path).endswith(".gz"):

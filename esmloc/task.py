@@ -1,13 +1,16 @@
 """The task rules, decided once: what kind of problem a model solves, what its labels are called, how its logits
 become probabilities and how probabilities become predicted labels.
 
-Every esmloc tool imports these (training, evaluation, the engine, esmloc-predict, the model card); the remote-code
-model files keep their own copies where they must stay self-contained, and the metric module (an `evaluate`
-module, loaded from its file) keeps its own `key_name`, which the tests check against `metric_key`.
+Every esmloc tool imports these (training, evaluation, the engine, esmloc-predict, the model card). The rule itself,
+probabilities and predicted labels, is the remote code's (`modeling_esmloc.label_probabilities` and
+`predicted_labels`, which ship inside every saved model, so that the pipeline and a user's own code decide as esmloc
+does); this module applies it to numpy arrays and CSV cells. The metric module (an `evaluate` module, loaded from its
+file) keeps its own `key_name`, which the tests check against `metric_key`.
 
 Three kinds of problem, told apart by the config (`problem_type`, `num_labels`):
 - binary (the default, Other / Mitochondrion): softmax over two classes; label 1 is predicted when its
-  probability is >= the decision threshold (0.5, or the one tuned for MCC on validation);
+  probability is >= the decision threshold (the one tuned for MCC on validation, stored in the saved config as
+  `decision_thresholds`; 0.5 without one);
 - multi-label (`problem_type="multi_label_classification"`, e.g. DeepLoc's 10 locations): a sigmoid per label;
   every label at or above its own threshold is predicted (possibly none);
 - multi-class (single-label, more than two classes): softmax; the most probable label is predicted.
@@ -22,6 +25,7 @@ import numpy as np
 import torch
 
 from esmloc.errors import InputError
+from modeling_esmloc import label_probabilities, predicted_labels
 
 
 BINARY_LABELS = ("Other", "Mitochondrion")
@@ -29,10 +33,10 @@ BINARY_LABELS = ("Other", "Mitochondrion")
 POSITIVE_LABEL = BINARY_LABELS[1]
 MULTI_LABEL = "multi_label_classification"
 SINGLE_LABEL = "single_label_classification"
-# Where train.py saves the test metrics and the thresholds tuned on validation (`tuned_threshold_keys`).
-RESULTS_FILE = "test_results.json"
 # How several predicted labels of one protein are written in one CSV cell.
 LABEL_SEPARATOR = ";"
+# Where train.py writes the test report, which holds the tuned thresholds of models saved before config.json did.
+RESULTS_FILE = "test_results.json"
 
 
 def is_multi_label(config) -> bool:
@@ -53,12 +57,11 @@ def is_binary(config) -> bool:
 
 def probabilities(logits, multi_label: bool):
     """Logits (n, num_labels) -> probabilities (n, num_labels): a sigmoid per label for multi-label models, a
-    softmax otherwise. Takes and returns a torch tensor (float32) or a numpy array (float64)."""
+    softmax otherwise (`modeling_esmloc.label_probabilities`). Takes and returns a torch tensor (float32) or a numpy
+    array (float64)."""
     if isinstance(logits, torch.Tensor):
-        logits = logits.float()
-        return torch.sigmoid(logits) if multi_label else torch.softmax(logits, dim=-1)
-    logits = torch.as_tensor(np.asarray(logits, dtype=np.float64))
-    return (torch.sigmoid(logits) if multi_label else torch.softmax(logits, dim=-1)).numpy()
+        return label_probabilities(logits.float(), multi_label)
+    return label_probabilities(torch.as_tensor(np.asarray(logits, dtype=np.float64)), multi_label).numpy()
 
 
 def scores(probabilities_matrix, multi_label: bool) -> np.ndarray:
@@ -71,22 +74,53 @@ def scores(probabilities_matrix, multi_label: bool) -> np.ndarray:
 
 
 def predicted(probabilities_matrix, names: Sequence[str], multi_label: bool, thresholds=None) -> list[str]:
-    """The predicted label(s) of each protein, from its (num_labels,) probabilities.
+    """The predicted label(s) of each protein, from its (num_labels,) probabilities, as CSV cells
+    (`modeling_esmloc.predicted_labels`, the rule of every path).
 
     Binary: `names[1]` when its probability >= `thresholds` (one number, default 0.5), else `names[0]`.
     Multi-label: the labels at or above their thresholds (one per label, or one for all; default 0.5), joined
     with `LABEL_SEPARATOR`, "" for none. Multi-class: the most probable label (`thresholds` must be None)."""
-    probabilities_matrix = np.asarray(probabilities_matrix, dtype=np.float64)
-    if multi_label:
-        cuts = np.broadcast_to(np.asarray(0.5 if thresholds is None else thresholds, dtype=np.float64),
-                               (len(names),))
-        return [LABEL_SEPARATOR.join(name for name, on in zip(names, row >= cuts) if on) for row in probabilities_matrix]
-    if len(names) == 2:
-        cut = float(np.asarray(0.5 if thresholds is None else thresholds).reshape(-1)[0])
-        return [names[1] if row[1] >= cut else names[0] for row in probabilities_matrix]
-    if thresholds is not None:
-        raise ValueError("a multi-class model predicts its most probable label: it takes no threshold")
-    return [names[int(index)] for index in probabilities_matrix.argmax(axis=1)]
+    labels = predicted_labels(np.asarray(probabilities_matrix, dtype=np.float64), names, multi_label, thresholds)
+    return [LABEL_SEPARATOR.join(label) for label in labels] if multi_label else labels
+
+
+def saved_with_thresholds(saved_config: dict) -> bool:
+    """Whether a saved config.json (as a dict) decides the thresholds: esmloc writes `decision_thresholds` into every
+    config it saves (null: 0.5), so a config without the key was saved before, and its tuned thresholds are only in
+    test_results.json."""
+    return "decision_thresholds" in saved_config
+
+
+def decision_thresholds(model_dir, config, override: float | None = None) -> tuple[np.ndarray | None, str]:
+    """The thresholds a saved model's labels are decided by, per label (one for a binary model; None for a
+    multi-class model, which predicts the most probable label), and where they came from: `override` (esmloc-predict's
+    --threshold), else the `decision_thresholds` of MODEL_DIR/config.json (what the pipeline and `predict_labels`
+    apply; null: 0.5); for a model saved before config.json held them, the tuned keys of MODEL_DIR/test_results.json,
+    else 0.5."""
+    names, multi_label = label_names(config), is_multi_label(config)
+    if not multi_label and len(names) != 2:
+        return None, "none (multi-class: the most probable label)"
+    count = len(names) if multi_label else 1
+
+    def shown(values) -> str:
+        return ", ".join(f"{name}={value:.4g}" for name, value in zip(names if multi_label else names[1:], values))
+
+    if override is not None:
+        return np.full(count, override), f"{override} (--threshold)"
+    saved = json.loads((Path(model_dir) / "config.json").read_text())
+    if saved_with_thresholds(saved):
+        if saved["decision_thresholds"] is None:
+            return np.full(count, 0.5), "0.5 (decision_thresholds of the model's config.json is null)"
+        values = np.atleast_1d(np.asarray(saved["decision_thresholds"], dtype=np.float64))
+        return values, f"{shown(values)} (decision_thresholds of the model's config.json)"
+    results_path = Path(model_dir) / RESULTS_FILE
+    results = json.loads(results_path.read_text()) if results_path.is_file() else {}
+    keys = tuned_threshold_keys(names, multi_label)
+    if all(isinstance(results.get(key), (int, float)) for key in keys):
+        values = np.asarray([float(results[key]) for key in keys])
+        return values, (f"{shown(values)} (tuned on validation, {', '.join(keys[:2])}{' ...' if len(keys) > 2 else ''} from "
+                        f"{results_path}: a model saved before config.json held its thresholds)")
+    return np.full(count, 0.5), f"0.5 (default: no decision_thresholds in config.json, no tuned one in {results_path})"
 
 
 def metric_key(label: str) -> str:
@@ -113,28 +147,6 @@ def threshold_rule(names: Sequence[str], multi_label: bool, thresholds=None) -> 
         return f"every label whose probability >= {values[0]:.3f}"
     return "every label whose probability >= its threshold (" + ", ".join(
         f"{name} {value:.3f}" for name, value in zip(names, values)) + ")"
-
-
-def decision_thresholds(model_dir, config, override: float | None) -> tuple[np.ndarray | None, str]:
-    """Per-label thresholds (None for a multi-class model, which predicts the most probable label) and where they
-    came from."""
-    names, multi_label = label_names(config), is_multi_label(config)
-    if not multi_label and len(names) != 2:
-        return None, "none (multi-class: the most probable label)"
-    count = len(names) if multi_label else 1
-    if override is not None:
-        return np.full(count, override), f"{override} (--threshold)"
-    results_path = Path(model_dir) / RESULTS_FILE
-    if results_path.is_file():
-        results = json.loads(results_path.read_text())
-        keys = tuned_threshold_keys(names, multi_label)
-        if all(isinstance(results.get(key), (int, float)) for key in keys):
-            values = np.asarray([float(results[key]) for key in keys])
-            shown = ", ".join(f"{name}={value:.4g}" for name, value in zip(names if multi_label else [names[1]],
-                                                                            values))
-            return values, f"{shown} (tuned on validation, {', '.join(keys[:2])}{' ...' if len(keys) > 2 else ''} " \
-                           f"from {results_path})"
-    return np.full(count, 0.5), f"0.5 (default: no tuned threshold in {results_path})"
 
 
 # --- the labels of a training run ------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 write their tables for the documentation (bench/common.py's write_table)."""
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -9,7 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, loopback_only_namespace
+
+
+pytestmark = pytest.mark.slow  # each runs a benchmark script in a fresh process
 
 
 def bench_common():
@@ -49,8 +53,11 @@ def test_a_smoke_run_says_so_and_never_replaces_a_measured_table(tmp_path, monke
 
 
 @pytest.mark.parametrize("script", ["embedding_throughput.py", "frozen_training.py", "precision_accuracy.py",
-                                    "engine_profile.py", "int8_candidates.py", "fork_question.py"])
+                                    "engine_profile.py", "int8_candidates.py", "fork_question.py", "ddp_teardown.py",
+                                    "explain_cost.py"])
 def test_bench_script_runs_in_smoke_mode(script, tmp_path):
+    if script == "ddp_teardown.py":
+        loopback_only_namespace()  # its 2-process runs need one
     if script == "fork_question.py" and subprocess.run(["git", "cat-file", "-e", "0d553df"], cwd=REPO,
                                                        capture_output=True).returncode != 0:
         pytest.skip("a shallow clone: the fork's commit is not here")
@@ -87,5 +94,55 @@ def test_bench_script_runs_in_smoke_mode(script, tmp_path):
     elif script == "fork_question.py":
         assert [line.split(" | ")[0][2:] for line in table[2:]][0].startswith("PackedEsm (the fork")
         assert "for keeping it" in result.stdout
+    elif script == "explain_cost.py":
+        assert all(column in table[0] for column in ("forward passes", "GFLOP", "CPU s (own)",
+                                                     "x faster than per-residue fp32", "other load"))
+        methods = [line.split(" | ")[0][2:] for line in table[2:]]
+        assert methods == ["per-residue occlusion (before), fp32",
+                           "strided occlusion (esmloc.explain, default budget), fp32"]
+        # The smoke protein has 300 residues: every one occluded before, windows every 2 residues now.
+        assert [line.split(" | ")[3:5] for line in table[2:]] == [["5 / 1", "301"], ["5 / 2", "152"]]
+        assert "stride by protein length: 100: 1 (window 5)" in result.stdout
+    elif script == "ddp_teardown.py":  # a run and 2 cycles of each teardown order; the new ones ended (old ones may hang)
+        runs, cycles = [[line.split(" | ") for line in table if line.startswith(("| old", "| new"))][i:i + 2]
+                        for i in (0, 2)]
+        assert [row[:2] for row in runs] == [["| old", "1"], ["| new", "1"]] and runs[1][2:4] == ["1", "0"]
+        assert [row[0] for row in cycles] == ["| old", "| new"] and cycles[1][:5] == ["| new", "1", "2", "2", "0 |"]
     elif script == "frozen_training.py":
         assert "speed-up" in table[0] and "max abs difference" in result.stdout
+
+
+def test_gpu_check_runs_in_smoke_mode(tmp_path):
+    """bench/gpu_check.py, the one script a GPU session runs, in its CPU smoke mode: the CUDA tests collected and
+    skipped, the speed and fine-tuning benchmarks on a tiny model, everything in the output folder."""
+    sys.path.insert(0, str(REPO / "bench"))
+    import gpu_check
+
+    # The docstring names the device tool's call that the code prints.
+    assert gpu_check.DEVICE_COMMAND in " ".join(gpu_check.__doc__.split())
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home")}
+    out = tmp_path / "out"
+    result = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_check.py"), "--smoke", "--out", str(out)],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1800)
+    assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-3000:]
+    # What comes back from the device tool: at most 8 files, no folders.
+    assert sorted(path.name for path in out.iterdir()) == ["finetune.log", "results.json", "speed.log", "summary.md",
+                                                          "tests.log"]
+    summary = (out / "summary.md").read_text()
+    for section in ("tests", "speed", "finetune"):
+        assert f"| {section} | ok |" in summary
+    assert "no GPU" in summary and " skipped" in summary and " passed" not in summary  # collected, skipped here
+    rows = {line.split(" | ")[0][2:]: line for line in summary.splitlines() if line.startswith("| (")}
+    assert {"(a) stock, file order, batches of 8", "(b) stock, sorted, token budget", "(c) engine, padded",
+            "(c) engine, nested", "(c) engine, flex", "(c) engine, varlen"} <= set(rows)
+    assert "does not run here: varlen (flash attention) runs on CUDA only" in rows["(c) engine, varlen"]
+    assert "failed" not in rows["(c) engine, flex"] and "failed" not in rows["(c) engine, nested"]
+    assert "recommended esmloc.engine.DEFAULT_MAX_TOKENS_PER_BATCH['cuda']" in summary
+    # Fine-tuning: the first row of each model and mode first, then the rest.
+    assert [line.split(" | ")[:4] for line in summary.splitlines() if line.startswith("| tiny |")] == [
+        ["| tiny", "lora", "yes", "512"], ["| tiny", "full", "no", "512"], ["| tiny", "full", "yes", "1024"]]
+    results = json.loads((out / "results.json").read_text())
+    assert {name: section["status"] for name, section in results["sections"].items()} == {
+        "tests": "ok", "speed": "ok", "finetune": "ok"}
+    assert results["speed"]["tiny"]["fastest_attention"] in ("padded", "nested", "flex")
+    assert set(results["finetune"]["recommendations"]) == {"tiny lora", "tiny full"}

@@ -129,6 +129,7 @@ def check_numbers(cells: list[str], n_metrics: int):
     assert re.fullmatch(r"\d+(\.\d)? s|\d+\.\d min", cells[n_metrics]), cells
 
 
+@pytest.mark.slow
 def test_smoke_mode_prints_the_tables(deeploc_layout_csv, tmp_path):
     output_dir = tmp_path / "results"
     stdout = run_smoke(deeploc_layout_csv, output_dir, "--multi_label").stdout
@@ -164,6 +165,35 @@ def test_smoke_mode_prints_the_tables(deeploc_layout_csv, tmp_path):
     assert results["tasks"]["mitochondrion"]["split_sizes"] == {"test4": {"train": 180, "validation": 60, "test": 60}}
 
 
+@pytest.mark.slow
+def test_smoke_mode_compares_crop_and_windows(deeploc_layout_csv, tmp_path):
+    output_dir = tmp_path / "results"
+    stdout = run_smoke(deeploc_layout_csv, output_dir, "--setups", "scratch_frozen", "--long_proteins", "crop,windows",
+                       "--share_feature_cache").stdout
+    frozen = SETUP_ROWS[2]
+    assert "--long_proteins windows" in stdout and "in windows of 64 residues overlapping by at least 16" in stdout
+    main_table, section = stdout.split("Long proteins, crop vs windows (", 1)
+    binary = table_rows(main_table, "Mitochondrion vs rest")
+    assert list(binary) == [frozen, frozen + ", long proteins in windows"] + PUBLISHED_ROWS
+    section = section.split("\n\n", 3)
+    assert section[0].startswith("60 of 60 test proteins are longer than the 64-residue window")
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in section[1].splitlines()[2:]]
+    assert [row[:2] for row in rows] == [[frozen, "crop"], [frozen, "windows"]]
+    for row, name in zip(rows, binary):
+        # Every test protein is longer than the window: the long proteins' MCC is the whole test split's.
+        assert row[2] == row[3] == binary[name][0] and re.fullmatch(NUMBER, row[2])
+        assert re.fullmatch(r"\d+(\.\d)? s|\d+\.\d min", row[4])  # the embedding time, from the run's log
+    crop_tokens, windows_tokens = re.search(r"over all 300 proteins: crop ([\d,]+), windows ([\d,]+)",
+                                            section[2]).groups()
+    assert int(windows_tokens.replace(",", "")) > int(crop_tokens.replace(",", "")) == 300 * 66
+    results = json.loads((output_dir / "accuracy.json").read_text())
+    runs = {row["key"]: row["runs"][0]["metrics"] for row in results["tasks"]["mitochondrion"]["rows"]}
+    assert runs["scratch_frozen_windows"]["long_proteins"] == 60 and runs["scratch_frozen"]["embedding_s"] > 0
+    for key, rule in (("scratch_frozen", "-r64-n_terminal-"), ("scratch_frozen_windows", "-r64-windows16-")):
+        assert [rule in path.name for path in (output_dir / "feature_cache" / key / "fold4").iterdir()] == [True]
+
+
+@pytest.mark.slow
 @pytest.mark.skipif(not DEEPLOC_CSV.is_file(), reason=f"the DeepLoc 2.0 file is not at {DEEPLOC_CSV}")
 def test_smoke_mode_on_the_real_deeploc_file(tmp_path):
     output_dir = tmp_path / "results"

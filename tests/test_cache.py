@@ -186,6 +186,7 @@ def predictions(output_dir):
 
 
 # Attention pooling trains on float16 residue states: its weights may differ by float16 rounding.
+@pytest.mark.slow
 @pytest.mark.parametrize("pooling, weight_tolerance, probability_tolerance", [("mean", 1e-5, 1e-6),
                                                                              ("attention", 1e-3, 1e-4)])
 def test_cached_and_ordinary_paths_train_the_same_model(pooling, weight_tolerance, probability_tolerance,
@@ -216,6 +217,7 @@ def test_cached_and_ordinary_paths_train_the_same_model(pooling, weight_toleranc
     np.testing.assert_allclose(losses[0], losses[1], atol=weight_tolerance)
 
 
+@pytest.mark.slow
 def test_cached_training_resumes_from_its_checkpoint(proteins_csv, tmp_path):
     output_dir, cache_dir = tmp_path / "run", tmp_path / "features"
     train(proteins_csv, output_dir, "--feature_cache_dir", str(cache_dir))

@@ -31,9 +31,10 @@ from esmloc.sequences import (
 )
 from esmloc.demo import demo_rows, main as demo_main, write_demo_csv
 
+from conftest import DEEPLOC_CSV, OTHER_DATASETS_MAJOR, REPO
 
-SCRIPT = Path(__file__).resolve().parents[1] / "dataset_script" / "esmloc.py"
-DEEPLOC_CSV = Path(__file__).resolve().parents[2] / "shared" / "data" / "deeploc2_swissprot.csv"
+
+SCRIPT = REPO / "dataset_script" / "esmloc.py"
 DATASETS_MAJOR = int(datasets.__version__.split(".")[0])
 HEADER = ("ACC", "Mitochondrion", "Sequence")
 # sha256 of the demo data's seed-42 split (split, ACC, label), the same on every datasets version and platform.
@@ -490,7 +491,8 @@ def test_the_cache_never_serves_a_stale_split(tmp_path):
 # --- entry points: the loading script (datasets 3) and the library loader (every version) ------------------------
 
 
-@pytest.mark.skipif(DATASETS_MAJOR >= 4, reason=f"datasets {datasets.__version__} runs no loading scripts")
+@pytest.mark.skipif(DATASETS_MAJOR >= 4,
+                    reason=f"{OTHER_DATASETS_MAJOR}: datasets {datasets.__version__} runs no loading scripts")
 def test_loading_script_gives_the_library_loaders_dataset(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     demo_csv(tmp_path / "data" / "demo.csv")
@@ -504,7 +506,8 @@ def test_loading_script_gives_the_library_loaders_dataset(tmp_path, monkeypatch)
     assert dataset_summary(scripted) == dataset_summary(direct)
 
 
-@pytest.mark.skipif(DATASETS_MAJOR < 4, reason=f"datasets {datasets.__version__} still runs loading scripts")
+@pytest.mark.skipif(DATASETS_MAJOR < 4,
+                    reason=f"{OTHER_DATASETS_MAJOR}: datasets {datasets.__version__} still runs loading scripts")
 def test_datasets_4_plus_refuses_the_script_so_the_library_loader_is_the_way(tmp_path):
     with pytest.raises(RuntimeError, match="scripts are no longer supported"):
         datasets.load_dataset(str(SCRIPT), data_files=str(demo_csv(tmp_path / "demo.csv")))

@@ -38,11 +38,15 @@ def reference_probabilities(model, tokenizer, sequences):
     return np.stack([distinct[s] for s in sequences])
 
 
-@pytest.mark.parametrize("attention", ["grouped", "padded"])
+# Every attention that runs on CPU; varlen (flash attention) runs on CUDA only: tests/test_cuda.py.
+@pytest.mark.parametrize("attention", ["grouped", "padded", "nested", "flex"])
 def test_padding_free_forward_equals_esm_forward_one_by_one(attention):
     model = tiny_model(max_residues=300)
     tokenizer = tokenizer_for(model.config)
-    engine = Engine(model, tokenizer, max_tokens_per_batch=700, progress=False, attention=attention)
+    # One batch at a time: flex's eager CPU path in worker threads trips the `kernels` package's per-thread state
+    # (transformers 5.25); the other modes run with the default workers.
+    workers = 1 if attention == "flex" else None
+    engine = Engine(model, tokenizer, max_tokens_per_batch=700, progress=False, attention=attention, workers=workers)
     assert engine.packed is not None and engine.packed.attention == attention
     encoded = engine.encode(SEQUENCES)
     seen = []
@@ -220,6 +224,67 @@ def test_balancing_a_proteome_takes_a_few_passes(monkeypatch):
     assert lengths.sum() / (len(batches) * 2048) > 0.94 and len(batches) % 2 == 0
 
 
+@pytest.mark.parametrize("mode", ["nested", "flex"])
+def test_variable_length_kernels_attend_within_each_protein(mode):
+    """Proteins laid end to end across flex's 128-token tiles (a tile inside one protein, proteins sharing a tile,
+    one of a single token, a last tile cut short) attend as the grouped path makes them, in fp32 and bf16."""
+    lengths = [128, 128, 1, 300, 5, 5, 256, 77]
+    generator = torch.Generator().manual_seed(0)
+    query, key, value = (torch.randn(1, 3, sum(lengths), 16, generator=generator) for _ in range(3))
+    reference = varlen_esm.VarlenPlan(lengths, "grouped", "cpu").attend(query, key, value, 0.25)
+    out = varlen_esm.VarlenPlan(lengths, mode, "cpu").attend(query, key, value, 0.25)
+    assert out.shape == reference.shape == (1, sum(lengths), 3, 16)
+    torch.testing.assert_close(out, reference, atol=1e-5, rtol=1e-5)
+    low = varlen_esm.VarlenPlan(lengths, mode, "cpu").attend(*(x.bfloat16() for x in (query, key, value)), 0.25)
+    assert low.dtype == torch.bfloat16
+    assert float((low.float() - reference).norm() / reference.norm()) < 1e-2
+
+
+def test_the_document_block_mask_skips_tiles_between_proteins():
+    lengths = [100, 60, 300, 1]  # tokens 0-99, 100-159, 160-459, 460
+    mask = varlen_esm.document_block_mask(lengths, "cpu")
+    dense = mask.to_dense()[0, 0]  # (query tiles, key tiles): 1 where a tile is computed
+    # Tile 0 holds proteins 1 and 2 (to token 159 in tile 1); tile 1 proteins 2 and 3; tiles 2-3 only protein 3,
+    # which tile 3 shares with protein 4 (token 460).
+    expected = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1], [0, 1, 1, 1], [0, 1, 1, 1]])
+    assert dense.tolist() == expected.tolist()
+    full = mask.full_kv_num_blocks[0, 0].tolist()  # only tile (2, 2) lies inside one protein on both sides
+    assert full == [0, 0, 1, 0]
+    # A last tile cut short (tokens 256-299) is never full, even inside one protein: its keys past the end are masked.
+    short = varlen_esm.document_block_mask([100, 200], "cpu")
+    assert short.to_dense()[0, 0].tolist() == [[1, 1, 1], [1, 1, 1], [1, 1, 1]]
+    assert short.full_kv_num_blocks[0, 0].tolist() == [0, 1, 0]
+
+
+def test_auto_attention_takes_the_first_kernel_that_runs_and_passes_its_check(monkeypatch):
+    monkeypatch.setitem(varlen_esm.AUTO_ATTENTION, "cpu", ("varlen", "flex", "grouped"))
+    monkeypatch.setattr(varlen_esm, "_KERNEL_PROBLEMS", {})
+    # varlen does not run on CPU (flash attention): the next one, flex, runs and matches the grouped path.
+    assert varlen_esm.attention_problem("varlen", "cpu", torch.bfloat16, 16) == "varlen (flash attention) runs on CUDA only"
+    assert varlen_esm.choose_attention("cpu", torch.float32, 16) == "flex"
+    model = tiny_model()
+    tokenizer = tokenizer_for(model.config)
+    engine = Engine(model, tokenizer, progress=False, workers=1)
+    assert engine.attention_mode() == "flex"
+    np.testing.assert_allclose(engine.predict_probabilities(SEQUENCES), reference_probabilities(model, tokenizer,
+                                                                                                SEQUENCES), atol=1e-5)
+    # A kernel that computes something else is skipped, with one warning, for the next in the order.
+    monkeypatch.setattr(varlen_esm, "_KERNEL_PROBLEMS", {})
+    monkeypatch.setattr(varlen_esm, "flex_attention_function",
+                        lambda device_type: lambda query, key, value, **kwargs: value * 2)
+    with pytest.warns(RuntimeWarning, match="the flex attention kernel on cpu .* differs from the grouped path"):
+        assert varlen_esm.choose_attention("cpu", torch.float32, 16) == "grouped"
+    assert Engine(model, tokenizer, progress=False).attention_mode() == "grouped"
+
+
+def test_an_attention_that_cannot_run_here_is_refused_at_once():
+    model = tiny_model()
+    with pytest.raises(ValueError, match="attention='varlen' cannot run here: varlen .* runs on CUDA only"):
+        Engine(model, tokenizer_for(model.config), progress=False, attention="varlen")
+    with pytest.raises(ValueError, match="attention must be auto or one of"):
+        Engine(model, tokenizer_for(model.config), progress=False, attention="sparse")
+
+
 def test_engine_balances_batches_only_where_attention_runs_without_padding():
     model = tiny_model()
     tokenizer = tokenizer_for(model.config)
@@ -230,6 +295,9 @@ def test_engine_balances_batches_only_where_attention_runs_without_padding():
     for kwargs in ({"packed": False}, {"attention": "padded"}):  # padded batches: sorted, padded budget
         engine = Engine(model, tokenizer, max_tokens_per_batch=2048, progress=False, workers=2, **kwargs)
         assert [b.tolist() for b in engine.batches(lengths)] == [b.tolist() for b in length_batches(lengths, 2048)]
+    for attention in ("nested", "flex"):  # the variable-length kernels cost tokens, as grouped does
+        engine = Engine(model, tokenizer, max_tokens_per_batch=2048, progress=False, workers=2, attention=attention)
+        assert [b.tolist() for b in engine.batches(lengths)] == [b.tolist() for b in balanced]
 
 
 # --- tokenizer fast path ---------------------------------------------------------------------------------------
@@ -248,9 +316,14 @@ def generic_ids(tokenizer, sequences):
 def test_tokenizer_fast_path_gives_the_generic_ids(kwargs):
     tokenizer = EsmLocTokenizer(**kwargs)
     assert tokenizer._residue_fast_path() is not None
-    sequences = SEQUENCES + ["", " mk ta\ny ", "MKJJ", "MK*", "MK..--XBUZO", "<cls>MK<eos>", "mk<unk>aa",
+    sequences = SEQUENCES + [" mk ta\ny ", "MK*", "mkXBUZO*", "mk<mask>aa",
                              "".join(random.Random(2).choice("LAGVSERTIDPKQNFYMHWCXBUZO") for _ in range(3000))]
     assert tokenizer(sequences)["input_ids"] == generic_ids(tokenizer, sequences)
+    for not_a_protein in ("", " * ", "MKJJ", "MK*A", "MK..--XBUZO", "<cls>MK<eos>", "mk<unk>aa"):  # both paths refuse
+        with pytest.raises(ValueError, match="empty sequence|not a residue"):
+            tokenizer(not_a_protein)
+        with pytest.raises(ValueError, match="empty sequence|not a residue"):
+            generic_ids(tokenizer, [not_a_protein])
 
 
 def test_tokenizer_fast_path_steps_aside_for_added_residue_tokens():

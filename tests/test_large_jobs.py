@@ -24,8 +24,7 @@ from esmloc.commands.predict import main as predict_main
 from esmloc.saving import save_model
 from esmloc.sequences import read_sequences
 
-from conftest import REPO, run_processes, tiny_model
-from test_train import distributed_failure, loopback_only_namespace
+from conftest import REPO, distributed_failure, loopback_only_namespace, run_processes, tiny_model
 
 
 RESIDUES = "LAGVSERTIDPKQNFYMHWC"
@@ -98,6 +97,7 @@ def test_parts_are_dealt_out_by_tokens_in_contiguous_runs():
     assert [jobs.default_part_size(n) for n in (10, 2_000, 20_400, 60_000_000)] == [16, 16, 32, 4096]
 
 
+@pytest.mark.slow
 def test_two_processes_predict_what_one_process_predicts(work, tmp_path):
     one = tmp_path / "one.csv"
     assert predict_main([str(work / "model"), str(work / "proteins.fasta"), "-o", str(one), "--no_progress"]) == 0
@@ -126,6 +126,7 @@ def test_repeated_sequences_are_found_with_their_first_record():
     assert repeats.tolist() == [2, 4, 5, 7] and repeat_of.tolist() == [0, 1, 0, 3]
 
 
+@pytest.mark.slow
 def test_two_processes_embed_what_one_process_and_the_engine_embed(work, tmp_path, monkeypatch):
     args = [work / "attention_model", work / "proteins.fasta", "--no_progress", "--chunk_size", "40"]
     residue_args = ["--per_residue", tmp_path / "residues", "--per_residue_dtype", "float32"]
@@ -179,6 +180,7 @@ def test_two_processes_embed_what_one_process_and_the_engine_embed(work, tmp_pat
     assert loaded.num_rows == 240 and len(loaded[0]["embedding"]) == model.esm.config.hidden_size
 
 
+@pytest.mark.slow
 def test_a_bad_record_in_the_second_share_stops_both_processes_with_one_message(work, tmp_path):
     bad = write_proteins(tmp_path / "bad.fasta", bad_at=230)  # near the end: the second process's share
     output = tmp_path / "out.csv"
@@ -207,6 +209,7 @@ def run_until_parts_exist(command, parts_dir, minimum, log_path):
                 process.kill()
 
 
+@pytest.mark.slow
 def test_a_killed_job_resumes_and_a_changed_model_discards_old_parts(work, tmp_path, capsys):
     proteins = write_proteins(tmp_path / "many.fasta", n=1600, seed=5)
     model_dir = tmp_path / "model"
@@ -238,7 +241,9 @@ def test_a_killed_job_resumes_and_a_changed_model_discards_old_parts(work, tmp_p
     assert_same_predictions(output, uninterrupted)
 
 
+@pytest.mark.slow
 def test_the_benchmark_runs_in_smoke_mode(tmp_path):
+    loopback_only_namespace()  # its 2-process runs need one
     result = subprocess.run([sys.executable, str(REPO / "bench" / "large_jobs.py"), "--smoke"], cwd=tmp_path,
                             env=env(HF_HOME=str(tmp_path / "hf_home")), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

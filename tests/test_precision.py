@@ -16,7 +16,8 @@ from conftest import PROTEINS, tiny_model
 
 SEQUENCES = PROTEINS + ["MKTAYIAKQRQISFVKSHFSRQ" * 5, "MLSRAVCGTSRQLAPVLGYLGSRQKHSLPDLPYDYGALEPHINAQIMQLHHSKHHAAYV"]
 
-needs_int8 = pytest.mark.skipif(not varlen_esm.int8_linear_available(),
+# Whether the kernel runs at all decides the skip; whether it is right is tested (a wrong kernel fails, never skips).
+needs_int8 = pytest.mark.skipif(not varlen_esm.int8_linear_runs(),
                                 reason="oneDNN's int8 linear does not run in this torch build")
 
 
@@ -25,10 +26,38 @@ def test_auto_is_fp32_on_cpu_and_every_precision_names_itself():
     model = tiny_model()
     tokenizer = tokenizer_for(model.config)
     for precision, name in [("auto", "fp32"), ("fp32", "fp32"), ("bf16", "bf16")] + (
-            [("int8", "int8")] if varlen_esm.int8_linear_available() else []):
+            [("int8", "int8")] if varlen_esm.int8_linear_runs() else []):
         assert Engine(model, tokenizer, precision=precision, progress=False).precision_name == name
     with pytest.raises(ValueError, match="precision must be one of"):
         Engine(model, tokenizer, precision="int4")
+
+
+@needs_int8
+def test_int8_linear_is_within_int8_rounding_of_nn_linear():
+    """Each output of the kernel lies within the sum of its products' rounding errors of nn.Linear's: input and weight
+    each within half a step of their grids (per input row, per output channel), without a systematic error. The
+    engine's own check agrees, so it does not refuse int8 (a kernel that runs but is wrong fails here, and the
+    engine's int8 tests fail with its ValueError: none of them skips for it)."""
+    generator = torch.Generator().manual_seed(0)
+    linear = torch.nn.Linear(96, 48)
+    x = torch.randn(13, 96, generator=generator) * torch.logspace(-2, 1, 13)[:, None]  # rows of every magnitude
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(48, 96, generator=generator))
+        expected, actual = linear(x), varlen_esm.Int8Linear(linear)(x)
+    weight = linear.weight.detach()
+    input_step = x.abs().amax(dim=1, keepdim=True) / 127  # (rows, 1)
+    weight_step = weight.abs().amax(dim=1)[None, :] / 127  # (1, outputs)
+    bound = (x.abs().sum(dim=1, keepdim=True) * weight_step / 2 + input_step / 2 * weight.abs().sum(dim=1)[None, :]
+             + x.shape[1] * input_step * weight_step / 4)
+    error = (actual - expected).abs()
+    assert (error <= bound * 1.0001 + 1e-6).all(), f"largest error / bound: {(error / bound).max():.3f}"
+    assert error.max() > 1e-5  # int8 indeed, not fp32
+    # Rounding noise, not a systematic error: the least-squares scale of the outputs against nn.Linear's is 1 within
+    # 1% (-0.2% with this seed; a kernel 2% off in scale stays within the bound above, not within this).
+    product = (expected - linear.bias).detach()  # the bias is added in fp32
+    scale_error = ((actual - expected) * product).sum() / (product * product).sum()
+    assert abs(scale_error) < 0.01, f"outputs {100 * scale_error:+.1f}% off in scale"
+    assert varlen_esm.int8_linear_available()
 
 
 @needs_int8
@@ -157,5 +186,5 @@ def test_the_feature_cache_key_holds_the_forward_version_and_the_precision(monke
     monkeypatch.undo()
     paths = {precision: cache.FeatureCache.for_engine(Engine(model, tokenizer, precision=precision, progress=False),
                                                       "mean", root=tmp_path).path
-             for precision in ["fp32", "bf16"] + (["int8"] if varlen_esm.int8_linear_available() else [])}
+             for precision in ["fp32", "bf16"] + (["int8"] if varlen_esm.int8_linear_runs() else [])}
     assert len(set(paths.values())) == len(paths) and all(path.name.endswith(p) for p, path in paths.items())

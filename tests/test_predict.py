@@ -71,12 +71,15 @@ def test_fasta_in_csv_out_in_input_order_with_the_tuned_threshold(binary_model, 
     model_dir = Path(shutil.copytree(model_dir, tmp_path / "model"))
     expected = expected_probabilities(model, SEQUENCES)
     threshold = float(np.median(expected[:, 1]))  # a tuned threshold that splits the proteins
-    (model_dir / "test_results.json").write_text(json.dumps({"test_threshold_tuned": threshold, "test_mcc": 0.5}))
+    config = json.loads((model_dir / "config.json").read_text())
+    (model_dir / "config.json").write_text(json.dumps({**config, "decision_thresholds": threshold}))
+    # The config decides, as for the pipeline; test_results.json is read only for models saved before.
+    (model_dir / "test_results.json").write_text(json.dumps({"test_threshold_tuned": 0.0, "test_mcc": 0.5}))
     fasta = write_fasta(tmp_path / "proteins.fasta", NAMES, SEQUENCES)
     output = tmp_path / "out" / "predictions.csv"
     result = run_predict([model_dir, fasta, "-o", output, "--max_tokens_per_batch", "700"], cwd=elsewhere)
     assert result.returncode == 0, result.stderr
-    assert "test_threshold_tuned" in result.stderr and f"{threshold:.4g}" in result.stderr
+    assert "decision_thresholds of the model's config.json" in result.stderr and f"{threshold:.4g}" in result.stderr
     rows = read_rows(output)
     assert list(rows[0]) == ["ACC", "probability_Other", "probability_Mitochondrion", "predicted_label"]
     assert [row["ACC"] for row in rows] == ACCS
@@ -153,14 +156,13 @@ def test_missing_columns_and_missing_files_are_reported(binary_model, tmp_path, 
 def test_multi_label_model_uses_per_label_thresholds(tmp_path, elsewhere):
     names = ["Cytoplasm", "Nucleus", "Mitochondrion"]
     model = tiny_model(id2label=dict(enumerate(names)), problem_type="multi_label_classification")
-    model_dir = save_model(model, tmp_path / "model")
     tokenizer = tokenizer_for(model.config)
     with torch.inference_mode():
         expected = torch.sigmoid(torch.cat([model(**tokenizer([s], return_tensors="pt")).logits
                                             for s in SEQUENCES])).numpy()
     thresholds = np.median(expected, axis=0)
-    (model_dir / "test_results.json").write_text(json.dumps(
-        {f"test_threshold_{name}_tuned": float(value) for name, value in zip(names, thresholds)}))
+    model.config.decision_thresholds = thresholds.tolist()
+    model_dir = save_model(model, tmp_path / "model")
     fasta = write_fasta(tmp_path / "p.fasta", NAMES, SEQUENCES)
     output = tmp_path / "predictions.csv"
     result = run_predict([model_dir, fasta, "-o", output], cwd=elsewhere)
@@ -181,5 +183,5 @@ def test_a_tokenizer_that_crops_otherwise_than_the_model_is_refused(binary_model
     tokenizer_config.write_text(json.dumps({**settings, "max_residues": 100}))
     fasta = write_fasta(tmp_path / "p.fasta", NAMES[:1], SEQUENCES[:1])
     assert predict_main([str(model_dir), str(fasta), "-o", str(tmp_path / "o.csv")]) == 2
-    assert "the tokenizer crops to 100 residues (middle) but the model config says 300" in capsys.readouterr().err
+    assert "max_residues 100 in the tokenizer, 300 in the config" in capsys.readouterr().err
     assert not (tmp_path / "o.csv").exists()

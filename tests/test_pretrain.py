@@ -20,8 +20,9 @@ from esmloc.commands import pretrain
 from esmloc.sequences import DataValidationError
 from tokenization_esmloc import EsmLocTokenizer
 
-from conftest import REPO, run_offline, run_processes, write_deeploc_layout_csv
-from test_train import distributed_failure, loopback_only_namespace, train_env
+from conftest import (
+    REPO, distributed_failure, loopback_only_namespace, run_offline, run_processes, train_env, write_deeploc_layout_csv,
+)
 
 
 PRETRAIN = [sys.executable, "-m", "esmloc.commands.pretrain"]
@@ -45,7 +46,7 @@ def run_pretrain(args, cwd, env=None, expect_ok=True, timeout=600) -> subprocess
     result = subprocess.run(PRETRAIN + args, cwd=cwd, env=env or train_env(), capture_output=True, text=True,
                             timeout=timeout)
     if expect_ok and result.returncode != 0:
-        raise AssertionError(f"esmloc.pretrain failed ({result.returncode}):\n{result.stdout[-5000:]}\n"
+        raise AssertionError(f"esmloc-pretrain failed ({result.returncode}):\n{result.stdout[-5000:]}\n"
                              f"{result.stderr[-5000:]}")
     return result
 
@@ -172,6 +173,7 @@ def pretrained(proteins_fasta, tmp_path_factory):
     return output_dir, result.stdout + result.stderr
 
 
+@pytest.mark.slow
 def test_run_reports_held_out_perplexity_and_leaves_a_card(pretrained):
     output_dir, log = pretrained
     for name in ("config.json", "model.safetensors", "tokenizer_config.json", "vocab.txt", "tokenization_esmloc.py",
@@ -213,6 +215,7 @@ print(json.dumps({{"difference": (states_mlm - states_loc).abs().max().item(), "
 """
 
 
+@pytest.mark.slow
 def test_saved_model_loads_offline_through_every_route(pretrained, tmp_path, elsewhere):
     output_dir, _ = pretrained
     loaded = run_offline(LOAD_THREE_WAYS.format(path=str(output_dir)), elsewhere, tmp_path)
@@ -237,6 +240,7 @@ def test_saved_model_loads_offline_through_every_route(pretrained, tmp_path, els
     assert json.loads((out / "config.json").read_text())["esm_name_or_path"] == str(output_dir)
 
 
+@pytest.mark.slow
 def test_rerun_with_other_data_or_settings_refuses(proteins_fasta, tmp_path, monkeypatch, capsys):
     output_dir = tmp_path / "out"
     args = ["--output_dir", str(output_dir), "--max_steps", "6", "--save_steps", "3", "--eval_steps", "3", *QUICK, *BATCH_8]
@@ -264,6 +268,7 @@ def test_rerun_with_other_data_or_settings_refuses(proteins_fasta, tmp_path, mon
     assert (output_dir / "model.safetensors").read_bytes() == weights
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_and_ends_where_an_uninterrupted_one_does(proteins_fasta, tmp_path):
     args = ["--train_files", str(proteins_fasta), "--max_steps", "60", "--save_steps", "10", "--eval_steps", "30",
             "--logging_steps", "10", "--save_total_limit", "3", "--per_device_train_batch_size", "4", *QUICK]
@@ -305,6 +310,7 @@ def test_killed_run_resumes_and_ends_where_an_uninterrupted_one_does(proteins_fa
     assert before[0]["initial_eval_perplexity"] == before[1]["initial_eval_perplexity"]  # written once, kept
 
 
+@pytest.mark.slow
 def test_two_process_run_produces_one_model(proteins_fasta, tmp_path, elsewhere):
     command = loopback_only_namespace() + [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1",
                                            "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
@@ -357,6 +363,7 @@ def test_benchmark_refuses_to_pretrain_on_held_out_partitions(accuracy, tmp_path
         accuracy.check_no_held_out(leaky, held_out, [3, 4])
 
 
+@pytest.mark.slow
 def test_benchmark_pretrain_mode_smoke(tmp_path):
     data_file = write_deeploc_layout_csv(tmp_path / "deeploc.csv", n_rows=300, seed=11)
     output_dir = tmp_path / "results"
@@ -365,7 +372,7 @@ def test_benchmark_pretrain_mode_smoke(tmp_path):
                              str(data_file), "--output_dir", str(output_dir), "--setups", "pretrain_frozen"],
                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
-    assert "python -m esmloc.pretrain --from_scratch tiny" in result.stdout
+    assert "python -m esmloc.commands.pretrain --from_scratch tiny" in result.stdout
     assert "none of partitions [3, 4] (checked)" in result.stdout
     row = "esmloc, ESM-2 `tiny` pretrained here (MLM on the training partitions), frozen"
     line = next(line for line in result.stdout.splitlines() if line.startswith(f"| {row} |"))

@@ -3,24 +3,19 @@ for HfApi (the only stand-in: no hub is reachable from here), and a round trip t
 and a plain git clone."""
 
 import csv
-import hashlib
 import json
 import os
 import random
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import threading
-import time
 from http import server as http_server
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
-import yaml
 from huggingface_hub.errors import HfHubHTTPError
 
 from esmloc import publish
@@ -30,7 +25,10 @@ from esmloc.demo import demo_rows
 from modeling_esmloc import EsmForLocalization
 from tokenization_esmloc import EsmLocTokenizer
 
-from conftest import PROTEINS, REPO, run_main, run_offline
+from conftest import (
+    FAKE_TOKEN, PROTEINS, REPO, GitWorkTreeHub, OlahMirror, assert_no_token, calls_named, clean_env,
+    directory_digest, free_port, front_matter, run_main, run_offline,
+)
 
 
 try:  # the HTTP client of huggingface_hub: httpx2 from huggingface_hub 2 on, httpx before
@@ -39,7 +37,6 @@ except ImportError:  # pragma: no cover
     import httpx as http
 
 
-FAKE_TOKEN = "hf_esmlocFAKEtoken0123456789abcdefXYZ"
 REPO_ID = "alice/esmloc-mito"
 MERGED_FILES = {
     "README.md", "all_results.json", "config.json", "configuration_esmloc.py", "confusion_matrix.png",
@@ -130,36 +127,13 @@ def multilabel_run(workdir) -> Path:
 # --- helpers ---------------------------------------------------------------------------------------------------------
 
 
-def front_matter(card: str) -> tuple[dict, str]:
-    match = re.match(r"^---\n(.*?)\n---\n(.*)$", card, re.DOTALL)
-    assert match, "the card does not start with a YAML block"
-    return yaml.safe_load(match.group(1)), match.group(2)
-
-
 def read_json(path: Path) -> dict:
     return json.loads(path.read_text())
-
-
-def directory_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    for file in sorted(p for p in Path(path).rglob("*") if p.is_file()):
-        digest.update(str(file.relative_to(path)).encode())
-        digest.update(hashlib.sha256(file.read_bytes()).digest())
-    return digest.hexdigest()
 
 
 def copy_run(run: Path, destination: Path) -> Path:
     shutil.copytree(run, destination, ignore=shutil.ignore_patterns("checkpoint-*"))
     return destination
-
-
-def assert_no_token(*texts, directories=()):
-    for text in texts:
-        assert FAKE_TOKEN not in text
-    for directory in directories:
-        for file in Path(directory).rglob("*"):
-            if file.is_file():
-                assert FAKE_TOKEN.encode() not in file.read_bytes(), file
 
 
 # --- the card ----------------------------------------------------------------------------------------------------
@@ -383,54 +357,6 @@ def test_files_to_push_ignores_pickles_and_strays_and_refuses_incomplete_models(
 # --- the push, against a stand-in for HfApi -------------------------------------------------------------------------
 
 
-class RecordingHfApi:
-    """Stands in for `huggingface_hub.HfApi`: records what push_output_dir asks for (one class per test)."""
-
-    calls: list
-    existing_private = None
-    fail_on: str | None = None
-    error: Exception | None = None
-
-    def __init__(self, endpoint=None, token=None, **kwargs):
-        self.calls.append(("init", {"endpoint": endpoint, "token": token, **kwargs}))
-
-    def _maybe_fail(self, name):
-        if self.fail_on == name:
-            raise self.error
-
-    def create_repo(self, repo_id, *, repo_type=None, private=None, exist_ok=False, **kwargs):
-        self.calls.append(("create_repo", {"repo_id": repo_id, "repo_type": repo_type, "private": private,
-                                           "exist_ok": exist_ok, **kwargs}))
-        self._maybe_fail("create_repo")
-
-    def repo_info(self, repo_id, *, repo_type=None, **kwargs):
-        self.calls.append(("repo_info", {"repo_id": repo_id}))
-        return SimpleNamespace(private=self.existing_private)
-
-    def create_commit(self, repo_id, *, operations, commit_message, repo_type=None, **kwargs):
-        files = {}
-        for operation in operations:
-            with operation.as_file() as handle:
-                files[operation.path_in_repo] = handle.read()
-        self.calls.append(("create_commit", {"repo_id": repo_id, "files": files, "repo_type": repo_type,
-                                             "commit_message": commit_message}))
-        self._maybe_fail("create_commit")
-
-
-@pytest.fixture
-def hub(monkeypatch):
-    """Replaces HfApi inside esmloc.publish by a fresh recording class; HF_TOKEN holds a recognisable fake."""
-    api = type("Hub", (RecordingHfApi,), {"calls": []})
-    monkeypatch.setattr(publish, "HfApi", api)
-    monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
-    monkeypatch.delenv("HF_ENDPOINT", raising=False)
-    return api
-
-
-def calls_named(hub, name):
-    return [arguments for call, arguments in hub.calls if call == name]
-
-
 def test_push_sends_one_commit_with_exactly_the_allow_listed_files(frozen_run, hub, monkeypatch, capsys, caplog):
     monkeypatch.setenv("HF_ENDPOINT", "https://hub.example.test")
     before = directory_digest(frozen_run)
@@ -547,7 +473,8 @@ def test_failed_push_says_why_and_changes_nothing(frozen_run, hub, capsys, caplo
     before = directory_digest(frozen_run)
     status, out, message = run_main(push_command.main, [frozen_run, "--hub_model_id", REPO_ID, "--hub_endpoint",
                                                         "https://hub.example.test"], capsys)
-    assert status == 1 and len(message.strip().splitlines()) == 1 and "Traceback" not in message
+    errors = [line for line in message.splitlines() if line.startswith("esmloc-push: error:")]
+    assert status == 1 and len(errors) == 1 and "Traceback" not in message
     assert f"https://hub.example.test/{REPO_ID}" in message and expected in message
     assert "local output directory is unchanged" in message
     assert directory_digest(frozen_run) == before
@@ -610,123 +537,99 @@ def test_refused_push_with_the_real_client_never_shows_the_token(frozen_run, tmp
     assert_no_token(result.stdout, result.stderr, directories=[frozen_run])
 
 
-# --- a real mirror server and a plain git clone ----------------------------------------------------------------------
+class EchoingHub(http_server.BaseHTTPRequestHandler):
+    """A hub endpoint that refuses every request with an error that echoes the request's headers, the Authorization
+    header (the token) included: in its JSON body, in the X-Error-Message header the Hub uses for its messages, and
+    in a plain-text body for requests whose path says so."""
+
+    def answer(self):
+        echoed = "; ".join(f"{name}: {value}" for name, value in self.headers.items())
+        if "plain" in self.path:
+            body, kind = f"request refused, it had {echoed}".encode(), "text/plain"
+        else:
+            body, kind = json.dumps({"error": f"request refused, it had {echoed}"}).encode(), "application/json"
+        self.send_response(self.server.status)
+        self.send_header("Content-Type", kind)
+        self.send_header("X-Error-Message", f"refused: {self.headers.get('Authorization')}")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    do_GET = do_POST = do_PUT = do_HEAD = answer
+
+    def log_message(self, *args):
+        pass
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def clean_env(tmp_path: Path, **extra) -> dict:
-    """A fresh process's environment: no HF_* settings or tokens from outside, an empty HF_HOME, no proxy for
-    127.0.0.1, nothing imported from the repository by accident."""
-    home = tmp_path / f"hf_home_{len(list(tmp_path.glob('hf_home_*')))}"
-    home.mkdir()
-    env = {key: value for key, value in os.environ.items() if not key.startswith(("HF_", "HUGGING_FACE"))}
-    env.update(HF_HOME=str(home), PYTHONPATH="", TOKENIZERS_PARALLELISM="false", NO_PROXY="127.0.0.1,localhost",
-               no_proxy="127.0.0.1,localhost", **extra)
-    return env
-
-
-def git(*arguments, cwd: Path):
-    subprocess.run(["git", "-c", "user.name=esmloc tests", "-c", "user.email=tests@esmloc.invalid",
-                    "-c", "commit.gpgsign=false", *arguments], cwd=cwd, check=True, capture_output=True, text=True)
-
-
-class GitWorkTreeHub:
-    """A stand-in for HfApi whose commits land in git work trees laid out as olah mirrors them
-    (`<root>/models/<org>/<name>`, branch main): what a push sends is exactly what the mirror serves."""
-
-    def __init__(self, root: Path):
-        self.root = root
-        self.pushed: dict[str, set[str]] = {}
-
-    def create_repo(self, repo_id, *, repo_type="model", private=None, exist_ok=False):
-        path = self.root / f"{repo_type}s" / repo_id
-        if not (path / ".git").is_dir():
-            path.mkdir(parents=True)
-            git("init", "-q", cwd=path)
-            git("symbolic-ref", "HEAD", "refs/heads/main", cwd=path)
-
-    def repo_info(self, repo_id, *, repo_type="model"):
-        return SimpleNamespace(private=None)
-
-    def create_commit(self, repo_id, *, operations, commit_message, repo_type="model"):
-        path = self.root / f"{repo_type}s" / repo_id
-        for operation in operations:
-            target = path / operation.path_in_repo
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with operation.as_file() as handle:
-                target.write_bytes(handle.read())
-        git("add", "-A", cwd=path)
-        git("commit", "-q", "-m", commit_message, cwd=path)
-        self.pushed[repo_id] = {operation.path_in_repo for operation in operations}
-
-
-class OlahMirror:
-    """`olah` serving `<root>/mirrors` offline on 127.0.0.1, started as a subprocess."""
-
-    def __init__(self, root: Path):
-        self.root = root
-        self.mirrors = root / "mirrors"
-        self.mirrors.mkdir(parents=True)
-        self.log = root / "olah.out"
-        self.process = None
-        self.url = None
-
-    def start(self, attempts: int = 3, timeout: float = 90):
-        for _ in range(attempts):  # a free port can be taken between the probe and olah's bind: try another
-            port = free_port()
-            config = self.root / "olah.toml"
-            config.write_text(
-                "[basic]\n"
-                f'host = "127.0.0.1"\nport = {port}\n'
-                f"repos-path = {json.dumps(str(self.root / 'cache'))}\n"
-                f"mirrors-path = [{json.dumps(str(self.mirrors))}]\n"
-                "[accessibility]\noffline = true\n"
-            )
-            with self.log.open("w") as log:
-                self.process = subprocess.Popen(
-                    [sys.executable, "-m", "olah.server", "-c", str(config), "--log-path", str(self.root / "logs")],
-                    cwd=self.root, env=clean_env(self.root), stdout=log, stderr=subprocess.STDOUT,
-                )
-            self.url = f"http://127.0.0.1:{port}"
-            deadline = time.monotonic() + timeout
-            while time.monotonic() < deadline and self.process.poll() is None:
-                try:
-                    http.get(f"{self.url}/api/models/esmloc/absent/revision/main", timeout=2, trust_env=False)
-                    return self
-                except http.HTTPError:
-                    time.sleep(0.3)
-            self.stop()
-        raise RuntimeError(f"olah did not start:\n{self.log_tail()}")
-
-    def stop(self):
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=15)
-        self.process = None
-
-    def log_tail(self) -> str:
-        return self.log.read_text()[-3000:] if self.log.is_file() else "(no olah log)"
-
-
-@pytest.fixture(scope="module")
-def mirror(tmp_path_factory):
-    if shutil.which("git") is None:
-        pytest.skip("git is not installed")
-    pytest.importorskip("olah", reason="olah (the mirror server) comes with the [test] extra")
-    server = OlahMirror(tmp_path_factory.mktemp("olah")).start()
+@pytest.fixture
+def echoing_hub():
+    """An EchoingHub on 127.0.0.1 (set its `status`); stopped at the end."""
+    server = http_server.ThreadingHTTPServer(("127.0.0.1", 0), EchoingHub)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
     try:
         yield server
     finally:
-        server.stop()
+        server.shutdown()
+        server.server_close()
+
+
+def exported_dataset(folder: Path) -> Path:
+    """The files esmloc-dataset push sends (a card and a Parquet split), enough for the push to start."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (folder / "data" / "mitochondrion").mkdir(parents=True)
+    pq.write_table(pa.table({"ACC": ["P1"], "Sequence": [PROTEINS[0]], "label": [1]}),
+                   folder / "data" / "mitochondrion" / "train-00000-of-00001.parquet")
+    (folder / "README.md").write_text("---\nlicense: apache-2.0\n---\n# proteins\n")
+    return folder
+
+
+@pytest.mark.parametrize("tool, status", [
+    *[("esmloc-push, HF_TOKEN", status) for status in (400, 401, 403, 500)],
+    ("esmloc-push, the token file", 401),
+    ("esmloc-push, a plain-text answer", 500),
+    ("esmloc-dataset push", 401),
+    ("esmloc-dataset push", 500),
+    ("train.py --push_to_hub --hub_token", 403),
+])
+def test_no_push_ever_shows_the_token_an_endpoint_echoes(frozen_run, proteins_csv, tmp_path, echoing_hub, tool,
+                                                         status):
+    """Whatever an endpoint answers, the token (from HF_TOKEN, the token file or an argument) is in no output of
+    any push: the endpoint echoes the request's headers, Authorization included, in its error body and in
+    X-Error-Message."""
+    echoing_hub.status = status
+    endpoint = f"http://127.0.0.1:{echoing_hub.server_address[1]}" + ("/plain" if "plain" in tool else "")
+    env = clean_env(tmp_path)
+    if tool == "esmloc-push, the token file":
+        Path(env["HF_HOME"], "token").write_text(FAKE_TOKEN)
+    elif "--hub_token" not in tool:
+        env["HF_TOKEN"] = FAKE_TOKEN
+    if tool.startswith("esmloc-push"):
+        command = [sys.executable, "-m", "esmloc.commands.push", str(frozen_run), "--hub_model_id", REPO_ID]
+        written = frozen_run
+    elif tool == "esmloc-dataset push":
+        written = exported_dataset(tmp_path / "dataset")
+        command = [sys.executable, "-m", "esmloc.commands.dataset", "push", str(written), "--hub_dataset_id", REPO_ID]
+    else:
+        written = tmp_path / "run"
+        command = [sys.executable, str(REPO / "train.py"), "--from_scratch", "tiny", "--train_file",
+                   str(proteins_csv), "--output_dir", str(written), "--max_residues", "64", "--num_train_epochs",
+                   "1", "--num_examples_to_show", "0", "--push_to_hub", "--hub_model_id", REPO_ID,
+                   "--hub_token", FAKE_TOKEN]
+    result = subprocess.run([*command, "--hub_endpoint", endpoint], check=False, cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=600)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0 and "Traceback" not in output, output[-3000:]
+    assert f"pushing to {endpoint}/{REPO_ID} failed (HTTP {status}: " in output, output[-3000:]
+    assert "request refused, it had" in output or "refused: " in output  # the endpoint's answer is shown...
+    assert "<token hidden>" in output  # ... without the token it echoed
+    assert_no_token(result.stdout, result.stderr, directories=[written])
+
+
+# --- a real mirror server and a plain git clone ----------------------------------------------------------------------
 
 
 def run_fresh(code: str, cwd: Path, env: dict, what: str, mirror: OlahMirror | None = None) -> dict:
@@ -772,6 +675,7 @@ def assert_same_predictions(loaded: dict, expected_logits: torch.Tensor, reporte
             assert by_label["Mitochondrion"] == pytest.approx(reported[protein], abs=1e-4)
 
 
+@pytest.mark.slow
 def test_round_trip_through_a_mirror_server_and_a_git_clone(frozen_run, proteins_csv, mirror, tmp_path):
     # Push, with the commit landing in the git work tree the mirror serves.
     hub = GitWorkTreeHub(mirror.mirrors)
@@ -821,6 +725,7 @@ def test_a_card_edited_or_written_by_hand_is_pushed_as_it_is(frozen_run, hub, tm
     assert not (run / "README.md").exists()
 
 
+@pytest.mark.slow
 def test_a_mirror_refuses_uploads_and_the_push_says_so(frozen_run, mirror, tmp_path):
     """The real HfApi against the real (read-only) mirror: the push fails with a clear message."""
     before = directory_digest(frozen_run)

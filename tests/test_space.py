@@ -14,16 +14,10 @@ from esmloc.commands import push as push_command
 from esmloc.saving import save_model
 from esmloc.space import MODEL_LINE, app_source, space_files, write_space
 
-from conftest import REPO, run_main, tiny_model
-from test_publish import calls_named, hub  # noqa: F401 (hub: the stand-in HfApi fixture)
+from conftest import REPO, calls_named, front_matter, run_main, tiny_model
 
 
 MODEL_ID, SPACE_ID = "alice/esmloc-mito", "alice/esmloc-mito-demo"
-
-
-def front_matter(text: str) -> dict:
-    assert text.startswith("---\n")
-    return yaml.safe_load(text.split("---\n")[1])
 
 
 def test_app_is_the_top_level_template_with_the_model_filled_in():
@@ -37,7 +31,7 @@ def test_app_is_the_top_level_template_with_the_model_filled_in():
 def test_space_files_card_requirements_and_code():
     files = space_files(MODEL_ID, SPACE_ID)
     card = files["README.md"].decode()
-    meta = front_matter(card)
+    meta, _ = front_matter(card)
     assert meta["sdk"] == "gradio" and meta["app_file"] == "app.py" and meta["models"] == [MODEL_ID]
     assert meta["sdk_version"].split(".")[0] == "6"
     assert f"https://huggingface.co/{MODEL_ID}" in card
@@ -45,10 +39,11 @@ def test_space_files_card_requirements_and_code():
     assert any(line.startswith("gradio") for line in requirements)
     assert any(line.startswith("transformers") for line in requirements)
     assert not any("selenium" in line or "pytest" in line for line in requirements)  # the test extra stays out
-    for name in ("esmloc/webapp.py", "esmloc/predict.py", "esmloc/engine.py", "esmloc/explain.py",
+    for name in ("esmloc/webapp.py", "esmloc/loading.py", "esmloc/engine.py", "esmloc/explain.py",
                  "modeling_esmloc.py", "configuration_esmloc.py", "tokenization_esmloc.py"):
         assert files[name] == (REPO / name).read_bytes(), name
     assert "esmloc/space_app.py" not in files and not any("__pycache__" in name for name in files)
+    assert not any(name.startswith("esmloc/commands/") for name in files)  # the app needs no command
 
 
 def test_the_written_space_runs_its_app_from_its_own_files(tmp_path):

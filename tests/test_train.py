@@ -4,7 +4,6 @@ import csv
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,57 +14,20 @@ import torch
 from esmloc.demo import write_demo_csv
 from esmloc.task import balanced_class_weights
 
-from conftest import REPO, run_offline, run_processes, write_deeploc_layout_csv
-
-
-TRAIN = [sys.executable, str(REPO / "train.py")]
-QUICK = ["--from_scratch", "tiny", "--num_train_epochs", "2", "--per_device_train_batch_size", "16",
-         "--max_residues", "200", "--num_examples_to_show", "3"]
-
-
-def train_env(**extra) -> dict:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-           "PYTHONUNBUFFERED": "1", **extra}
-    env.pop("WORLD_SIZE", None)
-    return env
-
-
-def run_train(args, cwd, env=None, timeout=600) -> subprocess.CompletedProcess:
-    result = subprocess.run(TRAIN + args, cwd=cwd, env=env or train_env(), capture_output=True, text=True,
-                            timeout=timeout)
-    if result.returncode != 0:
-        raise AssertionError(f"train.py failed ({result.returncode}):\n{result.stdout[-5000:]}\n{result.stderr[-5000:]}")
-    return result
-
-
-def distributed_failure(result: subprocess.CompletedProcess) -> str:
-    """What a failed multi-process run printed: the first failing process's traceback comes early in stderr, the
-    launcher's report of it at the end, so both ends are shown."""
-    stderr = result.stderr if len(result.stderr) < 8000 else result.stderr[:4000] + "\n[...]\n" + result.stderr[-4000:]
-    return result.stdout[-2000:] + stderr
-
-
-def loopback_only_namespace() -> list[str]:
-    """A command prefix that runs a command in a network namespace of its own, holding only the loopback
-    interface. PyTorch's rendezvous store (torchrun's agent, accelerate's rank 0) listens on all interfaces
-    whatever --master_addr says; in such a namespace the only interface is 127.0.0.1."""
-    for prefix in (["unshare", "--net"], ["unshare", "--map-root-user", "--net"]):
-        probe = subprocess.run(prefix + ["ip", "link", "set", "lo", "up"], capture_output=True)
-        if probe.returncode == 0:
-            return prefix + ["sh", "-c", 'ip link set lo up && exec "$@"', "sh"]
-    pytest.skip("cannot create a loopback-only network namespace (unshare/ip): refusing to start a PyTorch "
-                "rendezvous store that listens on all interfaces")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from conftest import (
+    QUICK, REPO, TRAIN, distributed_failure, free_port, loopback_only_namespace, run_offline, run_processes,
+    run_train, train_env, write_deeploc_layout_csv,
+)
 
 
 @pytest.fixture(scope="module")
 def proteins_csv(tmp_path_factory):
     return write_demo_csv(tmp_path_factory.mktemp("data") / "proteins.csv", n_rows=160, seed=3)
+
+
+# The full run stops early: at the first evaluation no better than the best so far (patience 1), so its best
+# checkpoint is always an earlier one than its last, and restoring the best one is visible in the saved model.
+STOPS_EARLY = ["--num_train_epochs", "8", "--early_stopping_patience", "1"]
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +37,8 @@ def runs(proteins_csv, tmp_path_factory):
     for mode in ("frozen", "lora", "full"):
         output_dir = tmp_path_factory.mktemp(f"run_{mode}")
         result = run_train(["--train_file", str(proteins_csv), "--output_dir", str(output_dir), "--finetune", mode,
-                            "--pooling", "attention" if mode == "full" else "mean", *QUICK],
+                            "--pooling", "attention" if mode == "full" else "mean", *QUICK,
+                            *(STOPS_EARLY if mode == "full" else [])],
                            cwd=tmp_path_factory.mktemp("cwd"))
         outputs[mode] = (output_dir, result.stdout + result.stderr)
     return outputs
@@ -102,6 +65,7 @@ print(json.dumps({{"probabilities": probabilities, "module": type(model).__modul
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["frozen", "lora", "full"])
 def test_run_leaves_a_loadable_evaluated_model(mode, runs, proteins_csv, tmp_path, elsewhere):
     output_dir, log = runs[mode]
@@ -132,20 +96,39 @@ def test_run_leaves_a_loadable_evaluated_model(mode, runs, proteins_csv, tmp_pat
         assert row["predicted_label"] == predicted
 
 
+def evaluations_of(output_dir):
+    """The run's trainer state and its evaluations, in order."""
+    state = json.loads((output_dir / "trainer_state.json").read_text())
+    return state, [entry for entry in state["log_history"] if "eval_mcc_tuned" in entry]
+
+
+@pytest.mark.slow
 def test_best_model_is_chosen_by_validation_mcc(runs):
     output_dir, _ = runs["full"]
     assert json.loads((output_dir / "run_info.json").read_text())["training"]["metric_for_best_model"] == "mcc_tuned"
-    state = json.loads((output_dir / "trainer_state.json").read_text())
-    evaluations = [entry for entry in state["log_history"] if "eval_mcc_tuned" in entry]
-    assert len(evaluations) == 2
-    assert state["best_metric"] == max(entry["eval_mcc_tuned"] for entry in evaluations)
+    state, evaluations = evaluations_of(output_dir)
+    best = max(evaluations, key=lambda entry: entry["eval_mcc_tuned"])  # the first of equals, as Trainer keeps it
+    last = evaluations[-1]
+    assert state["best_metric"] == best["eval_mcc_tuned"]
+    # The fixture's premise: the run stopped early, at an evaluation that found the model worse than the best one
+    # (not merely equal: its tuned threshold differs).
+    assert best["step"] < last["step"] == state["global_step"] and len(evaluations) < 8
+    assert last["eval_threshold_tuned"] != pytest.approx(best["eval_threshold_tuned"], abs=1e-6)
+    # The saved model is the best one: on validation it scores what the best evaluation scored (the final report
+    # predicts with exactly the saved weights), not what the last one did.
+    saved = json.loads((output_dir / "test_results.json").read_text())
+    assert saved["validation_mcc_tuned"] == pytest.approx(best["eval_mcc_tuned"])
+    assert saved["validation_threshold_tuned"] == pytest.approx(best["eval_threshold_tuned"], abs=1e-6)
 
 
+@pytest.mark.slow
 def test_the_saved_model_is_the_best_checkpoint_tensor_for_tensor(runs):
     from safetensors.torch import load_file
 
     output_dir, log = runs["full"]  # full fine-tuning: the encoder's LayerNorms change too
-    best = json.loads((output_dir / "trainer_state.json").read_text())["best_model_checkpoint"]
+    state, _ = evaluations_of(output_dir)
+    best = state["best_model_checkpoint"]
+    assert os.path.basename(best) != f"checkpoint-{state['global_step']}"  # an earlier checkpoint than the last
     best_weights = load_file(os.path.join(best, "model.safetensors"))
     final_weights = load_file(output_dir / "model.safetensors")
     assert set(best_weights) == set(final_weights)
@@ -155,12 +138,14 @@ def test_the_saved_model_is_the_best_checkpoint_tensor_for_tensor(runs):
     assert "missing keys" not in log.lower()
 
 
+@pytest.mark.slow
 def test_run_info_records_local_files_by_name_only(runs, proteins_csv):
     run_info = (runs["frozen"][0] / "run_info.json").read_text()
     assert str(proteins_csv.parent) not in run_info
     assert json.loads(run_info)["data"]["train_file"] == proteins_csv.name
 
 
+@pytest.mark.slow
 def test_failed_push_keeps_the_run_and_says_why(proteins_csv, tmp_path):
     output_dir = tmp_path / "out"
     result = subprocess.run(
@@ -179,12 +164,14 @@ def test_failed_push_keeps_the_run_and_says_why(proteins_csv, tmp_path):
     assert not [path for path in output_dir.rglob("*") if path.is_file() and b"esmloc_test_secret" in path.read_bytes()]
 
 
+@pytest.mark.slow
 def test_runs_log_no_spurious_warnings(runs):
     for mode, (_, log) in runs.items():
         assert "tokens that differ from the model config" not in log, mode  # Trainer re-aligning pad/eos ids
         assert "'pin_memory' argument is set as true" not in log, mode  # pinning on a CPU-only machine
 
 
+@pytest.mark.slow
 def test_finetune_modes_train_what_they_say(runs):
     counts = {}
     for mode, (output_dir, _) in runs.items():
@@ -212,6 +199,7 @@ def test_class_weights_balance_the_training_split():
     assert balanced_class_weights(multi_hot, 2, multi_label=True) == [3.0, 1.0]
 
 
+@pytest.mark.slow
 def test_arguments_from_a_json_or_yaml_file(proteins_csv, tmp_path):
     arguments = {"from_scratch": "tiny", "train_file": str(proteins_csv), "output_dir": str(tmp_path / "out"),
                  "num_train_epochs": 1, "max_residues": 100, "seed": 7, "finetune": "frozen",
@@ -234,6 +222,7 @@ def test_a_hung_launch_fails_with_every_process_stack(tmp_path):
     assert time.monotonic() - started < 60
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
 def test_two_process_ddp_produces_one_model(launcher, proteins_csv, tmp_path, elsewhere):
     port = "29500"  # the namespace is empty: any port is free there
@@ -255,12 +244,13 @@ def test_two_process_ddp_produces_one_model(launcher, proteins_csv, tmp_path, el
     run_info = json.loads((output_dir / "run_info.json").read_text())
     assert run_info["training"]["world_size"] == 2
     assert (output_dir / "model.safetensors").is_file()
-    assert (result.stdout + result.stderr).count("Model, metrics, predictions, plots and model card saved") == 1
+    assert result.stdout.count(f"Saved in {output_dir}/:") == 1  # the summary, from the main process only
     state = json.loads((output_dir / "trainer_state.json").read_text())
     # 112 training proteins, 16 per process and step, 2 processes: 4 steps an epoch, 8 in all (one process: 14).
     assert state["global_step"] == 8
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_from_its_last_checkpoint(proteins_csv, tmp_path):
     output_dir = tmp_path / "out"
     args = ["--train_file", str(proteins_csv), "--output_dir", str(output_dir), "--finetune", "full",
@@ -295,6 +285,7 @@ def test_killed_run_resumes_from_its_last_checkpoint(proteins_csv, tmp_path):
     assert (output_dir / "test_results.json").is_file()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("offline", [False, True])
 def test_unreachable_hub_says_what_to_do(offline, proteins_csv, tmp_path):
     env = train_env(HF_ENDPOINT=f"http://127.0.0.1:{free_port()}", HF_HOME=str(tmp_path / "hf_home"))
@@ -313,6 +304,7 @@ def test_unreachable_hub_says_what_to_do(offline, proteins_csv, tmp_path):
     assert "Traceback" not in message
 
 
+@pytest.mark.slow
 def test_missing_local_checkpoint_is_named(proteins_csv, tmp_path):
     result = subprocess.run(
         TRAIN + ["--model_name_or_path", str(tmp_path / "no_such_model"), "--train_file", str(proteins_csv),
@@ -340,6 +332,7 @@ print(json.dumps(torch.sigmoid(logits).tolist()))
 """
 
 
+@pytest.mark.slow
 def test_multi_label_deeploc_run(deeploc_csv, tmp_path, elsewhere):
     from esmloc.data import LOCATIONS
 

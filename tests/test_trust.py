@@ -22,8 +22,7 @@ from esmloc.engine import Engine
 from esmloc.saving import save_model, tokenizer_for
 from esmloc.commands.predict import main as predict_main
 
-from conftest import PROTEINS, REPO, tiny_model, write_deeploc_layout_csv
-from test_train import QUICK, TRAIN, run_train, train_env
+from conftest import PROTEINS, QUICK, REPO, TRAIN, run_train, tiny_model, train_env, write_deeploc_layout_csv
 
 
 def run(args, cwd, env=None) -> subprocess.CompletedProcess:

@@ -1,6 +1,7 @@
 """The demo app (esmloc/webapp.py): input parsing, and the running app driven through its API (gradio_client) and in
 a real headless Chromium (Debian's chromium + chromium-driver through Selenium): the table equals esmloc-predict's
-output, the explanation plot is drawn, bad input gets a message naming the record."""
+output, the explanation plot is drawn when asked, bad input gets a message naming the record, and what a user sent
+is shown as text. tests/test_demo_hostile.py drives the server as a hostile client would."""
 
 import csv
 import json
@@ -16,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from esmloc.demo import demo_rows
-from esmloc.webapp import MAX_SEQUENCES, InputError, parse_proteins
+from esmloc.webapp import InputError, Limits, parse_proteins
 
 from conftest import REPO
 
@@ -35,7 +36,7 @@ SCREENSHOTS = os.environ.get("ESMLOC_SCREENSHOT_DIR")  # also keep the screensho
 # --- input parsing --------------------------------------------------------------------------------------------------
 
 
-def test_raw_and_fasta_text_are_read_and_bad_records_are_named(tmp_path):
+def test_raw_and_fasta_text_are_read_and_bad_records_are_named():
     assert parse_proteins("MKTAYIAK\n\n  mlrtsslf \n") == [("sequence_1", "MKTAYIAK"), ("sequence_2", "MLRTSSLF")]
     assert parse_proteins(">sp|P12345|X_HUMAN one\nMKTA\nYIAK\n>two\nMLR") == [("P12345", "MKTAYIAK"),
                                                                                 ("two", "MLR")]
@@ -43,15 +44,37 @@ def test_raw_and_fasta_text_are_read_and_bad_records_are_named(tmp_path):
         parse_proteins("MKT\nMKJL")
     with pytest.raises(InputError, match=r"pasted text, line 3, ACC 'P2': empty sequence"):
         parse_proteins(">P1\nMKT\n>P2\n>P3\nMKL")
-    with pytest.raises(InputError, match=f"more than {MAX_SEQUENCES} sequences"):
-        parse_proteins("\n".join(["MKT"] * (MAX_SEQUENCES + 1)))
+    limit = Limits().max_sequences
+    with pytest.raises(InputError, match=f"more than {limit} sequences"):
+        parse_proteins("\n".join(["MKT"] * (limit + 1)))
     with pytest.raises(InputError, match="no sequence"):
         parse_proteins("  \n")
-    upload = tmp_path / "mine.csv"
+    with pytest.raises(InputError, match="5 characters; this server reads at most 4 characters"):
+        parse_proteins(">P1\nM", limits=Limits(max_chars=4))
+    with pytest.raises(InputError, match="P1: 5 residues; this server reads proteins of up to 4 residues"):
+        parse_proteins(">P1\nMKTAY", limits=Limits(max_residues=4))
+    with pytest.raises(InputError, match="the sequences must be text"):
+        parse_proteins(["MKT"])
+
+
+def test_an_upload_is_read_once_and_deleted_and_other_files_are_left_alone(tmp_path, monkeypatch):
+    pytest.importorskip("gradio", reason="the demo needs the demo extra: pip install -e '.[demo]'")
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "uploads"))
+    upload = tmp_path / "uploads" / "0a1b2c" / "mine.csv"  # where gradio puts an upload: a folder named by its hash
+    upload.parent.mkdir(parents=True)
     upload.write_text("ACC,Seq\nP1,MKT\n")
-    with pytest.raises(InputError, match=r"uploaded file mine.csv, line 1: missing column\(s\) \['Sequence'\]"):
+    with pytest.raises(InputError, match=r"uploaded file mine.csv, line 1: missing column\(s\) \['Sequence'\]") as error:
         parse_proteins("", str(upload))
-    assert str(tmp_path) not in str(pytest.raises(InputError, parse_proteins, "", str(upload)).value)
+    assert str(tmp_path) not in str(error.value)
+    assert not upload.exists() and not upload.parent.exists()
+    upload.parent.mkdir()
+    upload.write_text("ACC,Sequence\nP1,MKT\n")
+    assert parse_proteins("", str(upload)) == [("P1", "MKT")] and not upload.exists()
+    mine = tmp_path / "mine.fasta"  # a file of the server's disk, named as if uploaded: neither read nor deleted
+    mine.write_text(">P1\nMKT\n")
+    with pytest.raises(InputError, match="uploaded file mine.fasta is not an upload of this server"):
+        parse_proteins("", str(mine))
+    assert mine.read_text() == ">P1\nMKT\n"
 
 
 # --- a trained model, esmloc-predict's answer, and the running app ------------------------------------------------
@@ -135,6 +158,7 @@ def app_url(trained_model, tmp_path_factory):
     assert server.returncode is not None
 
 
+@pytest.mark.slow
 def test_api_endpoint_returns_esmloc_predicts_numbers(app_url, predicted):
     from gradio_client import Client
 
@@ -183,8 +207,14 @@ def submit(browser, url, text):
     box.clear()
     box.send_keys(text)
     browser.find_element(By.CSS_SELECTOR, "#predict").click()
-    return WebDriverWait(browser, 120).until(
-        lambda page: page.find_element(By.CSS_SELECTOR, "#message").text.strip() or None)
+    return WebDriverWait(browser, 120).until(lambda page: message_text(page, "message") or None)
+
+
+def message_text(browser, elem_id: str) -> str:
+    """The text of a message box (a read-only textbox: its value, as typed text, never rendered)."""
+    from selenium.webdriver.common.by import By
+
+    return browser.find_element(By.CSS_SELECTOR, f"#{elem_id} textarea").get_attribute("value").strip()
 
 
 HEADER = ["ACC", "probability_Other", "probability_Mitochondrion", "threshold_Mitochondrion", "predicted_label"]
@@ -212,6 +242,7 @@ def save_screenshot(browser, tmp_path, name) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_browser_shows_esmloc_predicts_table_and_the_explanation_plot(app_url, browser, predicted, trained_model,
                                                                      tmp_path):
     from selenium.webdriver.common.by import By
@@ -228,7 +259,10 @@ def test_browser_shows_esmloc_predicts_table_and_the_explanation_plot(app_url, b
         # The very strings esmloc-predict wrote (6 significant digits), the tuned threshold, the same label.
         assert shown == [theirs["ACC"], theirs["probability_Other"], theirs["probability_Mitochondrion"],
                          f"{threshold:.4g}", theirs["predicted_label"]]
-    # The first protein is explained at once: its residues, and the plot of the scores (drawn by Vega).
+    # Nothing is explained until asked; then the chosen protein (the first): its residues and the plot of the scores
+    # (drawn by Vega).
+    assert not browser.find_elements(By.CSS_SELECTOR, "#residues .token .text")
+    browser.find_element(By.CSS_SELECTOR, "#explain").click()
     residues = WebDriverWait(browser, 60).until(
         lambda page: page.find_elements(By.CSS_SELECTOR, "#residues .token .text") or None)
     assert "".join(span.text.strip() for span in residues) == PROTEINS[0][1]
@@ -239,6 +273,7 @@ def test_browser_shows_esmloc_predicts_table_and_the_explanation_plot(app_url, b
     assert path.stat().st_size > 20_000
 
 
+@pytest.mark.slow
 def test_browser_shows_a_message_naming_the_bad_record(app_url, browser, tmp_path):
     message = submit(browser, app_url, ">P1\nMKTAYIAK\n>P2\n>P3\nMKJL")
     assert "Cannot predict" in message and "ACC 'P2': empty sequence" in message
@@ -246,3 +281,26 @@ def test_browser_shows_a_message_naming_the_bad_record(app_url, browser, tmp_pat
     message = submit(browser, app_url, ">P1\nMKTAYIAK\n>P3\nMKJL")
     assert "ACC 'P3': character 'J' at position 3" in message
     save_screenshot(browser, tmp_path, "demo_app_bad_input.png")
+
+
+def test_browser_shows_what_a_user_sent_as_text(app_url, browser, tmp_path):
+    """FASTA headers holding Markdown and HTML, in the table, the protein list and the messages: shown as typed,
+    never rendered (no element made from them)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    acc = "**P1**<b>bold</b><img_src=x>_x_"
+    message = submit(browser, app_url, f">{acc}\n{PROTEINS[0][1]}")
+    assert message.startswith("Predicted 1 protein(s).\n- " + f"{acc}: {len(PROTEINS[0][1])} residues; the model")
+    rows = WebDriverWait(browser, 30).until(lambda page: len(table_rows(page)) == 1 and table_rows(page))
+    assert rows[0][0] == acc
+    chosen = browser.find_element(By.CSS_SELECTOR, "#chosen input").get_attribute("value")
+    assert chosen == acc
+    for elem_id in ("predictions", "chosen", "message", "about"):
+        assert not browser.find_elements(By.CSS_SELECTOR, f"#{elem_id} b, #{elem_id} strong, #{elem_id} img, "
+                                                          f"#{elem_id} em"), elem_id
+    message = submit(browser, app_url, ">*P2*<i>x</i>\nMKJ")
+    assert message == "Cannot predict: pasted text, line 1, ACC '*P2*<i>x</i>': character 'J' at position 3 is not " \
+                      "a residue of the ESM-2 alphabet (LAGVSERTIDPKQNFYMHWCXBUZO)"
+    assert not browser.find_elements(By.CSS_SELECTOR, "#message i, #message em")
+    save_screenshot(browser, tmp_path, "demo_app_text.png")

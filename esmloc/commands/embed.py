@@ -6,7 +6,9 @@
 
 MODEL_OR_ESM_CHECKPOINT is an esmloc model directory (saved by train.py) or a stock ESM-2 checkpoint: a local
 directory or a hub id (`EsmModel` or `EsmForMaskedLM` layout). Sequences are normalised and cropped as the model
-says (a stock checkpoint: 1022 residues, middle crop, the esmloc default), exactly as for prediction.
+says (a stock checkpoint: 1022 residues, middle crop, the esmloc default), exactly as for prediction; with
+`--long_proteins windows` (or a model saved with that rule) a longer protein is embedded whole, in overlapping windows
+(`--window_overlap`), and its per-residue states cover every residue.
 
 Output: a Parquet file (pyarrow, written in row groups as the parts are merged), one row per input record, in input
 order, duplicates included:
@@ -50,7 +52,7 @@ from safetensors.numpy import save as safetensors_bytes
 from tqdm.auto import tqdm
 
 from esmloc import cli, jobs, loading
-from esmloc.cache import backbone_fingerprint, sequence_key
+from esmloc.cache import backbone_fingerprint, long_protein_rule, sequence_key
 from esmloc.digests import tensors_digest
 from esmloc.embeddings import (
     INDEX_FILE, POOLINGS, RESIDUE_DTYPES, SCHEMA_FIELDS, RepeatedSequences, choose_pooling, embedding_table,
@@ -99,27 +101,28 @@ def embed(argv=None) -> int:
                                  "esmloc-embed run: refusing to replace it; choose another directory")
         device = cli.choose_device(args.device, state)
         model, tokenizer, kind = loading.load_model_or_backbone(args.model, device)
+        tokenizer = loading.with_long_proteins(model, args.long_proteins, args.window_overlap) or tokenizer
         pooling = choose_pooling(args.pooling, model, kind)
     suffixes = (".parquet",) + ((".safetensors",) if args.per_residue else ())
     job = jobs.PartsJob("esmloc-embed", input_path, output, suffixes, max_residues=tokenizer.max_residues,
                         part_size=args.part_size, chunk_size=args.chunk_size, state=state, with_repeats=True)
     plan = job.plan()
     job.validate()
-    note = crop_note(plan.cropped, plan.records, tokenizer.max_residues, tokenizer.crop)
+    note = crop_note(plan.cropped, plan.records, tokenizer.max_residues, tokenizer.crop, tokenizer.long_proteins,
+                     tokenizer.window_overlap)
     if note:
         logger.warning("%s", note)
     engine = Engine(model, tokenizer, max_tokens_per_batch=args.max_tokens_per_batch, device=device,
                     precision=args.precision, progress=False)
     residue_dtype = RESIDUE_DTYPES[args.per_residue_dtype]
-    logger.info("%s: %d proteins in %d parts of %d, %d process(es); %s %s, %s pooling, %s, cropped to %d residues "
-                "(%s)", input_path, plan.records, plan.parts, plan.part_size, job.processes, kind, args.model,
-                pooling, engine.precision_name, tokenizer.max_residues, tokenizer.crop)
+    logger.info("%s: %d proteins in %d parts of %d, %d process(es); %s %s, %s pooling, %s, long proteins: %s",
+                input_path, plan.records, plan.parts, plan.part_size, job.processes, kind, args.model, pooling,
+                engine.precision_name, long_protein_rule(tokenizer))
     if len(plan.repeats):
         logger.info("%d record(s) repeat the sequence of an earlier record: embedded once, written for each",
                     len(plan.repeats))
     settings = {"backbone": None, "pooling": pooling, "precision": engine.precision_name,
-                "max_residues": tokenizer.max_residues, "crop": tokenizer.crop,
-                "per_residue_dtype": args.per_residue_dtype if args.per_residue else None}
+                **long_protein_rule(tokenizer), "per_residue_dtype": args.per_residue_dtype if args.per_residue else None}
 
     def fingerprint():
         settings["backbone"] = backbone_fingerprint(model.esm)

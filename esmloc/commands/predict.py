@@ -13,9 +13,14 @@ Output, one row per input record, in input order:
   classes the most probable label is predicted;
 - multi-label models: ACC, probability_<label> for every label, predicted_labels (the labels at or above their
   thresholds, joined with ";"; empty for none).
-The decision threshold is, in this order: --threshold; the threshold tuned for MCC on the validation split of the
-training run (`test_threshold_tuned`, per label `test_threshold_<label>_tuned`, from MODEL_DIR/test_results.json);
-0.5. The log (stderr) says which one was used.
+The decision threshold is, in this order: --threshold; the model's own, tuned for MCC on the validation split of the
+training run and stored in its config.json (`decision_thresholds`, what the pipeline applies too); for models saved
+before the config held it, the tuned keys of MODEL_DIR/test_results.json (`test_threshold_tuned`, per label
+`test_threshold_<label>_tuned`); 0.5 (`esmloc.task.decision_thresholds`). The log (stderr) says which one was used.
+
+Long proteins (longer than the model's window, `max_residues`) are cropped or embedded whole in overlapping windows,
+as the model's config says (`long_proteins`, saved with the model); `--long_proteins` / `--window_overlap` choose
+otherwise, with a warning (the model was trained and evaluated with its own rule). The log says how many there are.
 
 Streaming: records are read and predicted in chunks of --chunk_size (batched within a chunk by the engine)
 and written as they come, so memory does not grow with the input; the progress bar moves with every batch.
@@ -68,14 +73,17 @@ def parse_arguments(argv=None) -> argparse.Namespace:
         "model_dir", "a model directory saved by train.py", "CSV")
     parser.add_argument("--threshold", type=cli.probability, default=None,
                         help="decision threshold for the positive label (every label for multi-label models), in "
-                             "[0, 1]; default: the tuned one from MODEL_DIR/test_results.json, else 0.5")
+                             "[0, 1]; default: the model's own (decision_thresholds in config.json), else 0.5")
     parser.add_argument("--resumable", action="store_true",
                         help="with one process too: write resumable parts beside the output, as several processes "
                              "do (see Large jobs)")
     parser.add_argument("--explain", metavar="DIR", default=None,
                         help="also write per-residue explanations into DIR: explanations.csv (occlusion scores, and "
                              "attention-pooling weights, for every residue) and a PNG per protein for the first "
-                             "--explain_plots (esmloc.explain)")
+                             "--explain_plots (esmloc.explain; a second pass: occlusion windows centred on every "
+                             "residue of proteins up to ~220 residues, every few residues beyond, at most ~48 "
+                             "forward passes of a 1,022-residue protein each; the CSV says each protein's window and "
+                             "stride)")
     parser.add_argument("--explain_plots", type=int, default=10, help="proteins drawn by --explain (default 10)")
     cli.add_engine_options(parser, "predicted and written")
     args = parser.parse_args(argv)
@@ -156,8 +164,8 @@ def predict(argv=None) -> int:
     if repeated_ids:
         logger.warning("%s: %d record ID(s) occur more than once; each record gets its own row, in input order "
                        "(listed at the end)", input_path, len(repeated_ids))
-    note_cropped(cropped, total, config)
-    model, tokenizer = loading.load_model_dir(args.model_dir, device)
+    model, tokenizer = load(args, device)
+    note_cropped(cropped, total, model.config)
     thresholds, source = decision_thresholds(args.model_dir, model.config, args.threshold)
     logger.info("%s: %d proteins (%d residues); model %s (%s pooling); decision threshold: %s", input_path, total,
                 residues, args.model_dir, model.config.pooling, source)
@@ -179,9 +187,23 @@ def predict(argv=None) -> int:
     return 0
 
 
-def note_cropped(cropped: int, total: int, config: dict) -> None:
-    """Says once per run how many proteins are longer than the model's window, and so cropped."""
-    message = crop_note(cropped, total, config["max_residues"], config["crop"])
+def load(args, device):
+    """The model and tokenizer of MODEL_DIR, with the long-protein rule of --long_proteins / --window_overlap when
+    given (a warning when it is not the one the model was trained and evaluated with)."""
+    model, tokenizer = loading.load_model_dir(args.model_dir, device)
+    saved = (model.config.long_proteins, model.config.window_overlap)
+    tokenizer = loading.with_long_proteins(model, args.long_proteins, args.window_overlap) or tokenizer
+    if (model.config.long_proteins, model.config.window_overlap) != saved:
+        logger.warning("%s was trained and evaluated with long_proteins=%s (window_overlap %s); predicting with %s "
+                       "(window_overlap %s), as asked", args.model_dir, *saved, model.config.long_proteins,
+                       model.config.window_overlap)
+    return model, tokenizer
+
+
+def note_cropped(cropped: int, total: int, config) -> None:
+    """Says once per run how many proteins are longer than the model's window, and so cropped (or windowed)."""
+    message = crop_note(cropped, total, config.max_residues, config.crop, config.long_proteins,
+                        config.window_overlap)
     if message:
         logger.warning("%s", message)
 
@@ -198,9 +220,9 @@ def predict_in_parts(args, state) -> int:
                         part_size=args.part_size, chunk_size=args.chunk_size, state=state)
     plan = job.plan()
     job.validate()
-    note_cropped(plan.cropped, plan.records, config)
-    model, tokenizer = loading.load_model_dir(args.model_dir, device)
+    model, tokenizer = load(args, device)
     config = model.config
+    note_cropped(plan.cropped, plan.records, config)
     thresholds, source = decision_thresholds(args.model_dir, config, args.threshold)
     engine = Engine(model, tokenizer, max_tokens_per_batch=args.max_tokens_per_batch, device=device,
                     precision=args.precision, progress=False)

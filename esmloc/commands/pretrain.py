@@ -288,7 +288,7 @@ def pretrain(argv=None) -> int:
         runs.write_record(output_dir, identity, finished=True, training_length=length)
         logger.info("Masked language model, metrics, perplexity curve and model card saved in %s", output_dir)
     trainer.accelerator.wait_for_everyone()
-    trainer.accelerator.end_training()  # process group closed before exit (else gloo may abort a process at exit)
+    cli.end_processes(trainer)
     return 0
 
 

@@ -10,9 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx2
-from huggingface_hub import HfApi
 
-from esmloc import cli, publish
+from esmloc import cli, publish, space
 from esmloc.card import DEFAULT_LICENSE, PublishError, as_hub_model_id
 from esmloc.errors import EnvironmentProblem, InputError
 
@@ -76,11 +75,9 @@ def push(argv=None) -> int:
         raise EnvironmentProblem(str(error)) from None
     print(url)
     if args.space:
-        from esmloc.space import push_space
-
         endpoint = publish.resolve_endpoint(args.hub_endpoint)
         try:
-            print(push_space(args.space, args.hub_model_id, HfApi(endpoint=endpoint), endpoint,
+            print(space.push_space(args.space, args.hub_model_id, publish.HfApi(endpoint=endpoint), endpoint,
                              private=args.hub_private_repo))
         except (httpx2.HTTPError, OSError, ValueError) as error:
             raise EnvironmentProblem(f"the model is at {url}, but the Space failed: "

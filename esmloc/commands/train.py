@@ -28,7 +28,8 @@ import torch
 from transformers import DataCollatorWithPadding, EarlyStoppingCallback, Trainer, TrainingArguments, set_seed
 
 from configuration_esmloc import (
-    CROP_STRATEGIES, DEFAULT_CROP, DEFAULT_MAX_RESIDUES, ESM2_ARCHITECTURES, POOLING_MODES,
+    CROP_STRATEGIES, DEFAULT_CROP, DEFAULT_LONG_PROTEINS, DEFAULT_MAX_RESIDUES, ESM2_ARCHITECTURES, LONG_PROTEIN_RULES,
+    POOLING_MODES, window_overlap_for,
 )
 from esmloc import cache, cli, data, dataset_hub, demo, evaluation, finetuning, progress, publish, report, runs, task
 from esmloc.engine import PRECISIONS
@@ -63,8 +64,19 @@ class ModelArguments:
     )
     pooling: str = field(default="mean", metadata={"choices": list(POOLING_MODES)})
     classifier_dropout: float = field(default=0.1)
-    max_residues: int = field(default=DEFAULT_MAX_RESIDUES, metadata={"help": "Proteins longer than this are cropped."})
-    crop: str = field(default=DEFAULT_CROP, metadata={"choices": list(CROP_STRATEGIES)})
+    max_residues: int = field(default=DEFAULT_MAX_RESIDUES, metadata={
+        "help": "The model's window: proteins longer than this are cropped (--long_proteins crop) or embedded in "
+                "windows of this many residues (--long_proteins windows)."})
+    crop: str = field(default=DEFAULT_CROP, metadata={"choices": list(CROP_STRATEGIES),
+                                                      "help": "How --long_proteins crop crops."})
+    long_proteins: str = field(default=DEFAULT_LONG_PROTEINS, metadata={
+        "choices": list(LONG_PROTEIN_RULES),
+        "help": "crop: a protein longer than --max_residues is cropped (--crop); windows: it is embedded whole, in "
+                "overlapping windows of --max_residues residues (each residue's state from the window it is most "
+                "central in), and pooled whole. Saved with the model; every esmloc tool honours it."})
+    window_overlap: int | None = field(default=None, metadata={
+        "help": "With --long_proteins windows: the least overlap of neighbouring windows, in residues (default a "
+                "quarter of --max_residues; the stride is at most --max_residues minus this)."})
     class_weights: bool = field(
         default=True,
         metadata={"help": "Weight the loss by class frequencies of the training split (balanced cross-entropy, "
@@ -112,6 +124,10 @@ class ModelArguments:
         cli.require(not (self.model_name_or_path and self.from_scratch),
                     "give one of --model_name_or_path (an ESM-2 checkpoint) or --from_scratch, not both")
         cli.require(self.max_residues >= 1, f"--max_residues must be at least 1, got {self.max_residues}")
+        try:
+            window_overlap_for(self.max_residues, self.window_overlap)
+        except ValueError as error:  # the config's own check, in the option's name
+            raise ValueError(f"--{error}") from None
         for name in ("classifier_dropout", "lora_dropout"):
             value = getattr(self, name)
             cli.require(0 <= value < 1, f"--{name} must lie in [0, 1), got {value}")
@@ -310,7 +326,7 @@ def load_data(data_args: DataArguments, model_args: ModelArguments, training_arg
     log_main(training_args, "Data:\n%s", data.format_summary(dataset))
     lengths = [len(sequence) for split in dataset.values() for sequence in split["Sequence"]]
     note = crop_note(sum(length > model_args.max_residues for length in lengths), len(lengths),
-                     model_args.max_residues, model_args.crop)
+                     model_args.max_residues, model_args.crop, model_args.long_proteins, model_args.window_overlap)
     if note:
         log_main(training_args, "%s", note, level=logging.WARNING)
     return dataset, labels, split_targets
@@ -353,6 +369,12 @@ def make_trainer(model, trainable_model, tokenizer, dataset, split_targets, mode
     kwargs = dict(compute_metrics=evaluation.compute_metrics(multi_label, task.label_names(config),
                                                              tune_threshold=True), callbacks=callbacks)
     if finetuning.uses_feature_cache(model_args):
+        # No backbone runs while the head trains on features: nothing to checkpoint (and the head has no such method).
+        for name in ("gradient_checkpointing", "activation_checkpointing"):  # the latter: transformers >= 5.2x's name
+            if getattr(training_args, name, False):
+                setattr(training_args, name, False)
+                log_main(training_args, "--%s: nothing to checkpoint, --finetune frozen trains the head on cached "
+                         "features (ignored)", name)
         return cache.feature_trainer(model, tokenizer, dataset, training_args, split_targets,
                                      cache_dir=feature_cache_dir(model_args),
                                      max_tokens_per_batch=model_args.max_tokens_per_batch,
@@ -363,11 +385,12 @@ def make_trainer(model, trainable_model, tokenizer, dataset, split_targets, mode
                    data_collator=DataCollatorWithPadding(tokenizer), **kwargs)
 
 
-def push(output_dir: Path, model_args, training_args) -> None:
+def push(output_dir: Path, model_args, training_args, token: str | None = None) -> None:
+    """Pushes the finished output directory (`--push_to_hub`) with `token` (`--hub_token`), else the login's."""
     try:
         url = publish.push_output_dir(output_dir, training_args.hub_model_id,
                                       private=bool(training_args.hub_private_repo), endpoint=model_args.hub_endpoint,
-                                      token=training_args.hub_token,
+                                      token=token,
                                       what="adapter" if model_args.push_adapter else "merged")
     except publish.PublishError as error:
         raise EnvironmentProblem(f"The model is saved in {output_dir}, but the push failed: {error}") from None
@@ -381,8 +404,10 @@ def train(argv=None) -> int:
     started = time.perf_counter()
     model_args, data_args, training_args = parse_arguments(argv)
     # Trainer's own hub logic would create the repo at init and upload checkpoints (pickles); esmloc pushes the
-    # finished output directory at the end instead.
+    # finished output directory at the end instead. The token stays out of Trainer's hands too: it pickles its
+    # arguments into every checkpoint and the output directory (training_args.bin).
     push_to_hub, training_args.push_to_hub = training_args.push_to_hub, False
+    hub_token, training_args.hub_token = training_args.hub_token, None
     check_arguments(model_args, data_args, training_args)
     set_seed(training_args.seed)
     output_dir = Path(training_args.output_dir)
@@ -438,8 +463,8 @@ def train(argv=None) -> int:
     # Push only once every process is done, so that a failed push cannot leave other processes waiting.
     trainer.accelerator.wait_for_everyone()
     if push_to_hub and trainer.is_world_process_zero():
-        push(output_dir, model_args, training_args)
-    trainer.accelerator.end_training()  # process group closed before exit (else gloo may abort a process at exit)
+        push(output_dir, model_args, training_args, hub_token)
+    cli.end_processes(trainer)
     return 0
 
 
