@@ -335,20 +335,21 @@ def _crop_text(crop: str | None) -> str:
         crop, f"crop strategy {crop!r}")
 
 
-def _long_proteins_texts(config: dict) -> tuple[str, str]:
-    """(the summary table's cell, the limitation) for the model's long-protein rule: cropped, or whole in windows."""
+def _long_proteins_texts(config: dict) -> tuple[str, str, str]:
+    """(the summary table's cell, the limitation's heading, the limitation after the template's sentence on ESM-2's
+    training length) for the model's long-protein rule: cropped, or whole in windows."""
     max_residues = config.get("max_residues", "(not recorded)")
     if config.get("long_proteins") == "windows":
         overlap = window_overlap_for(max_residues, config.get("window_overlap"))
         return (f"embedded whole, in windows of {max_residues} residues overlapping by at least {overlap} (each "
-                "residue's state from the window it is most central in), on every path",
-                f"**Long proteins.** ESM-2 was trained on at most 1022 residues. This model sees every residue of a "
-                f"longer protein, each through a window of {max_residues} residues: it never relates residues that no "
-                "window holds together (for instance signals at the two ends of a long protein).")
+                "residue's state from the window it is most central in), on every path", "Long proteins.",
+                f"This model sees every residue of a longer protein, each through a window of {max_residues} residues: "
+                "it never relates residues that no window holds together (for instance signals at the two ends of a "
+                "long protein).")
     return (f"cropped to {max_residues} residues ({_crop_text(config.get('crop'))}) by the tokenizer, on every path",
-            f"**Cropping.** ESM-2 was trained on at most 1022 residues. This model sees at most {max_residues} "
-            f"residues of a protein ({_crop_text(config.get('crop'))}); signals in the removed part (for instance an "
-            "internal targeting signal) are invisible to it.")
+            "Cropping.",
+            f"This model sees at most {max_residues} residues of a protein ({_crop_text(config.get('crop'))}); signals "
+            "in the removed part (for instance an internal targeting signal) are invisible to it.")
 
 
 def _training_rows(run: RunRecord) -> list[tuple[str, str]]:
@@ -590,8 +591,8 @@ def render_model_card(
         adapter_saves=", ".join(f"`{m}`" for m in run.adapter_config.get("modules_to_save") or []),
         finetune_text=finetune_text,
         head_text=_head_text(run),
-        long_proteins_text=_long_proteins_texts(run.config)[0],
-        long_proteins_limitation=_long_proteins_texts(run.config)[1],
+        **dict(zip(("long_proteins_text", "long_proteins_heading", "long_proteins_limitation"),
+                   _long_proteins_texts(run.config))),
         load_ref=load_ref,
         clone_url=f"{hub_url}/{repo_id}" if repo_id else f"{hub_url}/<user>/{name}",
         clone_dir=name,
