@@ -763,7 +763,10 @@ def main(argv=None) -> dict:
         report = write_report(sections, budget, tasks, info, results, output_dir, started)
     print("\n" + report)
     print(f"Written: {output_dir / 'accuracy.md'}, {output_dir / 'accuracy.json'}")
-    common.write_table("accuracy-pretrain" if args.pretrain else "accuracy",
+    # One table per kind of run: the crop-vs-windows comparison does not replace the main table.
+    name = "accuracy" + ("-pretrain" if args.pretrain else "") + ("-long_proteins" if "windows" in budget.long_proteins
+                                                                 else "")
+    common.write_table(name,
                        f"Accuracy on DeepLoc 2.0 ({data_file.name}), homology partitions", report, smoke=args.smoke,
                        other_load="load average at start "
                        + ", ".join(f"{x:.2f}" for x in info["host"]["load_average_at_start"]))
