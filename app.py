@@ -11,7 +11,6 @@ ESMLOC_MAX_RESIDUES, ESMLOC_MAX_UPLOAD_BYTES, ESMLOC_MAX_EXPLAIN_RESIDUES, ESMLO
 """
 
 import os
-import sys
 
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")

@@ -52,7 +52,8 @@ ORDERS = ("old", "new")
 
 def run_worker(order: str, train_args: list[str]) -> int:
     """One process of a run (torchrun starts two): esmloc's train.py, ending in the given order."""
-    from esmloc import cli, train
+    from esmloc import cli
+    from esmloc.commands import train
 
     if order == "old":
         cli.end_processes = lambda trainer=None: trainer.accelerator.end_training()  # what train.py did before

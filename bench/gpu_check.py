@@ -217,8 +217,8 @@ def main(argv=None) -> int:
         deadline = budgets[name] - margin if margin and not args.smoke else None
         results[name] = run_section(name, section_command(name, args.smoke, deadline, out), budgets[name], env, log)
         if name == "install":
-            check = [sys.executable, "-c", "import datasets, evaluate, transformers, peft, esmloc.train, "
-                     "esmloc.predict, esmloc.embed; print('imports: transformers', transformers.__version__, "
+            check = [sys.executable, "-c", "import datasets, evaluate, transformers, peft, esmloc.commands.train, "
+                     "esmloc.commands.predict, esmloc.commands.embed; print('imports: transformers', transformers.__version__, "
                      "'datasets', datasets.__version__, 'peft', peft.__version__, 'esmloc from', esmloc.__file__)"]
             checked = subprocess.run(check, cwd=tempfile.gettempdir(), env=env, capture_output=True, text=True)
             with open(log, "a") as handle:

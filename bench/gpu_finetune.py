@@ -6,7 +6,7 @@ on batches bounded by a token budget, with and without gradient checkpointing.
 
 A step is what train.py's Trainer runs with `--bf16` (and `--gradient_checkpointing`): `EsmForLocalization`'s
 forward on a padded batch under bf16 autocast over fp32 weights, the loss's backward, a fused AdamW step over the
-trainable parameters, zero_grad. LoRA is train.py's own set-up (`esmloc.train.prepare_finetuning`: r 8 on query, key,
+trainable parameters, zero_grad. LoRA is train.py's own set-up (`esmloc.finetuning.prepare_finetuning`: r 8 on query, key,
 value and dense, the head trained in full). Checkpointing is switched on through the model's own method, as the
 Trainer does (`activation_checkpointing_enable` where transformers has it, else `gradient_checkpointing_enable`).
 
@@ -80,7 +80,8 @@ def enable_checkpointing(model, enabled: bool) -> None:
 
 def build(size: str, mode: str, device):
     from configuration_esmloc import ESM2_ARCHITECTURES, EsmLocConfig
-    from esmloc.train import ModelArguments, prepare_finetuning
+    from esmloc.commands.train import ModelArguments
+    from esmloc.finetuning import prepare_finetuning
     from modeling_esmloc import EsmForLocalization
 
     torch.manual_seed(0)

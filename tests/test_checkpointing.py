@@ -9,7 +9,7 @@ from transformers.models.esm.modeling_esm import EsmIntermediate
 
 from configuration_esmloc import ESM2_ARCHITECTURES
 from esmloc.demo import write_demo_csv
-from esmloc.train import main as train_main
+from esmloc.commands.train import main as train_main
 
 
 QUICK = ["--from_scratch", "tiny", "--num_train_epochs", "1", "--per_device_train_batch_size", "16",

@@ -188,7 +188,7 @@ def test_predict_on_cuda_equals_cpu(saved_model):
     outputs = {}
     for name, options in (("cpu", ["--device", "cpu"]), ("cuda_fp32", ["--device", "cuda", "--precision", "fp32"]),
                           ("cuda_auto", ["--device", "cuda"])):
-        run_cli("esmloc.predict", [model_dir, fasta, "-o", root / f"{name}.csv", *options], root)
+        run_cli("esmloc.commands.predict", [model_dir, fasta, "-o", root / f"{name}.csv", *options], root)
         outputs[name] = pd.read_csv(root / f"{name}.csv")
     columns = [column for column in outputs["cpu"].columns if column.startswith("probability_")]
     for name, precision in (("cuda_fp32", "fp32"), ("cuda_auto", "bf16")):
@@ -201,8 +201,8 @@ def test_predict_on_cuda_equals_cpu(saved_model):
 
 def test_embed_on_cuda_equals_cpu(saved_model):
     model_dir, fasta, root = saved_model
-    run_cli("esmloc.embed", [model_dir, fasta, "-o", root / "cpu.parquet", "--device", "cpu"], root)
-    run_cli("esmloc.embed", [model_dir, fasta, "-o", root / "cuda.parquet", "--device", "cuda", "--precision", "fp32"],
+    run_cli("esmloc.commands.embed", [model_dir, fasta, "-o", root / "cpu.parquet", "--device", "cpu"], root)
+    run_cli("esmloc.commands.embed", [model_dir, fasta, "-o", root / "cuda.parquet", "--device", "cuda", "--precision", "fp32"],
             root)
     cpu, gpu = (pd.read_parquet(root / name) for name in ("cpu.parquet", "cuda.parquet"))
     assert gpu["ACC"].tolist() == cpu["ACC"].tolist() and gpu["sequence_sha256"].tolist() == cpu["sequence_sha256"].tolist()

@@ -2,7 +2,7 @@
 
     esmloc-embed MODEL_OR_ESM_CHECKPOINT proteins.fasta -o embeddings.parquet
     esmloc-embed facebook/esm2_t33_650M_UR50D proteins.fasta -o embeddings.parquet --per_residue residues/
-    torchrun --nproc_per_node 4 -m esmloc.embed MODEL proteins.fasta -o embeddings.parquet     (see Large jobs)
+    torchrun --nproc_per_node 4 -m esmloc.commands.embed MODEL proteins.fasta -o embeddings.parquet     (see Large jobs)
 
 MODEL_OR_ESM_CHECKPOINT is an esmloc model directory (saved by train.py) or a stock ESM-2 checkpoint: a local
 directory or a hub id (`EsmModel` or `EsmForMaskedLM` layout). Sequences are normalised and cropped as the model

@@ -1,7 +1,7 @@
 """esmloc-predict: a saved esmloc model + a FASTA or CSV file of proteins -> a CSV of predictions.
 
     esmloc-predict MODEL_DIR proteins.fasta -o predictions.csv
-    python -m esmloc.predict MODEL_DIR proteins.csv -o predictions.csv --max_tokens_per_batch 8192
+    python -m esmloc.commands.predict MODEL_DIR proteins.csv -o predictions.csv --max_tokens_per_batch 8192
 
 MODEL_DIR is a directory saved by train.py (or any directory with an esmloc config, weights and tokenizer). The input
 is FASTA (.fasta .fa .faa .fas .fsa, optionally .gz; the ACC is the UniProt accession of a `>sp|P12345|...` header,
