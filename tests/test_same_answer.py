@@ -119,8 +119,9 @@ def readme_example() -> str:
     """The README's first code block, the pipeline example, with its last line's value kept as `readme_result`."""
     code = re.search(r"```python\n(.*?)```", (REPO / "README.md").read_text(), re.DOTALL).group(1)
     lines = code.strip().splitlines()
-    assert lines[-1].startswith("classifier(") and '"path/to/saved_model"' in code
-    return "\n".join(lines[:-1] + ["readme_result = " + lines[-1].split("#")[0]])
+    call = lines[-1].split("#")[0].strip()
+    assert call.startswith("print(classifier(") and 'model="esmloc_output"' in code  # the folder the README's start saves
+    return "\n".join(lines[:-1] + ["readme_result = " + call.removeprefix("print(")[:-1]])
 
 
 EVERY_REMOTE_PATH = """
@@ -148,7 +149,7 @@ def remote_paths(model_dir: Path, proteins: list[str], tmp_path: Path, elsewhere
     of esmloc (only the model directory's own code runs)."""
     proteins_file = tmp_path / "proteins.json"
     proteins_file.write_text(json.dumps(proteins))
-    readme = readme_example().replace('"path/to/saved_model"', repr(str(model_dir)))
+    readme = readme_example().replace('"esmloc_output"', repr(str(model_dir)))
     code = EVERY_REMOTE_PATH.format(readme=readme, proteins_file=str(proteins_file), path=str(model_dir))
     result = run_offline(code, cwd=elsewhere, tmp_path=tmp_path)
     assert all(module.startswith("transformers_modules") for module in result["modules"][:2]), result["modules"]
