@@ -37,15 +37,14 @@ import dataclasses
 import io
 import logging
 import os
-import sys
 import threading
 from pathlib import Path
 
 import numpy as np
 
-from esmloc import loading, predictions, sequences, task
+from esmloc import cli, loading, predictions, sequences, task
 from esmloc.engine import Engine
-from esmloc.errors import EnvironmentProblem, InputError
+from esmloc.errors import InputError
 from esmloc.explain import ExplanationLimitError, Explainer, seen_positions
 from esmloc.task import RESULTS_FILE, decision_thresholds
 
@@ -470,10 +469,15 @@ def launch(app, limits: Limits = DEFAULT_LIMITS, **options):
 
 def space_app(model: str, prog: str = "python app.py"):
     """app.py's app: `build_app(model)` with the limits of the ESMLOC_* variables, and those limits. A model or a
-    limit that cannot be used ends the process with one line (`PROG: error: ...`, exit status 2)."""
-    try:
+    limit that cannot be used ends the process with one line (`PROG: error: ...`, exit status 2), through the tools'
+    own wrapper (`esmloc.cli.run`)."""
+    built = []
+
+    def build(argv) -> None:
         limits = Limits.from_env()
-        return build_app(model, limits=limits), limits
-    except (InputError, EnvironmentProblem) as error:
-        print(f"{prog}: error: {error}", file=sys.stderr)
-        raise SystemExit(error.exit_code) from None
+        built.append((build_app(model, limits=limits), limits))
+
+    status = cli.run(prog, build, [])
+    if status:
+        raise SystemExit(status)
+    return built[0]
