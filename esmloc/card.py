@@ -5,21 +5,18 @@
 run_info.json, *_results.json, trainer_state.json), so every number in a card is a number the run wrote; what they
 lack is left out, never made up. `esmloc.publish` sends the card with the model.
 
-This module is longer than most (about 570 lines) because it is one job: the variables of one template, each a few
-lines of reading the run's record; split, the template's variables would be scattered over several modules.
+Reading the run is esmloc.run_files (`RunRecord`), the metric tables and model-index entries esmloc.card_metrics.
 """
 
-import json
-import math
 from importlib import resources
 from pathlib import Path
 
-from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from huggingface_hub import ModelCard, ModelCardData
 from huggingface_hub import constants as hub_constants
-from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from configuration_esmloc import window_overlap_for
-from esmloc import task
+from esmloc import card_metrics, task
+from esmloc.run_files import ADAPTER_DIR, ADAPTER_FILES, RunRecord, as_hub_model_id, fmt, is_number
 
 
 TEMPLATE_NAME = "model_card.md"
@@ -27,14 +24,7 @@ CARD_FILE = "README.md"
 # In every card the template renders (an HTML comment, invisible on the Hub): how a push recognises an esmloc card.
 # The text names the function's place before esmloc.card existed; kept, so that cards rendered then are recognised.
 CARD_MARKER = "rendered by esmloc.publish.render_model_card"
-ADAPTER_DIR = "adapter"
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 CARD_KINDS = ("merged", "adapter")
-# The metric module's keys for the location multi-label reports feature in full (accuracy_Mitochondrion, ...).
-FEATURED_SUFFIX = f"_{task.metric_key(task.POSITIVE_LABEL)}"
-# What a finished training run writes beside its model (esmloc.report), read here and pushed by esmloc.publish.
-RUN_INFO_FILE = "run_info.json"
-PREDICTIONS_FILE = "test_predictions.csv"
 DEFAULT_LICENSE = "apache-2.0"
 TAGS = ["protein", "esm", "esm2", "biology", "subcellular-localization", "mitochondrion"]
 PLOT_TITLES = {
@@ -44,91 +34,12 @@ PLOT_TITLES = {
     "mcc_per_location.png": "MCC per location (test)",
 }
 
-# Result keys, in the order the card shows them, with their display names. Multi-label keys are handled too:
-# `<metric>_<Location>` (per-location table) and `<metric>_Mitochondrion` (summary table).
-METRIC_NAMES = {
-    "accuracy": "Accuracy",
-    "precision": "Precision",
-    "recall": "Recall",
-    "f1": "F1",
-    "mcc": "MCC",
-    "roc_auc": "ROC-AUC",
-    "pr_auc": "PR-AUC (average precision)",
-    "macro_mcc": "Macro MCC (mean over locations)",
-    "micro_f1": "Micro F1",
-    "macro_f1": "Macro F1",
-    "subset_accuracy": "Subset accuracy (all locations right)",
-    "jaccard": "Jaccard (samples)",
-    "micro_roc_auc": "Micro ROC-AUC",
-    "macro_roc_auc": "Macro ROC-AUC",
-    "tp": "True positives",
-    "fp": "False positives",
-    "tn": "True negatives",
-    "fn": "False negatives",
-    "threshold": "Threshold",
-}
-THRESHOLD_FREE = ("roc_auc", "pr_auc", "micro_roc_auc", "macro_roc_auc")
-# model-index metric types (the `evaluate` metric ids) and arguments, for the metrics that go there.
-MODEL_INDEX_TYPES = {
-    "accuracy": ("accuracy", None),
-    "precision": ("precision", None),
-    "recall": ("recall", None),
-    "f1": ("f1", None),
-    "mcc": ("matthews_correlation", None),
-    "roc_auc": ("roc_auc", None),
-    "pr_auc": ("average_precision", None),
-    "macro_mcc": ("matthews_correlation", {"average": "macro"}),
-    "micro_f1": ("f1", {"average": "micro"}),
-    "macro_f1": ("f1", {"average": "macro"}),
-    "subset_accuracy": ("accuracy", {"subset": True}),
-    "jaccard": ("jaccard", {"average": "samples"}),
-    "micro_roc_auc": ("roc_auc", {"average": "micro"}),
-    "macro_roc_auc": ("roc_auc", {"average": "macro"}),
-}
-DEFAULT_THRESHOLD_CONFIG = "threshold 0.5"
-THRESHOLD_SPEC = ".3f"
 HUB_URL = "https://huggingface.co"
-TUNED_THRESHOLD_CONFIG = "tuned threshold"
 
 
 class PublishError(RuntimeError):
     """A card or a push (or the preparation of one) failed; the message says why and what to check. Never holds a
     token."""
-
-
-# --- reading a run -------------------------------------------------------------------------------------------------
-
-
-def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        return {}
-    with path.open(encoding="utf-8") as handle:
-        return json.load(handle)
-
-
-def _number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _fmt(value, spec: str = ".3f") -> str:
-    """A number as the card shows it: integers with thousands separators, floats per `spec`."""
-    if isinstance(value, bool) or not _number(value):
-        return str(value)
-    if isinstance(value, int):
-        return f"{value:,}"
-    return format(value, spec)
-
-
-def as_hub_model_id(name) -> str | None:
-    """`name` if it is a hub model id `namespace/name` by huggingface_hub's own rules (`validate_repo_id`), else None
-    (a local path, `random:...`, a bare name, nothing)."""
-    if not isinstance(name, str) or name.count("/") != 1:
-        return None
-    try:
-        validate_repo_id(name)
-    except HFValidationError:
-        return None
-    return name
 
 
 def _display_path(path) -> str | None:
@@ -141,162 +52,7 @@ def template_path() -> Path:
     return Path(str(resources.files("esmloc").joinpath(TEMPLATE_NAME)))
 
 
-class RunRecord:
-    """The files of one output directory that a card is made from."""
-
-    def __init__(self, output_dir: Path):
-        self.dir = output_dir
-        self.config = _read_json(output_dir / "config.json")
-        self.info = _read_json(output_dir / RUN_INFO_FILE)
-        self.test = {k: v for k, v in _read_json(output_dir / "test_results.json").items() if _number(v)}
-        all_results = _read_json(output_dir / "all_results.json")
-        self.train = _read_json(output_dir / "train_results.json") or {
-            key: value for key, value in all_results.items() if not key.startswith(("test_", "validation_"))
-        }
-        self.state = _read_json(output_dir / "trainer_state.json")
-        self.adapter_config = _read_json(output_dir / ADAPTER_DIR / "adapter_config.json")
-        self.model = self.info.get("model", {})
-        self.data = self.info.get("data", {})
-        self.training = self.info.get("training", {})
-
-    @property
-    def labels(self) -> list[str]:
-        return task.label_names(self.config) if self.config.get("id2label") else list(task.BINARY_LABELS)
-
-    @property
-    def multi_label(self) -> bool:
-        return task.is_multi_label(self.config)
-
-    @property
-    def base_model(self) -> str | None:
-        return self.model.get("base_model") or self.config.get("esm_name_or_path")
-
-    @property
-    def finetune(self) -> str | None:
-        if self.model.get("finetune"):
-            return self.model["finetune"]
-        return "lora" if self.adapter_config else None
-
-    @property
-    def split_method(self) -> str | None:
-        # How the splits were made, as the run recorded it (train.py writes the builder's own account).
-        return self.data.get("split_method")
-
-
 # --- the card ------------------------------------------------------------------------------------------------------
-
-
-def _metric_parts(run: RunRecord) -> tuple[list[str], list[tuple[str, str]]]:
-    """(summary metrics, per-location (metric, location) pairs) present in test_results.json, in display order.
-
-    A metric is a result key without its `test_` prefix and `_tuned` suffix: `mcc`, `macro_mcc`, `f1_Mitochondrion`,
-    and, for multi-label runs, the per-location `mcc_<Location>` and `threshold_<Location>`."""
-    bases = []
-    for key in run.test:
-        if key.startswith("test_"):
-            base = key[len("test_"):].removesuffix("_tuned")
-            if base not in bases:
-                bases.append(base)
-    locations = [task.metric_key(label) for label in run.labels] if run.multi_label else []
-    per_location = [(metric, location) for location in locations for metric in ("mcc", "threshold")
-                    if f"{metric}_{location}" in bases]
-    located = {f"{metric}_{location}" for metric, location in per_location}
-    order = list(METRIC_NAMES)
-
-    def rank(base):  # METRIC_NAMES order, the featured location's variants of a multi-label run after the others
-        metric = base.removesuffix(FEATURED_SUFFIX) if base not in METRIC_NAMES else base
-        return (metric != base, order.index(metric) if metric in order else len(order), base)
-
-    return sorted((base for base in bases if base not in located), key=rank), per_location
-
-
-def _metric_display(base: str) -> str:
-    if base not in METRIC_NAMES and base.endswith(FEATURED_SUFFIX):
-        metric = base.removesuffix(FEATURED_SUFFIX)
-        return f"{METRIC_NAMES.get(metric, metric)} ({task.POSITIVE_LABEL})"
-    return METRIC_NAMES.get(base, base)
-
-
-def _cell(run: RunRecord, key: str, base: str) -> str:
-    if key not in run.test:
-        return "–"
-    return _fmt(run.test[key], THRESHOLD_SPEC if base == "threshold" else ".3f")
-
-
-Rows = list[tuple[str, list[str]]]
-
-
-def _evaluation_table(run: RunRecord) -> tuple[list[str], Rows, list[str], Rows]:
-    summary, per_location = _metric_parts(run)
-    default = run.test.get("test_threshold")
-    default_text = f"threshold {_fmt(default, 'g')}" if _number(default) else "threshold 0.5"
-    header = [f"Test, {default_text}", "Test, tuned threshold", "Validation, tuned threshold"]
-    rows = [
-        (_metric_display(base), [_cell(run, f"test_{base}", base), _cell(run, f"test_{base}_tuned", base),
-                                 _cell(run, f"validation_{base}_tuned", base)])
-        for base in summary
-    ]
-    location_header, location_rows = [], []
-    if per_location:
-        location_header = ["MCC, threshold 0.5", "MCC, tuned threshold", "Tuned threshold", "Validation MCC, tuned"]
-        for label in run.labels:
-            name = task.metric_key(label)
-            location_rows.append((label, [
-                _cell(run, f"test_mcc_{name}", "mcc"),
-                _cell(run, f"test_mcc_{name}_tuned", "mcc"),
-                _cell(run, f"test_threshold_{name}_tuned", "threshold"),
-                _cell(run, f"validation_mcc_{name}_tuned", "mcc"),
-            ]))
-    return header, rows, location_header, location_rows
-
-
-def _eval_results(run: RunRecord, task_name: str, dataset_name: str, dataset_type: str) -> list[EvalResult]:
-    """model-index entries: every threshold-dependent metric at 0.5 and tuned, threshold-free ones once."""
-    summary, per_location = _metric_parts(run)
-    bases = [base for base in summary if base in MODEL_INDEX_TYPES
-             or (base.endswith(FEATURED_SUFFIX) and base.removesuffix(FEATURED_SUFFIX) in MODEL_INDEX_TYPES)]
-    bases += [f"mcc_{location}" for metric, location in per_location if metric == "mcc"]
-    results = []
-    common = {"task_type": "text-classification", "task_name": task_name, "dataset_type": dataset_type,
-              "dataset_name": dataset_name, "dataset_config": run.data.get("dataset_config"), "dataset_split": "test"}
-    for base in bases:
-        metric = base
-        args = None
-        suffix = ""
-        if base.startswith("mcc_") and base not in MODEL_INDEX_TYPES:
-            metric, suffix = "mcc", f" ({base[len('mcc_'):]})"
-        elif base.endswith(FEATURED_SUFFIX):
-            metric, suffix = base.removesuffix(FEATURED_SUFFIX), f" ({task.POSITIVE_LABEL})"
-        metric_type, args = MODEL_INDEX_TYPES[metric]
-        variants = [("", DEFAULT_THRESHOLD_CONFIG)]
-        if metric not in THRESHOLD_FREE:
-            variants.append(("_tuned", TUNED_THRESHOLD_CONFIG))
-        for key_suffix, config in variants:
-            key = f"test_{base}{key_suffix}"
-            if key not in run.test:
-                continue
-            threshold_free = metric in THRESHOLD_FREE
-            name = f"Test {METRIC_NAMES[metric]}{suffix}" + ("" if threshold_free else f", {config}")
-            results.append(EvalResult(**common, metric_type=metric_type, metric_value=run.test[key], metric_name=name,
-                                      metric_config=None if threshold_free else config, metric_args=args))
-    return results
-
-
-def _epoch_log(run: RunRecord) -> tuple[list[str], list[list[str]]]:
-    history = run.state.get("log_history") or []
-    evaluations = [entry for entry in history if "eval_loss" in entry]
-    if not evaluations:
-        return [], []
-    mcc = "eval_macro_mcc" if run.multi_label else "eval_mcc"
-    train_loss = {entry.get("epoch"): entry["loss"] for entry in history if "loss" in entry}
-    header = ["Epoch", "Step", "Training loss", "Validation loss", "Validation MCC, 0.5", "Validation MCC, tuned"]
-    rows = []
-    for entry in evaluations:
-        values = [entry.get("epoch"), entry.get("step"), train_loss.get(entry.get("epoch")), entry.get("eval_loss"),
-                  entry.get(mcc), entry.get(f"{mcc}_tuned")]
-        rows.append([("–" if value is None else _fmt(value, "g" if column == 0 else ".3f"))
-                     for column, value in enumerate(values)])
-    return header, rows
 
 
 def _plots(run: RunRecord) -> list[tuple[str, str]]:
@@ -324,8 +80,8 @@ def _head_text(run: RunRecord) -> str:
     esm = run.config.get("esm_config") or {}
     if esm.get("num_hidden_layers") and esm.get("hidden_size"):
         parts.append(f"over the {esm['num_hidden_layers']}-layer, {esm['hidden_size']}-dimensional ESM-2 encoder")
-    if _number(run.config.get("classifier_dropout")):
-        parts.append(f"dropout {_fmt(run.config['classifier_dropout'], 'g')}")
+    if is_number(run.config.get("classifier_dropout")):
+        parts.append(f"dropout {fmt(run.config['classifier_dropout'], 'g')}")
     return ", ".join(parts)
 
 
@@ -359,35 +115,35 @@ def _training_rows(run: RunRecord) -> list[tuple[str, str]]:
                     "full": "full fine-tuning (backbone and head)"}
     if finetune:
         rows.append(("Fine-tuning mode", f"`{finetune}` ({descriptions.get(finetune, finetune)})"))
-    if _number(run.model.get("trainable_parameters")) and _number(run.model.get("total_parameters")):
-        counts = f"{_fmt(run.model['trainable_parameters'])} of {_fmt(run.model['total_parameters'])}"
+    if is_number(run.model.get("trainable_parameters")) and is_number(run.model.get("total_parameters")):
+        counts = f"{fmt(run.model['trainable_parameters'])} of {fmt(run.model['total_parameters'])}"
         rows.append(("Trainable parameters", counts))
-    if _number(run.training.get("num_train_epochs")):
+    if is_number(run.training.get("num_train_epochs")):
         trained = run.train.get("epoch")
-        text = _fmt(run.training["num_train_epochs"], "g")
-        if _number(trained) and trained != run.training["num_train_epochs"]:
-            text += f" requested, {_fmt(trained, '.3g')} trained"
+        text = fmt(run.training["num_train_epochs"], "g")
+        if is_number(trained) and trained != run.training["num_train_epochs"]:
+            text += f" requested, {fmt(trained, '.3g')} trained"
         rows.append(("Epochs", text))
-    elif _number(run.train.get("epoch")):
-        rows.append(("Epochs", _fmt(run.train["epoch"], "g")))
+    elif is_number(run.train.get("epoch")):
+        rows.append(("Epochs", fmt(run.train["epoch"], "g")))
     for key, name, spec in (("learning_rate", "Learning rate", "g"), ("per_device_train_batch_size",
                             "Batch size per device", "g"), ("world_size", "Processes", "g"), ("seed", "Seed", "g")):
-        if _number(run.training.get(key)):
-            rows.append((name, _fmt(run.training[key], spec)))
+        if is_number(run.training.get(key)):
+            rows.append((name, fmt(run.training[key], spec)))
     if isinstance(run.model.get("class_weights"), bool) or run.config.get("class_weights") is not None:
         weights = run.config.get("class_weights")
         name = "Loss weights (BCE pos_weight per location)" if run.multi_label else "Class-weighted loss"
         rows.append((name, "yes: " + ", ".join(
-            f"{label} {_fmt(weight)}" for label, weight in zip(run.labels, weights)) if weights else "no"))
-    if _number(run.train.get("train_loss")):
-        rows.append(("Final training loss", _fmt(run.train["train_loss"])))
-    if _number(run.train.get("train_runtime")):
-        rows.append(("Training loop runtime (train_runtime)", f"{_fmt(run.train['train_runtime'], '.1f')} s"))
+            f"{label} {fmt(weight)}" for label, weight in zip(run.labels, weights)) if weights else "no"))
+    if is_number(run.train.get("train_loss")):
+        rows.append(("Final training loss", fmt(run.train["train_loss"])))
+    if is_number(run.train.get("train_runtime")):
+        rows.append(("Training loop runtime (train_runtime)", f"{fmt(run.train['train_runtime'], '.1f')} s"))
     best = run.training.get("metric_for_best_model")
-    if best and _number(run.state.get("best_metric")):
+    if best and is_number(run.state.get("best_metric")):
         step = run.state.get("best_global_step")
-        rows.append(("Model kept", f"the checkpoint with the best validation `{best}`: {_fmt(run.state['best_metric'])}"
-                                   + (f" (step {_fmt(step, 'g')})" if _number(step) else "")))
+        rows.append(("Model kept", f"the checkpoint with the best validation `{best}`: {fmt(run.state['best_metric'])}"
+                                   + (f" (step {fmt(step, 'g')})" if is_number(step) else "")))
     return rows
 
 
@@ -399,8 +155,8 @@ def _lora_rows(run: RunRecord) -> list[tuple[str, str]]:
     for key, adapter_key, name in (("lora_r", "r", "Rank r"), ("lora_alpha", "lora_alpha", "Alpha"),
                                    ("lora_dropout", "lora_dropout", "Dropout")):
         value = run.model.get(key, source.get(adapter_key))
-        if _number(value):
-            rows.append((name, _fmt(value, "g")))
+        if is_number(value):
+            rows.append((name, fmt(value, "g")))
     targets = run.model.get("lora_target_modules") or source.get("target_modules")
     if targets:
         rows.append(("Target modules", ", ".join(f"`{t}`" for t in targets)))
@@ -447,11 +203,11 @@ def _data_rows(run: RunRecord) -> list[tuple[str, str]]:
         rows.append(("Split", _split_text(run)))
     sizes = run.data.get("split_sizes") or {}
     if sizes:
-        rows.append(("Proteins per split", ", ".join(f"{name} {_fmt(size, 'g')}" for name, size in sizes.items())))
+        rows.append(("Proteins per split", ", ".join(f"{name} {fmt(size, 'g')}" for name, size in sizes.items())))
     for key, name in (("max_train_samples", "train"), ("max_eval_samples", "validation"),
                       ("max_test_samples", "test")):
-        if _number(run.data.get(key)):
-            rows.append((f"Truncated {name} split", f"to at most {_fmt(run.data[key], 'g')} proteins"))
+        if is_number(run.data.get(key)):
+            rows.append((f"Truncated {name} split", f"to at most {fmt(run.data[key], 'g')} proteins"))
     return rows
 
 
@@ -474,7 +230,7 @@ def _decision_rule(run: RunRecord) -> tuple[str, bool]:
         if task.saved_with_thresholds(run.config):
             return rule, True
         tuned = [run.test.get(key) for key in task.tuned_threshold_keys(labels, multi_label)]
-        if all(_number(value) for value in tuned):
+        if all(is_number(value) for value in tuned):
             rule = ("This model was saved before esmloc stored decision thresholds in `config.json`: esmloc-predict "
                     "and the demo apply the threshold(s) tuned on validation (`test_results.json`), "
                     + ", ".join(f"`{label}` ≥ {_exact(value)}" for label, value in zip(labels[-len(tuned):], tuned))
@@ -492,7 +248,7 @@ def _decision_rule(run: RunRecord) -> tuple[str, bool]:
 
 def _class_weights_text(run: RunRecord) -> str | None:
     weights = run.config.get("class_weights")
-    return ", ".join(f"{label} {_fmt(w)}" for label, w in zip(run.labels, weights)) if weights else None
+    return ", ".join(f"{label} {fmt(w)}" for label, w in zip(run.labels, weights)) if weights else None
 
 
 def render_model_card(
@@ -558,7 +314,7 @@ def render_model_card(
     source = run.data.get("dataset_name") or train_file or (
         "DeepLoc 2.0" if run.data.get("dataset_config") == "deeploc" else "esmloc data")
     dataset_name = f"{source} (test split" + (f", {run.split_method} split)" if run.split_method else ")")
-    eval_results = _eval_results(run, task_name, dataset_name, (datasets or ["esmloc"])[0]) if run.test else None
+    results = card_metrics.eval_results(run, task_name, dataset_name, (datasets or ["esmloc"])[0]) if run.test else None
 
     card_data = ModelCardData(
         library_name="peft" if is_adapter else "transformers",
@@ -567,11 +323,11 @@ def render_model_card(
         base_model=base_id,
         datasets=list(datasets) if datasets else None,
         license=license,
-        model_name=name if eval_results else None,
-        eval_results=eval_results or None,
+        model_name=name if results else None,
+        eval_results=results or None,
     )
-    evaluation_header, evaluation_rows, location_header, location_rows = _evaluation_table(run)
-    epoch_header, epoch_rows = _epoch_log(run)
+    evaluation_header, evaluation_rows, location_header, location_rows = card_metrics.evaluation_table(run)
+    epoch_header, epoch_rows = card_metrics.epoch_log(run)
     decision_rule, same_rule_everywhere = _decision_rule(run)
     load_ref = repo_id or name
     hub_url = (endpoint or hub_constants.ENDPOINT).rstrip("/")

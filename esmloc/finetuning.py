@@ -13,7 +13,7 @@ from pathlib import Path
 
 from configuration_esmloc import ESM2_ARCHITECTURES, EsmLocConfig
 from esmloc import loading
-from esmloc.card import ADAPTER_DIR
+from esmloc.run_files import ADAPTER_DIR
 from modeling_esmloc import EsmForLocalization
 
 

@@ -27,20 +27,22 @@ from esmloc.errors import InputError
 from esmloc.saving import MODEL_FILES, OPTIONAL_TOKENIZER_FILES, REMOTE_CODE_FILES, TOKENIZER_FILES
 # The card's names, here too for compatibility: they were esmloc.publish's before esmloc.card existed.
 from esmloc.card import (  # noqa: F401
-    ADAPTER_DIR,
-    ADAPTER_FILES,
     CARD_FILE,
     CARD_KINDS,
     CARD_MARKER,
     DEFAULT_LICENSE,
-    PREDICTIONS_FILE,
-    RUN_INFO_FILE,
     PublishError,
-    RunRecord,
-    as_hub_model_id,
     render_model_card,
     template_path,
     write_model_card,
+)
+from esmloc.run_files import (  # noqa: F401
+    ADAPTER_DIR,
+    ADAPTER_FILES,
+    PREDICTIONS_FILE,
+    RUN_INFO_FILE,
+    RunRecord,
+    as_hub_model_id,
 )
 
 

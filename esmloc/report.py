@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from esmloc import data, engine, evaluation, task
-from esmloc.card import PREDICTIONS_FILE, RUN_INFO_FILE, write_model_card
+from esmloc.card import write_model_card
+from esmloc.run_files import PREDICTIONS_FILE, RUN_INFO_FILE
 from esmloc.files import atomic_file
 from esmloc.predictions import write_predictions_csv
 from esmloc.progress import LOG_FILE

@@ -12,7 +12,8 @@ from pathlib import Path
 import httpx2
 
 from esmloc import cli, publish, space
-from esmloc.card import DEFAULT_LICENSE, PublishError, as_hub_model_id
+from esmloc.card import DEFAULT_LICENSE, PublishError
+from esmloc.run_files import as_hub_model_id
 from esmloc.errors import EnvironmentProblem, InputError
 
 
