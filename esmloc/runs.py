@@ -21,17 +21,19 @@ asks to delete its checkpoints first.
 import dataclasses
 import hashlib
 import json
+import logging
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from transformers import TrainerCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from esmloc.digests import file_digest
 from esmloc.errors import InputError
 from esmloc.files import atomic_file
 
+logger = logging.getLogger(__name__)
 
 RUN_RECORD = "esmloc_run.json"
 FINISHED = "finished"
@@ -180,7 +182,29 @@ def plan_resume(output_dir, identity: dict, length: dict, resume_from_checkpoint
             raise InputError(f"--output_dir {output_dir}: the run record says this run finished, but {damage}; "
                              "pass --overwrite_output_dir to train it again")
         return FINISHED
-    return get_last_checkpoint(str(output_dir))
+    return last_complete_checkpoint(checkpoints)
+
+
+def _step(checkpoint: Path) -> int:
+    suffix = checkpoint.name[len(PREFIX_CHECKPOINT_DIR) + 1:]
+    return int(suffix) if suffix.isdigit() else -1
+
+
+def last_complete_checkpoint(checkpoints: list[Path]) -> str | None:
+    """The checkpoint of the highest step that was saved whole, or None. A run killed while saving leaves a
+    checkpoint directory without its weights or state: the Trainer writes the weights, optimizer and RNG states, and
+    trainer_state.json last, so a readable trainer_state.json says a checkpoint is whole. The partial ones of this
+    run cannot be resumed from and would be counted by --save_total_limit's rotation, so they are deleted, and said."""
+    for checkpoint in sorted(checkpoints, key=_step, reverse=True):
+        try:
+            json.loads((checkpoint / "trainer_state.json").read_text())
+            return str(checkpoint)
+        except (OSError, ValueError):
+            pass
+        logger.warning("%s was not saved whole (the run was stopped while saving it): deleted; resuming from the "
+                       "checkpoint before it, if any", checkpoint)
+        shutil.rmtree(checkpoint)
+    return None
 
 
 def saved_model_problem(output_dir) -> str | None:
