@@ -1,6 +1,7 @@
 """EsmLoc model configuration: an ESM-2 or ESM C backbone plus a subcellular-localisation head."""
 
 import copy
+from pathlib import Path
 
 from transformers import EsmConfig, PreTrainedConfig
 
@@ -120,6 +121,30 @@ def backbone_config(config):
     return EsmConfig(**config)
 
 
+# The licence fields of a hub model card's YAML metadata, as a checkpoint's README.md may carry them.
+LICENSE_FIELDS = ("license", "license_name", "license_link")
+
+
+def checkpoint_license(name_or_path, **hub_kwargs) -> dict | None:
+    """The licence a backbone checkpoint declares in its own README.md metadata (`LICENSE_FIELDS` present there), for
+    a local directory or a hub id (its README fetched like the weights, honouring HF_ENDPOINT and offline mode); None
+    when it declares none or cannot be read. Never guessed from the name: ESM C's sizes come under different licences.
+    """
+    from huggingface_hub import hf_hub_download, metadata_load
+
+    readme = Path(name_or_path) / "README.md"
+    try:
+        if not readme.is_file():
+            if Path(name_or_path).is_dir():
+                return None
+            readme = hf_hub_download(str(name_or_path), "README.md", **hub_kwargs)
+        metadata = metadata_load(readme) or {}
+    except Exception:  # noqa: BLE001: no readable card means: not recorded (the model card then says so)
+        return None
+    found = {key: str(metadata[key]) for key in LICENSE_FIELDS if metadata.get(key)}
+    return found or None
+
+
 def window_overlap_for(max_residues: int, window_overlap: int | None = None) -> int:
     """The least overlap of neighbouring windows, in residues: `window_overlap`, or by default a quarter of
     `max_residues`; ValueError unless it lies in [0, max_residues)."""
@@ -171,6 +196,10 @@ class EsmLocConfig(PreTrainedConfig):
             `pos_weight` for `problem_type="multi_label_classification"`.
         esm_name_or_path (`str`, *optional*):
             The ESM-2 or ESM C checkpoint the backbone weights came from (a hub id or a local path), for the record.
+        backbone_license (`dict`, *optional*):
+            The licence the backbone checkpoint declares in its own README.md metadata (`license`, and `license_name`
+            / `license_link` where given; `checkpoint_license`), recorded by `EsmForLocalization.from_esm`; None when
+            the checkpoint declares none (or for random weights). The model card states it.
         decision_thresholds (`float` or `list[float]`, *optional*):
             The decision rule's thresholds (train.py stores the ones tuned for MCC on validation): one number for a
             binary model (label 1 is predicted when its probability is >= it), one per label for a multi-label
@@ -194,6 +223,7 @@ class EsmLocConfig(PreTrainedConfig):
     window_overlap: int | None = None
     class_weights: list[float] | None = None
     esm_name_or_path: str | None = None
+    backbone_license: dict | None = None
     decision_thresholds: float | list[float] | None = None
     # ESM-2's <pad> and <eos> ids, as the tokenizer has them; declared so that Trainer finds them here and does not
     # "align" the config with a warning at every run.
@@ -273,5 +303,5 @@ EsmLocConfig.register_for_auto_class()
 
 
 __all__ = ["EsmLocConfig", "CUSTOM_PIPELINES", "ESM2_ARCHITECTURES", "ESMC_ARCHITECTURES", "ARCHITECTURES",
-           "BACKBONE_FAMILIES", "backbone_config", "backbone_family", "CROP_STRATEGIES", "DEFAULT_CROP",
+           "BACKBONE_FAMILIES", "backbone_config", "backbone_family", "checkpoint_license", "CROP_STRATEGIES", "DEFAULT_CROP",
            "DEFAULT_MAX_RESIDUES", "LONG_PROTEIN_RULES", "DEFAULT_LONG_PROTEINS", "window_overlap_for"]

@@ -9,10 +9,10 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 from transformers.models.esm.modeling_esm import EsmPreTrainedModel
 
 try:
-    from .configuration_esmloc import EsmLocConfig, backbone_family
+    from .configuration_esmloc import EsmLocConfig, backbone_family, checkpoint_license
     from .tokenization_esmloc import window_spans
 except ImportError:  # imported as a top-level module (an installed package or the repository root)
-    from configuration_esmloc import EsmLocConfig, backbone_family
+    from configuration_esmloc import EsmLocConfig, backbone_family, checkpoint_license
     from tokenization_esmloc import window_spans
 
 try:  # ESM C: transformers >= 5.25 (EsmLocConfig refuses an ESM C backbone without it)
@@ -200,7 +200,8 @@ class EsmForLocalization(EsmLocPreTrainedModel):
     def from_esm(cls, esm_name_or_path, **config_kwargs):
         """Builds the model around the weights of a stock ESM-2 or ESM C checkpoint (`EsmModel`/`EsmForMaskedLM` or
         `EsmcModel`/`EsmcForMaskedLM` layout, a hub id or a local directory; the family is its config's
-        `model_type`); the head starts from random weights. `config_kwargs` go to `EsmLocConfig`.
+        `model_type`); the head starts from random weights. `config_kwargs` go to `EsmLocConfig`. The licence the
+        checkpoint's README.md declares is recorded in `config.backbone_license` (the model card states it).
         """
         hub_kwargs = {key: config_kwargs.pop(key) for key in ("revision", "token", "cache_dir") if key in config_kwargs}
         if backbone_family(AutoConfig.from_pretrained(esm_name_or_path, **hub_kwargs)) == "esmc":
@@ -208,6 +209,7 @@ class EsmForLocalization(EsmLocPreTrainedModel):
         else:
             esm = EsmModel.from_pretrained(esm_name_or_path, add_pooling_layer=False, **hub_kwargs)
         esm_config = esm.config.to_dict()
+        config_kwargs.setdefault("backbone_license", checkpoint_license(esm_name_or_path, **hub_kwargs))
         config = EsmLocConfig(esm_config=esm_config, esm_name_or_path=str(esm_name_or_path), **config_kwargs)
         model = cls(config)
         model.esm.load_state_dict(esm.state_dict())
