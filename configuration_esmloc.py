@@ -139,7 +139,7 @@ def checkpoint_license(name_or_path, **hub_kwargs) -> dict | None:
                 return None
             readme = hf_hub_download(str(name_or_path), "README.md", **hub_kwargs)
         metadata = metadata_load(readme) or {}
-    except Exception:  # noqa: BLE001: no readable card means: not recorded (the model card then says so)
+    except Exception:  # noqa: BLE001 (no readable card means: not recorded, and the model card says so)
         return None
     found = {key: str(metadata[key]) for key in LICENSE_FIELDS if metadata.get(key)}
     return found or None
