@@ -556,9 +556,9 @@ class UnpaddedEsm:
 _PARITY_OK: dict[str, bool] | None = None  # per family; None: nothing checked yet in this process
 # The tiny random backbone each family's self-check runs (ESM-2: the architecture it always ran; ESM C: esmc_tiny).
 PARITY_BACKBONES = {
-    "esm2": dict(vocab_size=33, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                 position_embedding_type="rotary", token_dropout=True, emb_layer_norm_before=False, mask_token_id=32,
-                 pad_token_id=1, max_position_embeddings=64),
+    "esm2": {"vocab_size": 33, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+             "intermediate_size": 64, "position_embedding_type": "rotary", "token_dropout": True,
+             "emb_layer_norm_before": False, "mask_token_id": 32, "pad_token_id": 1, "max_position_embeddings": 64},
     "esmc": ARCHITECTURES["esmc_tiny"],
 }
 
