@@ -1,8 +1,15 @@
-"""EsmLoc model configuration: an ESM-2 backbone plus a subcellular-localisation head."""
+"""EsmLoc model configuration: an ESM-2 or ESM C backbone plus a subcellular-localisation head."""
 
 import copy
+from pathlib import Path
 
 from transformers import EsmConfig, PreTrainedConfig
+
+
+try:  # ESM C is native in transformers from 5.25; older releases still load every ESM-2 model
+    from transformers import EsmcConfig
+except ImportError:
+    EsmcConfig = None
 
 
 POOLING_MODES = ("mean", "cls", "attention")
@@ -62,6 +69,82 @@ ESM2_ARCHITECTURES = {
 }
 
 
+# ESM C (ESM Cambrian, EvolutionaryScale 2024), as transformers' EsmcConfig has it: the published sizes, for random
+# backbones when no checkpoint can be loaded; "esmc_tiny" is for tests. The SwiGLU width is 8/3 of the hidden size
+# rounded up to a multiple of 256, as in the reference code (EsmcConfig's own default: 2560 -> 6912).
+ESMC_ARCHITECTURES = {
+    name: {"model_type": "esmc", "num_hidden_layers": layers, "hidden_size": hidden, "num_attention_heads": heads,
+           "intermediate_size": intermediate}
+    for name, (layers, hidden, heads, intermediate) in {
+        "esmc_tiny": (2, 64, 4, 176),
+        "esmc_300m": (30, 960, 15, 2560),
+        "esmc_600m": (36, 1152, 18, 3072),
+    }.items()
+}
+# Every named architecture a random backbone can be built from (train.py / esmloc-pretrain --from_scratch).
+ARCHITECTURES = {**ESM2_ARCHITECTURES, **ESMC_ARCHITECTURES}
+# The backbone families esmloc runs, by their transformers model_type: the one decision every path branches on.
+BACKBONE_FAMILIES = {"esm": "esm2", "esmc": "esmc"}
+
+
+def backbone_family(config) -> str:
+    """`"esm2"` or `"esmc"`: the family of a backbone config (an `EsmConfig`/`EsmcConfig`, its dict, or an
+    `EsmLocConfig`, whose backbone is asked); ValueError for any other model type."""
+    config = getattr(config, "esm_config", config)
+    model_type = config.get("model_type", "esm") if isinstance(config, dict) else getattr(config, "model_type", None)
+    if model_type not in BACKBONE_FAMILIES:
+        raise ValueError(f"esmloc runs ESM-2 (model_type 'esm') and ESM C ('esmc') backbones, not model_type "
+                         f"{model_type!r}")
+    return BACKBONE_FAMILIES[model_type]
+
+
+def backbone_config(config):
+    """The backbone's config object from what `EsmLocConfig(esm_config=...)` accepts: a config (returned as it is), a
+    dict (an `EsmConfig` unless its `model_type` is `"esmc"`) or the name of an `ARCHITECTURES` entry."""
+    if isinstance(config, str):
+        if config not in ARCHITECTURES:
+            raise ValueError(f"unknown backbone architecture {config!r}; one of {', '.join(ARCHITECTURES)}")
+        config = dict(ARCHITECTURES[config])
+    if not isinstance(config, dict):
+        backbone_family(config)
+        return config
+    config = dict(config)
+    if backbone_family(config) == "esmc":
+        if EsmcConfig is None:
+            import transformers
+
+            raise ImportError(f"an ESM C backbone needs transformers >= 5.25 (EsmcConfig); this is "
+                              f"{transformers.__version__}")
+        config.pop("model_type", None)
+        return EsmcConfig(**config)
+    config.pop("model_type", None)
+    return EsmConfig(**config)
+
+
+# The licence fields of a hub model card's YAML metadata, as a checkpoint's README.md may carry them.
+LICENSE_FIELDS = ("license", "license_name", "license_link")
+
+
+def checkpoint_license(name_or_path, **hub_kwargs) -> dict | None:
+    """The licence a backbone checkpoint declares in its own README.md metadata (`LICENSE_FIELDS` present there), for
+    a local directory or a hub id (its README fetched like the weights, honouring HF_ENDPOINT and offline mode); None
+    when it declares none or cannot be read. Never guessed from the name: ESM C's sizes come under different licences.
+    """
+    from huggingface_hub import hf_hub_download, metadata_load
+
+    readme = Path(name_or_path) / "README.md"
+    try:
+        if not readme.is_file():
+            if Path(name_or_path).is_dir():
+                return None
+            readme = hf_hub_download(str(name_or_path), "README.md", **hub_kwargs)
+        metadata = metadata_load(readme) or {}
+    except Exception:  # noqa: BLE001 (no readable card means: not recorded, and the model card says so)
+        return None
+    found = {key: str(metadata[key]) for key in LICENSE_FIELDS if metadata.get(key)}
+    return found or None
+
+
 def window_overlap_for(max_residues: int, window_overlap: int | None = None) -> int:
     """The least overlap of neighbouring windows, in residues: `window_overlap`, or by default a quarter of
     `max_residues`; ValueError unless it lies in [0, max_residues)."""
@@ -73,12 +156,14 @@ def window_overlap_for(max_residues: int, window_overlap: int | None = None) -> 
 
 class EsmLocConfig(PreTrainedConfig):
     r"""
-    Configuration of an [`EsmForLocalization`] model: an ESM-2 encoder whose per-residue states are pooled
-    into one vector per protein and classified into subcellular locations.
+    Configuration of an [`EsmForLocalization`] model: an ESM-2 or ESM C encoder whose per-residue states are
+    pooled into one vector per protein and classified into subcellular locations.
 
     Args:
-        esm_config (`EsmConfig` or `dict`, *optional*):
-            The backbone's configuration. Defaults to the ESM-2 8M architecture (`esm2_t6_8M_UR50D`).
+        esm_config (`EsmConfig`, `EsmcConfig` or `dict`, *optional*):
+            The backbone's configuration; a dict whose `model_type` is `"esmc"` is an ESM C one, any other an ESM-2
+            one (`backbone_config`; `backbone_family` tells them apart). Defaults to the ESM-2 8M architecture
+            (`esm2_t6_8M_UR50D`).
         pooling (`str`, *optional*, defaults to `"mean"`):
             How residue states become one protein vector: `"mean"` (average over residues), `"cls"` (the
             `<cls>` token's state) or `"attention"` (a learned softmax weighting over residues, as in
@@ -110,7 +195,11 @@ class EsmLocConfig(PreTrainedConfig):
             Loss weights, one per label: the cross-entropy `weight` for single-label problems, the BCE
             `pos_weight` for `problem_type="multi_label_classification"`.
         esm_name_or_path (`str`, *optional*):
-            The ESM-2 checkpoint the backbone weights came from (a hub id or a local path), for the record.
+            The ESM-2 or ESM C checkpoint the backbone weights came from (a hub id or a local path), for the record.
+        backbone_license (`dict`, *optional*):
+            The licence the backbone checkpoint declares in its own README.md metadata (`license`, and `license_name`
+            / `license_link` where given; `checkpoint_license`), recorded by `EsmForLocalization.from_esm`; None when
+            the checkpoint declares none (or for random weights). The model card states it.
         decision_thresholds (`float` or `list[float]`, *optional*):
             The decision rule's thresholds (train.py stores the ones tuned for MCC on validation): one number for a
             binary model (label 1 is predicted when its probability is >= it), one per label for a multi-label
@@ -134,6 +223,7 @@ class EsmLocConfig(PreTrainedConfig):
     window_overlap: int | None = None
     class_weights: list[float] | None = None
     esm_name_or_path: str | None = None
+    backbone_license: dict | None = None
     decision_thresholds: float | list[float] | None = None
     # ESM-2's <pad> and <eos> ids, as the tokenizer has them; declared so that Trainer finds them here and does not
     # "align" the config with a warning at every run.
@@ -143,8 +233,9 @@ class EsmLocConfig(PreTrainedConfig):
     def __post_init__(self, **kwargs):
         if self.esm_config is None:
             self.esm_config = dict(ESM2_ARCHITECTURES["esm2_t6_8M"])
-        if isinstance(self.esm_config, dict):  # transformers before sub_configs_defaults (5.17) leaves a dict as it is
-            self.esm_config = EsmConfig(**self.esm_config)
+        # Before transformers' own sub-config handling (which would make every dict an EsmConfig): the family is the
+        # dict's model_type.
+        self.esm_config = backbone_config(self.esm_config)
         if self.id2label is None and kwargs.get("num_labels", 2) == 2:
             self.id2label = {0: "Other", 1: "Mitochondrion"}
         if self.id2label is not None and self.label2id is None:
@@ -202,9 +293,15 @@ class EsmLocConfig(PreTrainedConfig):
     def hidden_size(self) -> int:
         return self.esm_config.hidden_size
 
+    @property
+    def backbone_family(self) -> str:
+        """`"esm2"` or `"esmc"` (`backbone_family`); the tokenizer must have the same (`EsmLocTokenizer.INPUT_SETTINGS`)."""
+        return backbone_family(self.esm_config)
+
 
 EsmLocConfig.register_for_auto_class()
 
 
-__all__ = ["EsmLocConfig", "CUSTOM_PIPELINES", "ESM2_ARCHITECTURES", "CROP_STRATEGIES", "DEFAULT_CROP",
+__all__ = ["EsmLocConfig", "CUSTOM_PIPELINES", "ESM2_ARCHITECTURES", "ESMC_ARCHITECTURES", "ARCHITECTURES",
+           "BACKBONE_FAMILIES", "backbone_config", "backbone_family", "checkpoint_license", "CROP_STRATEGIES", "DEFAULT_CROP",
            "DEFAULT_MAX_RESIDUES", "LONG_PROTEIN_RULES", "DEFAULT_LONG_PROTEINS", "window_overlap_for"]

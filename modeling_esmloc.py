@@ -1,19 +1,24 @@
-"""EsmForLocalization: an ESM-2 encoder with a pooling + classification head for subcellular localisation."""
+"""EsmForLocalization: an ESM-2 or ESM C encoder with a pooling + classification head for subcellular localisation."""
 
 from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import EsmModel, TextClassificationPipeline
+from transformers import AutoConfig, EsmModel, TextClassificationPipeline
 from transformers.modeling_outputs import SequenceClassifierOutput
 from transformers.models.esm.modeling_esm import EsmPreTrainedModel
 
 try:
-    from .configuration_esmloc import EsmLocConfig
+    from .configuration_esmloc import EsmLocConfig, backbone_family, checkpoint_license
     from .tokenization_esmloc import window_spans
 except ImportError:  # imported as a top-level module (an installed package or the repository root)
-    from configuration_esmloc import EsmLocConfig
+    from configuration_esmloc import EsmLocConfig, backbone_family, checkpoint_license
     from tokenization_esmloc import window_spans
+
+try:  # ESM C: transformers >= 5.25 (EsmLocConfig refuses an ESM C backbone without it)
+    from transformers import EsmcModel
+except ImportError:
+    EsmcModel = None
 
 
 # Windows of long proteins run through the encoder this many at a time (without gradients, this bounds the memory of
@@ -154,8 +159,8 @@ class EsmLocPreTrainedModel(EsmPreTrainedModel):
 
 class EsmForLocalization(EsmLocPreTrainedModel):
     """
-    ESM-2 with a localisation head: the encoder's last hidden states are pooled per protein (`config.pooling`)
-    and classified. Single-label problems (the default binary Mitochondrion / Other) use cross-entropy,
+    ESM-2 or ESM C with a localisation head: the encoder (`self.esm`: an `EsmModel`, or an `EsmcModel` for an ESM C
+    `config.esm_config`) gives last hidden states that are pooled per protein (`config.pooling`) and classified. Single-label problems (the default binary Mitochondrion / Other) use cross-entropy,
     `problem_type="multi_label_classification"` (e.g. DeepLoc's 10 locations) uses BCE, both weighted by
     `config.class_weights` when set.
 
@@ -181,21 +186,30 @@ class EsmForLocalization(EsmLocPreTrainedModel):
     def __init__(self, config: EsmLocConfig):
         super().__init__(config)
         self.num_labels = config.num_labels
-        self.esm = EsmModel(config.esm_config, add_pooling_layer=False)
-        # Unused by this task; frozen so that DDP does not wait for gradients that never come.
-        self.esm.contact_head.requires_grad_(False)
+        if backbone_family(config.esm_config) == "esmc":
+            self.esm = EsmcModel(config.esm_config)
+        else:
+            self.esm = EsmModel(config.esm_config, add_pooling_layer=False)
+            # Unused by this task; frozen so that DDP does not wait for gradients that never come.
+            self.esm.contact_head.requires_grad_(False)
         self.pooler = EsmLocPooler(config)
         self.classifier = EsmLocClassificationHead(config)
         self.post_init()
 
     @classmethod
     def from_esm(cls, esm_name_or_path, **config_kwargs):
-        """Builds the model around the weights of a stock ESM-2 checkpoint (`EsmModel` or `EsmForMaskedLM` layout,
-        a hub id or a local directory); the head starts from random weights. `config_kwargs` go to `EsmLocConfig`.
+        """Builds the model around the weights of a stock ESM-2 or ESM C checkpoint (`EsmModel`/`EsmForMaskedLM` or
+        `EsmcModel`/`EsmcForMaskedLM` layout, a hub id or a local directory; the family is its config's
+        `model_type`); the head starts from random weights. `config_kwargs` go to `EsmLocConfig`. The licence the
+        checkpoint's README.md declares is recorded in `config.backbone_license` (the model card states it).
         """
         hub_kwargs = {key: config_kwargs.pop(key) for key in ("revision", "token", "cache_dir") if key in config_kwargs}
-        esm = EsmModel.from_pretrained(esm_name_or_path, add_pooling_layer=False, **hub_kwargs)
+        if backbone_family(AutoConfig.from_pretrained(esm_name_or_path, **hub_kwargs)) == "esmc":
+            esm = EsmcModel.from_pretrained(esm_name_or_path, **hub_kwargs)
+        else:
+            esm = EsmModel.from_pretrained(esm_name_or_path, add_pooling_layer=False, **hub_kwargs)
         esm_config = esm.config.to_dict()
+        config_kwargs.setdefault("backbone_license", checkpoint_license(esm_name_or_path, **hub_kwargs))
         config = EsmLocConfig(esm_config=esm_config, esm_name_or_path=str(esm_name_or_path), **config_kwargs)
         model = cls(config)
         model.esm.load_state_dict(esm.state_dict())
@@ -227,7 +241,7 @@ class EsmForLocalization(EsmLocPreTrainedModel):
         return output
 
     def get_input_embeddings(self):
-        return self.esm.embeddings.word_embeddings
+        return self.esm.get_input_embeddings()
 
     def probabilities(self, logits) -> torch.Tensor:
         """Class probabilities (batch x num_labels) from `logits`: a sigmoid per label for multi-label models, a

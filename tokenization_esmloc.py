@@ -1,5 +1,5 @@
-"""EsmLoc tokenizer: the ESM-2 tokenizer with protein normalisation and the long-protein rule (crop, or whole proteins
-for windows) on every path."""
+"""EsmLoc tokenizer: the ESM-2 (or ESM C) tokenizer with protein normalisation and the long-protein rule (crop, or whole
+proteins for windows) on every path."""
 
 import re
 import tempfile
@@ -11,19 +11,28 @@ from transformers.models.esm.configuration_esm import get_default_vocab_list
 
 try:  # relative as remote code (transformers collects it; it ignores imports inside `try`), absolute as a module
     from .configuration_esmloc import (
-        CROP_STRATEGIES, DEFAULT_CROP, DEFAULT_LONG_PROTEINS, DEFAULT_MAX_RESIDUES, LONG_PROTEIN_RULES,
-        window_overlap_for,
+        CROP_STRATEGIES, DEFAULT_CROP, DEFAULT_LONG_PROTEINS, DEFAULT_MAX_RESIDUES,
+        LONG_PROTEIN_RULES, window_overlap_for,
     )
 except ImportError:
     from configuration_esmloc import (
-        CROP_STRATEGIES, DEFAULT_CROP, DEFAULT_LONG_PROTEINS, DEFAULT_MAX_RESIDUES, LONG_PROTEIN_RULES,
-        window_overlap_for,
+        CROP_STRATEGIES, DEFAULT_CROP, DEFAULT_LONG_PROTEINS, DEFAULT_MAX_RESIDUES,
+        LONG_PROTEIN_RULES, window_overlap_for,
     )
+
+try:  # ESM C's vocabulary, from transformers >= 5.25 (its EsmcTokenizer builds itself from this list)
+    from transformers.models.esmc import tokenization_esmc
+except ImportError:
+    tokenization_esmc = None
 
 
 # The ESM-2 vocabulary (fair-esm's `Alphabet("ESM-1b")`, as in facebook/esm2_* `vocab.txt`), from transformers, so
 # that a tokenizer exists with no download.
 ESM2_VOCAB = tuple(get_default_vocab_list())
+# ESM C's vocabulary (transformers' `EsmcTokenizer`): ESM-2's, except that id 31 is the chain break `|` instead of
+# `<null_1>`. Residues get the same ids in both; `|` is not a residue, so normalisation refuses it.
+ESMC_VOCAB = tuple(tokenization_esmc.SEQUENCE_VOCAB) if tokenization_esmc is not None else None
+VOCABULARIES = {"esm2": ESM2_VOCAB, "esmc": ESMC_VOCAB}
 # The residue letters of the vocabulary: the 20 amino acids and X, B, U, Z, O. `.` and `-` are alignment gaps, not
 # residues; `*` is a stop codon, stripped once at the end of a sequence.
 RESIDUES = "".join(token for token in ESM2_VOCAB if len(token) == 1 and token.isalpha())
@@ -121,10 +130,12 @@ class EsmLocTokenizer(EsmTokenizer):
     the Trainer, esmloc-predict and a user's own call all feed the model the same input. The mask token (`<mask>`)
     may be written as it is, for masked-language-model use; no other token may. `normalize_and_crop` is that rule,
     public for whoever must know what the model sees (the feature cache keys on it). `vocab_file=None` uses
-    transformers' ESM-2 vocabulary. `INPUT_SETTINGS` name the settings a model's config and its tokenizer must share.
+    transformers' vocabulary of `backbone_family`: `"esm2"` (ESM-2's) or `"esmc"` (ESM C's, which gives the ids of
+    transformers' own `EsmcTokenizer`). `INPUT_SETTINGS` name the settings a model's config and its tokenizer must
+    share.
     """
 
-    INPUT_SETTINGS = ("max_residues", "crop", "long_proteins", "window_overlap")
+    INPUT_SETTINGS = ("max_residues", "crop", "long_proteins", "window_overlap", "backbone_family")
 
     def __init__(
         self,
@@ -133,6 +144,7 @@ class EsmLocTokenizer(EsmTokenizer):
         crop=DEFAULT_CROP,
         long_proteins=DEFAULT_LONG_PROTEINS,
         window_overlap=None,
+        backbone_family="esm2",
         unk_token="<unk>",
         cls_token="<cls>",
         pad_token="<pad>",
@@ -145,6 +157,11 @@ class EsmLocTokenizer(EsmTokenizer):
         if long_proteins not in LONG_PROTEIN_RULES:
             raise ValueError(f"long_proteins must be one of {LONG_PROTEIN_RULES}, got {long_proteins!r}")
         window_overlap_for(max_residues, window_overlap)  # raises for an overlap the windows cannot have
+        if backbone_family not in VOCABULARIES:
+            raise ValueError(f"backbone_family must be one of {tuple(VOCABULARIES)}, got {backbone_family!r}")
+        if vocab_file is None and VOCABULARIES[backbone_family] is None:
+            raise ImportError("the ESM C vocabulary needs transformers >= 5.25 (transformers.models.esmc)")
+        self.backbone_family = backbone_family
         self.max_residues = max_residues
         self.crop = crop
         self.long_proteins = long_proteins
@@ -154,7 +171,7 @@ class EsmLocTokenizer(EsmTokenizer):
         with tempfile.TemporaryDirectory() as folder:
             if vocab_file is None:  # EsmTokenizer reads its vocabulary from a file (as transformers' convert_esm.py)
                 vocab_file = Path(folder, "vocab.txt")
-                vocab_file.write_text("\n".join(ESM2_VOCAB), encoding="utf-8")
+                vocab_file.write_text("\n".join(VOCABULARIES[backbone_family]), encoding="utf-8")
             super().__init__(
                 vocab_file,
                 unk_token=unk_token,
@@ -166,6 +183,7 @@ class EsmLocTokenizer(EsmTokenizer):
                 crop=crop,
                 long_proteins=long_proteins,
                 window_overlap=window_overlap,
+                backbone_family=backbone_family,
                 **kwargs,
             )
 
@@ -243,4 +261,4 @@ EsmLocTokenizer.register_for_auto_class("AutoTokenizer")
 
 
 __all__ = ["EsmLocTokenizer", "InvalidSequenceError", "crop_sequence", "normalize_sequence", "window_spans", "ESM2_VOCAB",
-           "RESIDUES"]
+           "ESMC_VOCAB", "RESIDUES"]

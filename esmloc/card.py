@@ -25,8 +25,14 @@ CARD_FILE = "README.md"
 # The text names the function's place before esmloc.card existed; kept, so that cards rendered then are recognised.
 CARD_MARKER = "rendered by esmloc.publish.render_model_card"
 CARD_KINDS = ("merged", "adapter")
+# The card's own licence (the trained model's) unless told: for an ESM-2 backbone (MIT) esmloc's apache-2.0; for an
+# ESM C one the backbone checkpoint's declared licence (its sizes differ: open or non-commercial), else "other", since
+# a model derived from it is bound by terms esmloc cannot know (`card_license`).
 DEFAULT_LICENSE = "apache-2.0"
 TAGS = ["protein", "esm", "esm2", "biology", "subcellular-localization", "mitochondrion"]
+# Per backbone family (configuration_esmloc.backbone_family): how the card names it, its tag in place of "esm2".
+BACKBONE_NAMES = {"esm2": "ESM-2", "esmc": "ESM C"}
+UNKNOWN_LICENSE = "unknown, see the checkpoint"
 PLOT_TITLES = {
     "roc_curve.png": "ROC curve (test)",
     "pr_curve.png": "Precision-recall curve (test)",
@@ -62,15 +68,43 @@ def _plots(run: RunRecord) -> list[tuple[str, str]]:
             for name in known + [name for name in present if name not in known]]
 
 
+def card_license(run: RunRecord, license: str | None = None) -> dict:
+    """The card's licence metadata (`license`, and `license_name`/`license_link` where known): `license` when given;
+    for an ESM C backbone the licence its checkpoint declared (`RunRecord.backbone_license`), else `other`; for ESM-2
+    and for random weights (no checkpoint, no terms) `DEFAULT_LICENSE`."""
+    if license:
+        return {"license": license}
+    random_weights = bool(run.base_model and run.base_model.startswith("random:"))
+    if run.backbone_family == "esmc" and not random_weights:
+        return dict(run.backbone_license or {"license": "other"})
+    return {"license": DEFAULT_LICENSE}
+
+
+def _backbone_text(run: RunRecord) -> str:
+    """The card's "Backbone" cell: the family, and the licence its checkpoint declared, never guessed."""
+    name = BACKBONE_NAMES[run.backbone_family]
+    if run.base_model and run.base_model.startswith("random:"):
+        return f"{name} (random weights: no checkpoint licence applies)"
+    declared = run.backbone_license
+    if not declared:
+        return f"{name}; licence: {UNKNOWN_LICENSE}"
+    terms = declared.get("license_name") or declared.get("license")
+    if declared.get("license_link"):
+        terms = f"[{terms}]({declared['license_link']})"
+    return (f"{name}; licence: {terms} (as the checkpoint's own metadata declares it; this model is derived from "
+            "its weights and comes under those terms)")
+
+
 def _base_model_text(run: RunRecord, base_id: str | None) -> tuple[str, bool]:
     """(how the card names the base model, whether its weights can be loaded by that name)."""
     base = run.base_model
+    name = BACKBONE_NAMES[run.backbone_family]
     if base_id:
         return f"[`{base_id}`]({HUB_URL}/{base_id})", True
     if base and base.startswith("random:"):
-        return f"none: an ESM-2 `{base[len('random:'):]}` architecture with random initial weights", False
+        return f"none: an {name} `{base[len('random:'):]}` architecture with random initial weights", False
     if base:  # a local folder: only its name (a path would show the publisher's directories)
-        return (f"`{Path(base).name}`, a local ESM-2 checkpoint (esmloc-push --base_model names its hub id)",
+        return (f"`{Path(base).name}`, a local {name} checkpoint (esmloc-push --base_model names its hub id)",
                 Path(base).expanduser().is_dir())
     return "not recorded", False
 
@@ -79,7 +113,8 @@ def _head_text(run: RunRecord) -> str:
     parts = [f"{run.config.get('pooling', 'mean')} pooling"]
     esm = run.config.get("esm_config") or {}
     if esm.get("num_hidden_layers") and esm.get("hidden_size"):
-        parts.append(f"over the {esm['num_hidden_layers']}-layer, {esm['hidden_size']}-dimensional ESM-2 encoder")
+        parts.append(f"over the {esm['num_hidden_layers']}-layer, {esm['hidden_size']}-dimensional "
+                     f"{BACKBONE_NAMES[run.backbone_family]} encoder")
     if is_number(run.config.get("classifier_dropout")):
         parts.append(f"dropout {fmt(run.config['classifier_dropout'], 'g')}")
     return ", ".join(parts)
@@ -257,7 +292,7 @@ def render_model_card(
     what: str = "merged",
     repo_id: str | None = None,
     endpoint: str | None = None,
-    license: str = DEFAULT_LICENSE,
+    license: str | None = None,
     base_model: str | None = None,
     datasets: list[str] | None = None,
     space_id: str | None = None,
@@ -269,7 +304,8 @@ def render_model_card(
     referenced only when their PNG exists. `what="adapter"` renders the card of the LoRA adapter (library `peft`,
     loading code that names the base model). `repo_id` (and `endpoint`, for the clone URL) make the loading code use
     the repository; without them it uses the folder's name. `base_model` and `datasets` set the metadata the run
-    cannot know (hub ids); by default `base_model` is the run's ESM-2 checkpoint when that is a hub id.
+    cannot know (hub ids); by default `base_model` is the run's backbone checkpoint when that is a hub id. `license`:
+    the card's licence; by default per `card_license` (for ESM C, the backbone checkpoint's declared licence).
     """
     if what not in CARD_KINDS:
         raise ValueError(f"what must be one of {CARD_KINDS}, got {what!r}")
@@ -285,12 +321,13 @@ def render_model_card(
     multi_label = run.multi_label
     labels = run.labels
     name = repo_id.split("/")[-1] if repo_id else output_dir.resolve().name
+    backbone = BACKBONE_NAMES[run.backbone_family]
 
     if multi_label:
         task_name = "Protein subcellular localisation (multi-label)"
-        title = f"{name}: protein subcellular localisation with ESM-2"
+        title = f"{name}: protein subcellular localisation with {backbone}"
         summary = (f"Predicts where in the cell a protein lives from its amino-acid sequence alone: one independent "
-                   f"probability for each location ({', '.join(labels)}). An ESM-2 protein "
+                   f"probability for each location ({', '.join(labels)}). An {backbone} protein "
                    "language model encodes the sequence; a pooling layer and a classifier turn it into the scores.")
         output_description = "one sigmoid probability per location: " + ", ".join(f"`{label}`" for label in labels)
     else:
@@ -298,13 +335,13 @@ def render_model_card(
         task_name = f"Protein subcellular localisation ({positive} vs {', '.join(labels[:-1])})"
         title = f"{name}: is this protein in the {positive.lower()}?"
         summary = (f"Predicts from its amino-acid sequence alone whether a protein is located in the "
-                   f"**{positive.lower()}** (`{positive}`) or not (`{labels[0]}`). An ESM-2 protein language model "
+                   f"**{positive.lower()}** (`{positive}`) or not (`{labels[0]}`). An {backbone} protein language model "
                    "encodes the sequence; a pooling layer and a classifier turn it into the probability.")
         output_description = f"probabilities of {' and '.join(f'`{label}`' for label in labels)} (softmax)"
 
     finetune = run.finetune
     targets = run.model.get("lora_target_modules") or run.adapter_config.get("target_modules") or []
-    finetune_text = {"frozen": "frozen ESM-2 backbone, trained head",
+    finetune_text = {"frozen": f"frozen {backbone} backbone, trained head",
                      "lora": "LoRA adapters" + (f" on {', '.join(f'`{t}`' for t in targets)}" if targets else "")
                              + ", trained head",
                      "full": "the whole model (backbone and head)"}.get(finetune, "not recorded")
@@ -319,10 +356,10 @@ def render_model_card(
     card_data = ModelCardData(
         library_name="peft" if is_adapter else "transformers",
         pipeline_tag="text-classification",
-        tags=TAGS + (["lora", "peft"] if finetune == "lora" else []) + (["multi-label"] if multi_label else []),
+        tags=[tag if tag != "esm2" else run.backbone_family for tag in TAGS] + (["lora", "peft"] if finetune == "lora" else []) + (["multi-label"] if multi_label else []),
         base_model=base_id,
         datasets=list(datasets) if datasets else None,
-        license=license,
+        **card_license(run, license),
         model_name=name if results else None,
         eval_results=results or None,
     )
@@ -342,6 +379,8 @@ def render_model_card(
         base_model=base_id or (Path(run.base_model).name if run.base_model else None),
         base_model_id=base_id,
         base_model_text=base_text,
+        backbone_name=backbone,
+        backbone_text=_backbone_text(run),
         base_loadable=base_loadable,
         base_random=bool(run.base_model and run.base_model.startswith("random:")),
         adapter_saves=", ".join(f"`{m}`" for m in run.adapter_config.get("modules_to_save") or []),

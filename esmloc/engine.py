@@ -1,4 +1,4 @@
-"""The batched inference engine: ESM-2 hidden states, pooled features and class probabilities for many proteins.
+"""The batched inference engine: ESM-2 / ESM C hidden states, pooled features and class probabilities for many proteins.
 
 One engine serves everything that runs the backbone without gradients: cached-feature training (`esmloc.cache`),
 the final evaluation in `train.py` and `esmloc-predict`.
@@ -55,6 +55,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from configuration_esmloc import backbone_family
 from esmloc import task
 from esmloc.varlen_esm import UnpaddedEsm, unpadded_forward_trusted, unsupported_reason
 from modeling_esmloc import stitch_windows
@@ -187,7 +188,7 @@ class Engine:
         self.packed = None
         int8 = self.precision_name == "int8"
         reason = unsupported_reason(self.esm) if packed else "packed=False"
-        if not reason and not unpadded_forward_trusted():
+        if not reason and not unpadded_forward_trusted(backbone_family(self.esm.config)):
             reason = "the padding-free path failed its parity self-check (warned)"
         if int8 and (reason or self.device.type != "cpu"):
             raise ValueError("precision int8 runs on CPU through the padding-free path only, here: "

@@ -1,18 +1,20 @@
 """The model a training run fine-tunes, and how: where its backbone comes from, what is trained (`FINETUNE_MODES`),
 and what the run saves at the end.
 
-- `build_model`: from a stock ESM-2 checkpoint (hub id or directory), an esmloc model directory (training goes on
-  from it), or random weights of a named architecture.
+- `build_model`: from a stock ESM-2 or ESM C checkpoint (hub id or directory), an esmloc model directory (training
+  goes on from it), or random weights of a named architecture (`configuration_esmloc.ARCHITECTURES`).
 - `prepare_finetuning`: `frozen` trains the head only (the backbone never changes, so its features can be cached:
-  `uses_feature_cache`), `lora` PEFT LoRA adapters on the attention projections plus the head, `full` everything.
+  `uses_feature_cache`), `lora` PEFT LoRA adapters on the backbone's linear layers (`LORA_TARGET_MODULES`, per
+  family) plus the head, `full` everything.
 - `trained_model`: the model to save once the Trainer is done (for LoRA: merged, its adapter kept beside).
 """
 
 import warnings
 from pathlib import Path
 
-from configuration_esmloc import ESM2_ARCHITECTURES, EsmLocConfig
+from configuration_esmloc import ARCHITECTURES, EsmLocConfig, backbone_family
 from esmloc import loading
+from esmloc.errors import InputError
 from esmloc.run_files import ADAPTER_DIR
 from modeling_esmloc import EsmForLocalization
 
@@ -23,11 +25,18 @@ FINETUNE_MODES = ("frozen", "lora", "full")
 DEFAULT_LEARNING_RATES = {"frozen": 1e-3, "lora": 5e-4, "full": 5e-5}
 # Modules trained in full (and saved with a LoRA adapter) whatever the mode: the head.
 HEAD_MODULES = ["pooler", "classifier"]
+# LoRA's default targets per backbone family (--lora_target_modules overrides them): every linear layer of each
+# transformer block. ESM-2: the attention's query/key/value and the three `dense` layers (attention output,
+# intermediate, output); ESM C (transformers' EsmcAttention and EsmcMLP): q/k/v/o_proj and the SwiGLU projections.
+LORA_TARGET_MODULES = {
+    "esm2": ["query", "key", "value", "dense"],
+    "esmc": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+}
 
 
 def build_model(model_args, label_config: dict) -> EsmForLocalization:
-    """The model to train (`model_args`: train.py's ModelArguments): from a stock ESM-2 checkpoint, an esmloc model
-    directory, or random weights; its head as the arguments and `label_config` (id2label, problem_type, class
+    """The model to train (`model_args`: train.py's ModelArguments): from a stock ESM-2 or ESM C checkpoint, an esmloc
+    model directory, or random weights; its head as the arguments and `label_config` (id2label, problem_type, class
     weights) say."""
     head_config = dict(
         pooling=model_args.pooling,
@@ -40,7 +49,7 @@ def build_model(model_args, label_config: dict) -> EsmForLocalization:
         **label_config,
     )
     if model_args.from_scratch:
-        esm_config = dict(ESM2_ARCHITECTURES[model_args.from_scratch])
+        esm_config = dict(ARCHITECTURES[model_args.from_scratch])
         return EsmForLocalization(EsmLocConfig(esm_config=esm_config,
                                                esm_name_or_path=f"random:{model_args.from_scratch}", **head_config))
     source = loading.local_or_hub(model_args.model_name_or_path, "--model_name_or_path")
@@ -50,7 +59,9 @@ def build_model(model_args, label_config: dict) -> EsmForLocalization:
 
 
 def prepare_finetuning(model: EsmForLocalization, model_args):
-    """Freezes or wraps the model per --finetune; returns the model the Trainer trains."""
+    """Freezes or wraps the model per --finetune; returns the model the Trainer trains. For LoRA without
+    --lora_target_modules, the backbone family's `LORA_TARGET_MODULES` (written back to `model_args`, so that the run
+    record and the card name them)."""
     if model_args.finetune == "frozen":
         model.esm.requires_grad_(False)
         return model
@@ -58,6 +69,14 @@ def prepare_finetuning(model: EsmForLocalization, model_args):
         return model
     from peft import LoraConfig, get_peft_model
 
+    if not model_args.lora_target_modules:
+        model_args.lora_target_modules = list(LORA_TARGET_MODULES[backbone_family(model.config)])
+    names = {name.rsplit(".", 1)[-1] for name, _ in model.esm.named_modules()}
+    missing = [target for target in model_args.lora_target_modules if target not in names]
+    if missing:
+        raise InputError(f"--lora_target_modules {' '.join(missing)}: no such module in this "
+                         f"{backbone_family(model.config)} backbone (its defaults: "
+                         f"{' '.join(LORA_TARGET_MODULES[backbone_family(model.config)])})")
     lora_config = LoraConfig(
         r=model_args.lora_r,
         lora_alpha=model_args.lora_alpha,

@@ -6,8 +6,8 @@
 - `check_model_dir` / `load_model_dir`: a model directory is checked first, so that one that is not an esmloc model
   (a stock ESM-2 save, a damaged weights file, a missing tokenizer) gets one message that names the directory,
   what is wrong and the fix, instead of a traceback from deep inside transformers or safetensors.
-- `load_model_or_backbone`: an esmloc model directory, or a stock ESM-2 checkpoint (directory or hub id) wrapped
-  by `EsmForLocalization.from_esm` (esmloc-embed, the demo's hub models go through `resolve_model_dir`).
+- `load_model_or_backbone`: an esmloc model directory, or a stock ESM-2 or ESM C checkpoint (directory or hub id)
+  wrapped by `EsmForLocalization.from_esm` (esmloc-embed, the demo's hub models go through `resolve_model_dir`).
 """
 
 import json
@@ -66,7 +66,7 @@ def resolve_model_dir(name) -> Path:
     return Path(from_hub(snapshot_download, source, option="MODEL_DIR:"))
 
 
-STOCK_ESM_ADVICE = ("a stock ESM-2 checkpoint ({architecture}), not an esmloc model: train from it with "
+STOCK_ESM_ADVICE = ("a stock {family} checkpoint ({architecture}), not an esmloc model: train from it with "
                     "train.py --model_name_or_path {path}, or build one with EsmForLocalization.from_esm({path!r})")
 
 
@@ -97,22 +97,28 @@ def check_weights(path) -> None:
         raise InputError(f"{weights}: damaged or truncated weights file ({error}); copy or download it again") from None
 
 
+# The stock backbones a model directory may hold, by config.json's model_type (configuration_esmloc.BACKBONE_FAMILIES).
+STOCK_FAMILY_NAMES = {"esm": "ESM-2", "esmc": "ESM C"}
+
+
 def model_kind(path) -> str:
-    """`"esmloc"` for an esmloc model directory, `"esm"` for a stock ESM-2 checkpoint (its config and weights
-    checked); InputError for anything else."""
+    """`"esmloc"` for an esmloc model directory, `"esm"` / `"esmc"` for a stock ESM-2 / ESM C checkpoint (its config
+    and weights checked); InputError for anything else."""
     config = read_config(path)
     model_type = config.get("model_type")
-    if model_type not in ("esmloc", "esm"):
-        raise InputError(f"{path}: not an ESM-2 or esmloc model (config.json says model_type {model_type!r})")
+    if model_type != "esmloc" and model_type not in STOCK_FAMILY_NAMES:
+        raise InputError(f"{path}: not an ESM-2, ESM C or esmloc model (config.json says model_type {model_type!r})")
     check_weights(path)
     return model_type
 
 
 def check_model_dir(path, need_tokenizer: bool = True) -> None:
     """InputError unless `path` holds a complete esmloc model: config, whole weights and (by default) tokenizer."""
-    if model_kind(path) == "esm":
-        architecture = ", ".join(read_config(path).get("architectures") or ["EsmModel"])
-        raise InputError(f"{path}: " + STOCK_ESM_ADVICE.format(architecture=architecture, path=str(path)))
+    kind = model_kind(path)
+    if kind in STOCK_FAMILY_NAMES:
+        architecture = ", ".join(read_config(path).get("architectures") or ["a backbone"])
+        raise InputError(f"{path}: " + STOCK_ESM_ADVICE.format(family=STOCK_FAMILY_NAMES[kind],
+                                                               architecture=architecture, path=str(path)))
     missing = [name for name in TOKENIZER_FILES if not (Path(path) / name).is_file()]
     if need_tokenizer and missing:
         raise InputError(f"{path}: the tokenizer is missing ({', '.join(missing)}); save the model with "
@@ -120,8 +126,8 @@ def check_model_dir(path, need_tokenizer: bool = True) -> None:
 
 
 def load_model_or_backbone(name, device="cpu") -> tuple[EsmForLocalization, EsmLocTokenizer, str]:
-    """(model, tokenizer, kind): an esmloc model directory as saved (`"esmloc"`), or a stock ESM-2 checkpoint, a
-    directory or a hub id (`"esm"`), wrapped by `EsmForLocalization.from_esm` (its head unused) with the tokenizer that
+    """(model, tokenizer, kind): an esmloc model directory as saved (`"esmloc"`), or a stock ESM-2 or ESM C checkpoint,
+    a directory or a hub id (`"esm"`), wrapped by `EsmForLocalization.from_esm` (its head unused) with the tokenizer that
     crops as its config says."""
     source = local_or_hub(name)
     if isinstance(source, Path) and model_kind(source) == "esmloc":

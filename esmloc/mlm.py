@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from transformers import Trainer, TrainerCallback
 
+from configuration_esmloc import backbone_family
 from esmloc.errors import InputError
 from esmloc.sequences import read_sequences
 
@@ -273,7 +274,8 @@ def write_model_card(output_dir: Path, model_args, data_args, training_args, mod
     base = model_args.model_name_or_path
     hub_base = base if base and not Path(base).expanduser().exists() and base.count("/") == 1 else None
     card_data = ModelCardData(library_name="transformers", pipeline_tag="fill-mask", base_model=hub_base,
-                              tags=["esm", "esm2", "protein", "protein-language-model", "fill-mask", "esmloc"])
+                              tags=["esm", backbone_family(model_config), "protein", "protein-language-model",
+                                    "fill-mask", "esmloc"])
 
     def figure(metrics, prefix, key):
         value = (metrics or {}).get(f"{prefix}_{key}")

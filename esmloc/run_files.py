@@ -7,6 +7,7 @@ from pathlib import Path
 
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
+from configuration_esmloc import backbone_family
 from esmloc import task
 
 
@@ -77,6 +78,17 @@ class RunRecord:
     @property
     def base_model(self) -> str | None:
         return self.model.get("base_model") or self.config.get("esm_name_or_path")
+
+    @property
+    def backbone_family(self) -> str:
+        """`"esm2"` or `"esmc"`, from config.json's backbone (`configuration_esmloc.backbone_family`)."""
+        return backbone_family(self.config.get("esm_config") or {})
+
+    @property
+    def backbone_license(self) -> dict | None:
+        """The licence the backbone checkpoint declared in its own metadata (config.json `backbone_license`), or
+        None when none was recorded."""
+        return self.config.get("backbone_license") or None
 
     @property
     def finetune(self) -> str | None:

@@ -1,7 +1,8 @@
-"""Padding-free ESM-2 inference through transformers' own `EsmModel.forward`.
+"""Padding-free ESM-2 and ESM C inference through transformers' own `EsmModel.forward` / `EsmcModel.forward`.
 
 The proteins of a batch run flattened into one row: token ids (1, tokens), `position_ids` restarting at 0 for each
-protein (ESM-2's rotary positions), and an attention function registered with transformers' `AttentionInterface`
+protein (both families' rotary positions take them; ESM C's `position_ids` are what its own padded forward gives each
+protein, 0 at `<cls>`), and an attention function registered with transformers' `AttentionInterface`
 (`varlen_sdpa`) through which each protein attends to itself only. The embeddings, projections, rotary, layer norms
 and residual additions are the stock modules' own code (GELU runs in one pass: `FusedGeluIntermediate`): esmloc
 keeps no copy of the ESM forward. (It once did, `PackedEsm`; bench/fork_question.py measures the stock model run
@@ -24,8 +25,8 @@ nested tensor (`nested`) or flex attention with a block-sparse document mask (`f
 place that decides, per device, dtype and head size, from `AUTO_ATTENTION`; a kernel is used only after it has
 matched the grouped path on random inputs on that device (`kernel_problem`), else the next one in the order is.
 
-Trust: the first `UnpaddedEsm` of a process runs a parity self-check (`parity_check`): two tiny proteins through the
-flattened path and through `EsmModel.forward`; on a mismatch (a transformers release that routes positions or
+Trust: the first `UnpaddedEsm` of a process runs a parity self-check per backbone family (`parity_check`): tiny
+proteins through the flattened path and through the stock `EsmModel.forward` / `EsmcModel.forward`; on a mismatch (a transformers release that routes positions or
 attention keywords differently) it warns once and `esmloc.engine.Engine` uses the padded stock forward.
 `FORWARD_VERSION` and the transformers version are part of every feature-cache fingerprint
 (`esmloc.cache.backbone_fingerprint`): a cache written by another forward is never served.
@@ -46,6 +47,14 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.models.esm.modeling_esm import EsmIntermediate, EsmModel
+
+from configuration_esmloc import ARCHITECTURES, backbone_config, backbone_family
+
+
+try:  # ESM C: transformers >= 5.25
+    from transformers import EsmcModel
+except ImportError:
+    EsmcModel = None
 
 
 # Bump when the unpadded path computes anything differently (cached features then stop matching).
@@ -446,8 +455,10 @@ _INT8_RUNS = _INT8_OK = None
 
 def unsupported_reason(esm) -> str | None:
     """Why `esm` cannot run flattened (then it runs padded through its own forward), or None when it can."""
+    if EsmcModel is not None and isinstance(esm, EsmcModel):
+        return None  # rotary positions from `position_ids`, attention through the interface, no token dropout
     if not isinstance(esm, EsmModel):
-        return f"not an EsmModel ({type(esm).__name__})"
+        return f"not an EsmModel or EsmcModel ({type(esm).__name__})"
     config = esm.config
     if getattr(config, "position_embedding_type", "absolute") != "rotary" or esm.rotary_embeddings is None:
         return "only rotary position embeddings (ESM-2) take per-protein positions"
@@ -526,7 +537,7 @@ class UnpaddedEsm:
         device = input_ids.device
         config = self.esm.config
         masked = config.mask_token_id is not None and bool((input_ids == config.mask_token_id).any())
-        if config.token_dropout and masked:
+        if getattr(config, "token_dropout", False) and masked:  # ESM-2 only: ESM C has no token dropout
             return self._padded(input_ids, lengths)
         plan = VarlenPlan(lengths, self.attention_mode(device), device)
         output = self.view(input_ids[None], position_ids=plan.position_ids(device), esmloc_varlen=plan)
@@ -542,27 +553,39 @@ class UnpaddedEsm:
         return hidden[mask]
 
 
-_PARITY_OK = None
+_PARITY_OK: dict[str, bool] | None = None  # per family; None: nothing checked yet in this process
+# The tiny random backbone each family's self-check runs (ESM-2: the architecture it always ran; ESM C: esmc_tiny).
+PARITY_BACKBONES = {
+    "esm2": {"vocab_size": 33, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+             "intermediate_size": 64, "position_embedding_type": "rotary", "token_dropout": True,
+             "emb_layer_norm_before": False, "mask_token_id": 32, "pad_token_id": 1, "max_position_embeddings": 64},
+    "esmc": ARCHITECTURES["esmc_tiny"],
+}
 
 
-def parity_check() -> bool:
-    """Once per process: two tiny proteins through `UnpaddedEsm` and through `EsmModel.forward`, one at a time, on a
-    tiny random ESM-2 (fp32); False, with a warning, when they differ by more than 1e-4."""
+def stock_backbone(config):
+    """The stock transformers backbone of a config: `EsmModel` (no pooler) or `EsmcModel`, random weights."""
+    if backbone_family(config) == "esmc":
+        return EsmcModel(config)
+    return EsmModel(config, add_pooling_layer=False)
+
+
+def parity_check(family: str = "esm2") -> bool:
+    """Once per process and backbone family (`"esm2"`, `"esmc"`): tiny proteins through `UnpaddedEsm` (grouped and
+    padded attention) and through the stock forward (`EsmModel` / `EsmcModel`), one at a time, on a tiny random
+    backbone of that family (fp32); False, with a warning, when they differ by more than 1e-4."""
     global _PARITY_OK
     if _PARITY_OK is None:
+        _PARITY_OK = {}
+    if family not in _PARITY_OK:
+        stock_name = "EsmcModel" if family == "esmc" else "EsmModel"
         try:
-            from transformers import EsmConfig
-
             generator_state = torch.random.get_rng_state()
             torch.manual_seed(0)
-            config = EsmConfig(vocab_size=33, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                               intermediate_size=64, position_embedding_type="rotary", token_dropout=True,
-                               emb_layer_norm_before=False, mask_token_id=32, pad_token_id=1,
-                               max_position_embeddings=64)
-            esm = EsmModel(config, add_pooling_layer=False).eval()
+            esm = stock_backbone(backbone_config(dict(PARITY_BACKBONES[family]))).eval()
             torch.random.set_rng_state(generator_state)
             # A batch with two proteins of equal length (one run) and a longer one; a batch of two lengths with a
-            # <mask> token (the padded fallback).
+            # <mask> token (ESM-2: the padded fallback).
             proteins = [[0, 5, 6, 7, 8, 9, 2], [0, 10, 11, 12, 2], [0, 13, 14, 15, 2], [0, 16, 32, 17, 2]]
             batches = (proteins[:3], [proteins[0], proteins[3]])
             with torch.inference_mode():
@@ -573,16 +596,17 @@ def parity_check() -> bool:
                     unpadded.append(torch.cat([flat(torch.tensor([t for p in batch for t in p]),
                                                     [len(p) for p in batch]) for batch in batches]))
             difference = max(float((result - stock).abs().max()) for result in unpadded)
-            _PARITY_OK = difference <= 1e-4
-            reason = f"differs from EsmModel.forward by {difference:.1e}"
+            _PARITY_OK[family] = difference <= 1e-4
+            reason = f"differs from {stock_name}.forward by {difference:.1e}"
         except Exception as error:  # noqa: BLE001: any failure of the unpadded path means: do not use it
-            _PARITY_OK, reason = False, f"failed: {error!r}"
-        if not _PARITY_OK:
-            warnings.warn(f"esmloc's padding-free ESM path {reason} with transformers {transformers.__version__}; "
-                          "falling back to the padded EsmModel.forward", RuntimeWarning, stacklevel=2)
-    return _PARITY_OK
+            _PARITY_OK[family], reason = False, f"failed: {error!r}"
+        if not _PARITY_OK[family]:
+            warnings.warn(f"esmloc's padding-free {family} path {reason} with transformers "
+                          f"{transformers.__version__}; falling back to the padded {stock_name}.forward",
+                          RuntimeWarning, stacklevel=2)
+    return _PARITY_OK[family]
 
 
-def unpadded_forward_trusted() -> bool:
-    """Whether the padding-free path passed its parity self-check in this process."""
-    return parity_check()
+def unpadded_forward_trusted(family: str = "esm2") -> bool:
+    """Whether the padding-free path passed its parity self-check for this backbone family in this process."""
+    return parity_check(family)

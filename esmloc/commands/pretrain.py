@@ -36,30 +36,38 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from transformers import DataCollatorForTokenClassification, EsmConfig, EsmForMaskedLM, TrainingArguments, set_seed
+from transformers import AutoConfig, DataCollatorForTokenClassification, EsmForMaskedLM, TrainingArguments, set_seed
 
-from configuration_esmloc import ESM2_ARCHITECTURES
+from configuration_esmloc import ARCHITECTURES, backbone_config, backbone_family
 from esmloc import cli, loading, mlm, progress, runs
 from esmloc.errors import InputError
 from tokenization_esmloc import EsmLocTokenizer
 
 
+try:  # ESM C: transformers >= 5.25 (configuration_esmloc.backbone_config refuses an ESM C architecture without it)
+    from transformers import EsmcForMaskedLM
+except ImportError:
+    EsmcForMaskedLM = None
+
+
 logger = logging.getLogger("esmloc.pretrain")
 
 DATA_SUMMARY_FILE = "pretrain_data.json"
+# The masked-language model of each backbone family (configuration_esmloc.backbone_family).
+MLM_CLASSES = {"esm2": EsmForMaskedLM, "esmc": EsmcForMaskedLM}
 
 
 @dataclass
 class PretrainModelArguments:
     model_name_or_path: str | None = field(
         default=None,
-        metadata={"help": "Continue pretraining this ESM-2 checkpoint: a hub id (honours HF_ENDPOINT) or a local "
+        metadata={"help": "Continue pretraining this ESM-2 or ESM C checkpoint: a hub id (honours HF_ENDPOINT) or a local "
                   "directory (a clone, or an earlier esmloc-pretrain output)."},
     )
     from_scratch: str | None = field(
         default=None,
-        metadata={"help": "Start from random weights of a named ESM-2 architecture.",
-                  "choices": list(ESM2_ARCHITECTURES)},
+        metadata={"help": "Start from random weights of a named ESM-2 or ESM C architecture.",
+                  "choices": list(ARCHITECTURES)},
     )
     config_overrides: str | None = field(
         default=None,
@@ -160,18 +168,25 @@ def parse_arguments(argv=None) -> tuple[PretrainModelArguments, PretrainDataArgu
     return parser.parse(argv)
 
 
-def build_model(model_args: PretrainModelArguments) -> EsmForMaskedLM:
+def build_model(model_args: PretrainModelArguments) -> EsmForMaskedLM | EsmcForMaskedLM:
+    """The masked-language model of the backbone's family (`MLM_CLASSES`): random weights of a named architecture,
+    or a checkpoint (its config's model_type decides the family; any other model type is an InputError)."""
     if model_args.from_scratch:
-        config = EsmConfig(**ESM2_ARCHITECTURES[model_args.from_scratch])
+        config = backbone_config(model_args.from_scratch)
         if model_args.config_overrides:
             try:
                 config.update_from_string(model_args.config_overrides)
             except ValueError as error:
                 raise InputError(f"--config_overrides {model_args.config_overrides!r}: {error}") from None
         config._attn_implementation = model_args.attn_implementation
-        return EsmForMaskedLM(config)
+        return MLM_CLASSES[backbone_family(config)](config)
     source = loading.local_or_hub(model_args.model_name_or_path, "--model_name_or_path")
-    load = partial(EsmForMaskedLM.from_pretrained, attn_implementation=model_args.attn_implementation)
+    read_config = AutoConfig.from_pretrained
+    try:
+        family = backbone_family(read_config(source) if isinstance(source, Path) else loading.from_hub(read_config, source))
+    except ValueError as error:
+        raise InputError(f"--model_name_or_path {source}: {error}") from None
+    load = partial(MLM_CLASSES[family].from_pretrained, attn_implementation=model_args.attn_implementation)
     return load(source) if isinstance(source, Path) else loading.from_hub(load, source)
 
 
@@ -218,7 +233,7 @@ def pretrain(argv=None) -> int:
 
     # Model, tokenizer, data pipeline
     model = build_model(model_args)
-    tokenizer = EsmLocTokenizer(max_residues=data_args.max_residues)
+    tokenizer = EsmLocTokenizer(max_residues=data_args.max_residues, backbone_family=backbone_family(model.config))
     masking = mlm.ResidueMasking(tokenizer, mlm_probability=data_args.mlm_probability,
                              mask_replace_prob=data_args.mask_replace_prob,
                              random_replace_prob=data_args.random_replace_prob)
@@ -233,7 +248,7 @@ def pretrain(argv=None) -> int:
     if eval_dataset is None:
         training_args.eval_strategy = "no"
     parameters = sum(p.numel() for p in model.parameters())
-    logger.info("EsmForMaskedLM: %d layers, hidden size %d, %s parameters", model.config.num_hidden_layers,
+    logger.info("%s: %d layers, hidden size %d, %s parameters", type(model).__name__, model.config.num_hidden_layers,
                 model.config.hidden_size, f"{parameters:,}")
 
     callbacks = [mlm.EpochCallback(train_dataset), runs.RunRecordCallback(identity)]

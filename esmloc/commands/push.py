@@ -30,7 +30,9 @@ class PushArguments:
         default=False,
         metadata={"help": "Push the LoRA adapter (OUTPUT_DIR/adapter) with its own card instead of the merged model."},
     )
-    license: str = field(default=DEFAULT_LICENSE, metadata={"help": "The card's license (a hub license id)."})
+    license: str | None = field(default=None, metadata={
+        "help": f"The card's license (a hub license id). Default: {DEFAULT_LICENSE} for an ESM-2 backbone; for ESM C the "
+                "license the backbone checkpoint declared (its sizes differ), else 'other' (esmloc.card.card_license)."})
     base_model: str | None = field(
         default=None,
         metadata={"help": "The card's base_model hub id, when the run's ESM-2 checkpoint was a local folder."},

@@ -28,7 +28,7 @@ import torch
 from transformers import DataCollatorWithPadding, EarlyStoppingCallback, Trainer, TrainingArguments, set_seed
 
 from configuration_esmloc import (
-    CROP_STRATEGIES, DEFAULT_CROP, DEFAULT_LONG_PROTEINS, DEFAULT_MAX_RESIDUES, ESM2_ARCHITECTURES, LONG_PROTEIN_RULES,
+    CROP_STRATEGIES, DEFAULT_CROP, DEFAULT_LONG_PROTEINS, DEFAULT_MAX_RESIDUES, ARCHITECTURES, LONG_PROTEIN_RULES,
     POOLING_MODES, window_overlap_for,
 )
 from esmloc import cache, cli, data, dataset_hub, demo, evaluation, finetuning, progress, publish, report, runs, task
@@ -48,14 +48,14 @@ DEMO_ARCHITECTURE = "esm2_t6_8M"
 class ModelArguments:
     model_name_or_path: str | None = field(
         default=None,
-        metadata={"help": "A stock ESM-2 checkpoint: a hub id (e.g. facebook/esm2_t6_8M_UR50D; honours HF_ENDPOINT) "
+        metadata={"help": "A stock ESM-2 or ESM C checkpoint: a hub id (e.g. facebook/esm2_t6_8M_UR50D; honours HF_ENDPOINT) "
                   "or a local directory (e.g. a git clone of the model repo). A directory saved by esmloc "
                   "continues training from that model."},
     )
     from_scratch: str | None = field(
         default=None,
-        metadata={"help": "Build the backbone with random weights from a named ESM-2 architecture instead of "
-                  "loading one (offline work, tests, benchmarks).", "choices": list(ESM2_ARCHITECTURES)},
+        metadata={"help": "Build the backbone with random weights from a named ESM-2 or ESM C architecture instead "
+                  "of loading one (offline work, tests, benchmarks).", "choices": list(ARCHITECTURES)},
     )
     finetune: str = field(
         default="frozen",
@@ -85,7 +85,10 @@ class ModelArguments:
     lora_r: int = field(default=8)
     lora_alpha: int = field(default=16)
     lora_dropout: float = field(default=0.05)
-    lora_target_modules: list[str] = field(default_factory=lambda: ["query", "key", "value", "dense"])
+    lora_target_modules: list[str] | None = field(default=None, metadata={
+        "help": "The backbone's modules LoRA adapts; default per backbone family (esmloc.finetuning."
+                "LORA_TARGET_MODULES): ESM-2 query key value dense, ESM C q_proj k_proj v_proj o_proj gate_proj "
+                "up_proj down_proj."})
     attn_implementation: str = field(default="sdpa", metadata={"help": "sdpa (fast) or eager."})
     feature_cache: bool = field(
         default=True,
