@@ -218,7 +218,7 @@ def main(argv=None):
                     results[row] = run_row(model, mode, row[2], row[3], encoded, labels, args, device)
                 except torch.cuda.OutOfMemoryError:
                     results[row] = {"error": "OOM"}
-                except Exception as error:  # noqa: BLE001: a failing row is reported, the others still run
+                except Exception as error:  # noqa: BLE001 -- a failing row is reported, the others still run
                     results[row] = {"error": f"{type(error).__name__}: {error}"[:200]}
                 print(table_row(row, results[row], peak_tflops), flush=True)
                 if device.type == "cuda":

@@ -116,7 +116,7 @@ def measure(variants: dict, device, repeats: int, clock: Clock, sequences) -> di
         try:
             function(sequences[:16])
             function(sequences[16:40])
-        except Exception as error:  # noqa: BLE001: a variant that fails is reported, the others still run
+        except Exception as error:  # noqa: BLE001 -- a variant that fails is reported, the others still run
             results[name]["error"] = f"{type(error).__name__}: {error}"[:200]
     for repeat in range(repeats):
         names = [name for name in variants if results[name]["error"] is None]

@@ -290,7 +290,7 @@ def kernel_problem(mode: str, device, dtype: torch.dtype, head_size: int) -> str
                 error = float((out.float() - reference).norm() / reference.norm())
                 if not error <= KERNEL_TOLERANCE.get(dtype, 2e-2):  # NaN fails too
                     problem = f"differs from the grouped path by {error:.1e} (relative) in {dtype}"
-            except Exception as error:  # noqa: BLE001: any failure means: do not use this kernel here
+            except Exception as error:  # noqa: BLE001 -- any failure means: do not use this kernel here
                 problem = f"failed: {error!r}"[:300]
         _KERNEL_PROBLEMS[key] = problem
     return _KERNEL_PROBLEMS[key]
@@ -598,7 +598,7 @@ def parity_check(family: str = "esm2") -> bool:
             difference = max(float((result - stock).abs().max()) for result in unpadded)
             _PARITY_OK[family] = difference <= 1e-4
             reason = f"differs from {stock_name}.forward by {difference:.1e}"
-        except Exception as error:  # noqa: BLE001: any failure of the unpadded path means: do not use it
+        except Exception as error:  # noqa: BLE001 -- any failure of the unpadded path means: do not use it
             _PARITY_OK[family], reason = False, f"failed: {error!r}"
         if not _PARITY_OK[family]:
             warnings.warn(f"esmloc's padding-free {family} path {reason} with transformers "

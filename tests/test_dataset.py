@@ -316,8 +316,8 @@ def test_deeploc_config_is_multi_label_and_keeps_kingdom_and_partition(tmp_path)
     dataset = load(tmp_path, write_csv(tmp_path / "deeploc.csv", rows, DEEPLOC_HEADER), config_name="deeploc")
     assert dataset["train"].features["label"].feature.names == list(LOCATIONS)
     example = {row[0]: row for row in rows}
-    for data in dataset.values():
-        for item in data:
+    for split in dataset.values():
+        for item in split:
             row = example[item["ACC"]]
             assert (item["Kingdom"], item["Partition"], item["Membrane"]) == row[1:4]
             assert item["label"] == [i for i, flag in enumerate(row[4:14]) if flag]
