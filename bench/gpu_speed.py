@@ -16,7 +16,7 @@ precision:
 - (b) stock, sorted, token budget: the same model on batches sorted by length whose padded size stays within the
   engine's token budget (`esmloc.engine.length_batches`);
 - (c) engine, MODE: `esmloc.engine.Engine(..., attention=MODE).embed(sequences, "mean")` for each padding-free
-  attention (`esmloc.varlen_esm.ATTENTION_MODES`, grouped aside: one SDPA call per run of equal lengths suits CPUs);
+  attention (`esmloc.varlen_attention.ATTENTION_MODES`, grouped aside: one SDPA call per run of equal lengths suits CPUs);
   the line under the table names the one `attention="auto"` picks here.
 
 proteins/s and tokens/s count the real tokens (<cls>, residues, <eos>). "% of bf16 bound": the FLOPs of the real
@@ -176,7 +176,7 @@ HEADER = ["variant", "proteins/s", "tokens/s", "% of bf16 bound", "x (a)", "peak
 
 def main(argv=None):
     args = parse_arguments(argv)
-    from esmloc import varlen_esm
+    from esmloc import varlen_attention
     from esmloc.engine import Engine, default_max_tokens_per_batch, length_batches
     from esmloc.saving import tokenizer_for
 
@@ -193,7 +193,7 @@ def main(argv=None):
         peak_tflops = common.low_precision_peaks_gflops(512, 3)["bf16"] / 1000
         gpu = "no GPU (CPU smoke run)"
     budget = args.max_tokens_per_batch or default_max_tokens_per_batch(device)
-    attentions = args.attentions or [mode for mode in varlen_esm.ATTENTION_MODES if mode != "grouped"]
+    attentions = args.attentions or [mode for mode in varlen_attention.ATTENTION_MODES if mode != "grouped"]
     order = [size for size in RUN_ORDER if size in args.sizes] + [size for size in args.sizes if size not in RUN_ORDER]
     skipped, summary, auto_choice, fastest = [], {}, {}, {}
     # The header first and each table as soon as it is measured (sizes in RUN_ORDER): a run stopped from outside
@@ -228,7 +228,7 @@ def main(argv=None):
         }
         unavailable = {}
         for mode in attentions:
-            problem = varlen_esm.attention_problem(mode, device, torch.bfloat16, head_size)
+            problem = varlen_attention.attention_problem(mode, device, torch.bfloat16, head_size)
             if problem:
                 unavailable[f"(c) engine, {mode}"] = problem
                 continue

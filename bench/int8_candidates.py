@@ -6,7 +6,7 @@
 Candidates, all dynamic quantisation (weights int8 per output channel ahead of time, inputs quantised per call):
 
 - oneDNN int8 linear, `torch.ops.onednn.qlinear_pointwise` (the kernel torch's x86 int8 path lowers to), input
-  quantised by `esmloc.varlen_esm._quantise_input`: what `precision="int8"` runs (`varlen_esm.Int8Linear`);
+  quantised by `esmloc.int8._quantise_input`: what `precision="int8"` runs (`int8.Int8Linear`);
 - `torch.ao.quantization.quantize_dynamic` (FBGEMM; deprecated in torch 2.13, with quantized tensor types that are
   to be removed);
 - torchao `Int8DynamicActivationInt8WeightConfig` in eager mode (the successor torch points to; measured only when
@@ -26,7 +26,7 @@ import common
 
 
 def candidates(linear):
-    from esmloc.varlen_esm import Int8Linear
+    from esmloc.int8 import Int8Linear
 
     weight, bias = linear.weight, linear.bias
     onednn = torch.ops.mkldnn._linear_pointwise

@@ -19,11 +19,11 @@ What makes it fast:
   row that goes through transformers' own `EsmModel.forward`, with per-protein rotary positions (`position_ids`) and
   an attention function registered with transformers (`varlen_sdpa`: on CPU `scaled_dot_product_attention` once per
   run of equal-length proteins, without a mask; on CUDA one of torch's variable-length kernels, chosen by
-  `varlen_esm.choose_attention`), so the linear layers never see padding. It computes what `EsmModel.forward`
+  `varlen_attention.choose_attention`), so the linear layers never see padding. It computes what `EsmModel.forward`
   computes on padded batches (equal within 1e-5 in fp32, tests/test_engine.py); a backbone it cannot run flattened
   (absolute positions, a decoder) runs padded.
 - precision="int8" (CPU): the backbone's linear layers with dynamic int8 quantisation through oneDNN
-  (`varlen_esm.Int8Linear`, on a view of the backbone; the model is not changed); the other operations stay fp32.
+  (`int8.Int8Linear`, on a view of the backbone; the model is not changed); the other operations stay fp32.
   What it and bf16 cost in accuracy and gain in speed: README, "Speed".
 - On CPU, `workers` batches run at once in threads, each with its share of torch's intra-op threads (by default one
   batch per core on up to 4 cores): per-core batches scale better than splitting every small operation across the
@@ -160,8 +160,8 @@ class Engine:
         progress: show a progress bar.
         packed: run padding-free (`UnpaddedEsm`) when the backbone allows it (False: always `EsmModel.forward` on
             padded batches).
-        attention: the padding-free attention (`esmloc.varlen_esm.ATTENTION_MODES`): `auto` (per device, dtype and
-            head size: `varlen_esm.choose_attention`), `grouped` (per run of equal lengths, no mask; CPU's),
+        attention: the padding-free attention (`esmloc.varlen_attention.ATTENTION_MODES`): `auto` (per device, dtype and
+            head size: `varlen_attention.choose_attention`), `grouped` (per run of equal lengths, no mask; CPU's),
             `padded` (one masked call per batch), or one of torch's variable-length kernels: `varlen`, `nested`,
             `flex`.
         workers: batches run at once (see `map_batches`); default on CPU: torch's intra-op threads, at most 4;

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from configuration_esmloc import ESM2_ARCHITECTURES, EsmLocConfig
-from esmloc import loading, varlen_esm
+from esmloc import loading, varlen_attention
 from esmloc.demo import write_demo_csv
 from esmloc.engine import Engine
 from esmloc.saving import save_model, tokenizer_for
@@ -70,12 +70,12 @@ def esm2_8m():
 
 def attention_or_skip(attention: str, dtype: torch.dtype, head_size: int) -> None:
     if attention != "auto":
-        problem = varlen_esm.attention_problem(attention, "cuda", dtype, head_size)
+        problem = varlen_attention.attention_problem(attention, "cuda", dtype, head_size)
         if problem:
             pytest.skip(problem)
 
 
-ATTENTIONS = ["auto", *varlen_esm.ATTENTION_MODES]
+ATTENTIONS = ["auto", *varlen_attention.ATTENTION_MODES]
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])

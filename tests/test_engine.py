@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from configuration_esmloc import ESM2_ARCHITECTURES, EsmLocConfig
-from esmloc import engine as engine_module, varlen_esm
+from esmloc import engine as engine_module, varlen_attention, varlen_esm
 from esmloc.engine import Engine, balanced_batches, length_batches, predict_probabilities
 from esmloc.saving import tokenizer_for
 from modeling_esmloc import EsmForLocalization
@@ -231,18 +231,18 @@ def test_variable_length_kernels_attend_within_each_protein(mode):
     lengths = [128, 128, 1, 300, 5, 5, 256, 77]
     generator = torch.Generator().manual_seed(0)
     query, key, value = (torch.randn(1, 3, sum(lengths), 16, generator=generator) for _ in range(3))
-    reference = varlen_esm.VarlenPlan(lengths, "grouped", "cpu").attend(query, key, value, 0.25)
-    out = varlen_esm.VarlenPlan(lengths, mode, "cpu").attend(query, key, value, 0.25)
+    reference = varlen_attention.VarlenPlan(lengths, "grouped", "cpu").attend(query, key, value, 0.25)
+    out = varlen_attention.VarlenPlan(lengths, mode, "cpu").attend(query, key, value, 0.25)
     assert out.shape == reference.shape == (1, sum(lengths), 3, 16)
     torch.testing.assert_close(out, reference, atol=1e-5, rtol=1e-5)
-    low = varlen_esm.VarlenPlan(lengths, mode, "cpu").attend(*(x.bfloat16() for x in (query, key, value)), 0.25)
+    low = varlen_attention.VarlenPlan(lengths, mode, "cpu").attend(*(x.bfloat16() for x in (query, key, value)), 0.25)
     assert low.dtype == torch.bfloat16
     assert float((low.float() - reference).norm() / reference.norm()) < 1e-2
 
 
 def test_the_document_block_mask_skips_tiles_between_proteins():
     lengths = [100, 60, 300, 1]  # tokens 0-99, 100-159, 160-459, 460
-    mask = varlen_esm.document_block_mask(lengths, "cpu")
+    mask = varlen_attention.document_block_mask(lengths, "cpu")
     dense = mask.to_dense()[0, 0]  # (query tiles, key tiles): 1 where a tile is computed
     # Tile 0 holds proteins 1 and 2 (to token 159 in tile 1); tile 1 proteins 2 and 3; tiles 2-3 only protein 3,
     # which tile 3 shares with protein 4 (token 460).
@@ -251,17 +251,17 @@ def test_the_document_block_mask_skips_tiles_between_proteins():
     full = mask.full_kv_num_blocks[0, 0].tolist()  # only tile (2, 2) lies inside one protein on both sides
     assert full == [0, 0, 1, 0]
     # A last tile cut short (tokens 256-299) is never full, even inside one protein: its keys past the end are masked.
-    short = varlen_esm.document_block_mask([100, 200], "cpu")
+    short = varlen_attention.document_block_mask([100, 200], "cpu")
     assert short.to_dense()[0, 0].tolist() == [[1, 1, 1], [1, 1, 1], [1, 1, 1]]
     assert short.full_kv_num_blocks[0, 0].tolist() == [0, 1, 0]
 
 
 def test_auto_attention_takes_the_first_kernel_that_runs_and_passes_its_check(monkeypatch):
-    monkeypatch.setitem(varlen_esm.AUTO_ATTENTION, "cpu", ("varlen", "flex", "grouped"))
-    monkeypatch.setattr(varlen_esm, "_KERNEL_PROBLEMS", {})
+    monkeypatch.setitem(varlen_attention.AUTO_ATTENTION, "cpu", ("varlen", "flex", "grouped"))
+    monkeypatch.setattr(varlen_attention, "_KERNEL_PROBLEMS", {})
     # varlen does not run on CPU (flash attention): the next one, flex, runs and matches the grouped path.
-    assert varlen_esm.attention_problem("varlen", "cpu", torch.bfloat16, 16) == "varlen (flash attention) runs on CUDA only"
-    assert varlen_esm.choose_attention("cpu", torch.float32, 16) == "flex"
+    assert varlen_attention.attention_problem("varlen", "cpu", torch.bfloat16, 16) == "varlen (flash attention) runs on CUDA only"
+    assert varlen_attention.choose_attention("cpu", torch.float32, 16) == "flex"
     model = tiny_model()
     tokenizer = tokenizer_for(model.config)
     engine = Engine(model, tokenizer, progress=False, workers=1)
@@ -269,11 +269,11 @@ def test_auto_attention_takes_the_first_kernel_that_runs_and_passes_its_check(mo
     np.testing.assert_allclose(engine.predict_probabilities(SEQUENCES), reference_probabilities(model, tokenizer,
                                                                                                 SEQUENCES), atol=1e-5)
     # A kernel that computes something else is skipped, with one warning, for the next in the order.
-    monkeypatch.setattr(varlen_esm, "_KERNEL_PROBLEMS", {})
-    monkeypatch.setattr(varlen_esm, "flex_attention_function",
+    monkeypatch.setattr(varlen_attention, "_KERNEL_PROBLEMS", {})
+    monkeypatch.setattr(varlen_attention, "flex_attention_function",
                         lambda device_type: lambda query, key, value, **kwargs: value * 2)
     with pytest.warns(RuntimeWarning, match="the flex attention kernel on cpu .* differs from the grouped path"):
-        assert varlen_esm.choose_attention("cpu", torch.float32, 16) == "grouped"
+        assert varlen_attention.choose_attention("cpu", torch.float32, 16) == "grouped"
     assert Engine(model, tokenizer, progress=False).attention_mode() == "grouped"
 
 

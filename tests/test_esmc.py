@@ -17,7 +17,7 @@ import torch
 from transformers import AutoConfig, EsmcConfig, EsmcForMaskedLM, EsmcModel, EsmcTokenizer, EsmConfig
 
 from configuration_esmloc import ESMC_ARCHITECTURES, EsmLocConfig, backbone_config, backbone_family
-from esmloc import finetuning, varlen_esm
+from esmloc import finetuning, varlen_attention, varlen_esm
 from esmloc.card import UNKNOWN_LICENSE, render_model_card
 from esmloc.demo import write_demo_csv
 from esmloc.engine import Engine
@@ -169,7 +169,7 @@ def test_the_esmc_parity_check_fails_when_proteins_of_a_flattened_batch_see_each
         return torch.nn.functional.scaled_dot_product_attention(query, key, value, scale=scaling).transpose(1, 2)
 
     monkeypatch.setattr(varlen_esm, "_PARITY_OK", None)
-    monkeypatch.setattr(varlen_esm.VarlenPlan, "attend", whole_row)
+    monkeypatch.setattr(varlen_attention.VarlenPlan, "attend", whole_row)
     with pytest.warns(RuntimeWarning, match="padding-free esmc path differs from EsmcModel.forward"):
         assert not varlen_esm.parity_check("esmc")
     model = esmc_model()

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from esmloc import cache, varlen_esm
+from esmloc import cache, int8, varlen_esm
 from esmloc.engine import AUTO_PRECISION, Engine, resolve_precision
 from esmloc.saving import tokenizer_for
 
@@ -17,7 +17,7 @@ from conftest import PROTEINS, tiny_model
 SEQUENCES = PROTEINS + ["MKTAYIAKQRQISFVKSHFSRQ" * 5, "MLSRAVCGTSRQLAPVLGYLGSRQKHSLPDLPYDYGALEPHINAQIMQLHHSKHHAAYV"]
 
 # Whether the kernel runs at all decides the skip; whether it is right is tested (a wrong kernel fails, never skips).
-needs_int8 = pytest.mark.skipif(not varlen_esm.int8_linear_runs(),
+needs_int8 = pytest.mark.skipif(not int8.int8_linear_runs(),
                                 reason="oneDNN's int8 linear does not run in this torch build")
 
 
@@ -26,7 +26,7 @@ def test_auto_is_fp32_on_cpu_and_every_precision_names_itself():
     model = tiny_model()
     tokenizer = tokenizer_for(model.config)
     for precision, name in [("auto", "fp32"), ("fp32", "fp32"), ("bf16", "bf16")] + (
-            [("int8", "int8")] if varlen_esm.int8_linear_runs() else []):
+            [("int8", "int8")] if int8.int8_linear_runs() else []):
         assert Engine(model, tokenizer, precision=precision, progress=False).precision_name == name
     with pytest.raises(ValueError, match="precision must be one of"):
         Engine(model, tokenizer, precision="int4")
@@ -43,7 +43,7 @@ def test_int8_linear_is_within_int8_rounding_of_nn_linear():
     x = torch.randn(13, 96, generator=generator) * torch.logspace(-2, 1, 13)[:, None]  # rows of every magnitude
     with torch.no_grad():
         linear.weight.copy_(torch.randn(48, 96, generator=generator))
-        expected, actual = linear(x), varlen_esm.Int8Linear(linear)(x)
+        expected, actual = linear(x), int8.Int8Linear(linear)(x)
     weight = linear.weight.detach()
     input_step = x.abs().amax(dim=1, keepdim=True) / 127  # (rows, 1)
     weight_step = weight.abs().amax(dim=1)[None, :] / 127  # (1, outputs)
@@ -57,7 +57,7 @@ def test_int8_linear_is_within_int8_rounding_of_nn_linear():
     product = (expected - linear.bias).detach()  # the bias is added in fp32
     scale_error = ((actual - expected) * product).sum() / (product * product).sum()
     assert abs(scale_error) < 0.01, f"outputs {100 * scale_error:+.1f}% off in scale"
-    assert varlen_esm.int8_linear_available()
+    assert int8.int8_linear_available()
 
 
 @needs_int8
@@ -107,16 +107,16 @@ def test_int8_follows_weight_changes():
 def test_int8_linear_meets_row_counts_in_buckets(monkeypatch):
     """oneDNN caches a kernel per shape: the int8 linear layers only ever see multiples of ONEDNN_ROW_BUCKET."""
     rows_seen = []
-    original = varlen_esm._quantise_input
+    original = int8._quantise_input
 
     def spy(x):
         rows_seen.append(x.shape[0])
         return original(x)
 
-    monkeypatch.setattr(varlen_esm, "_quantise_input", spy)
+    monkeypatch.setattr(int8, "_quantise_input", spy)
     model = tiny_model(max_residues=300)
     Engine(model, tokenizer_for(model.config), progress=False, precision="int8").embed(SEQUENCES, "mean")
-    assert rows_seen and all(rows % varlen_esm.ONEDNN_ROW_BUCKET == 0 for rows in rows_seen)
+    assert rows_seen and all(rows % int8.ONEDNN_ROW_BUCKET == 0 for rows in rows_seen)
 
 
 def test_input_quantisation_is_round_to_nearest_per_row_plus_128():
@@ -126,9 +126,9 @@ def test_input_quantisation_is_round_to_nearest_per_row_plus_128():
     x[1, 7], x[2, 9] = -1e3, 1e3  # a row whose largest magnitude is negative, one positive
     x[3] = 0.0
     x[3, :255] = torch.cat([torch.tensor([127.0]), torch.arange(-126.5, 127.0)])  # scale 1: exact halves, to even
-    quantised, scales = varlen_esm._quantise_input(x)
+    quantised, scales = int8._quantise_input(x)
     expected_scales = (x.abs().amax(dim=1, keepdim=True) / 127).clamp(min=1e-12)
-    expected = (torch.round(x / expected_scales) + varlen_esm.INPUT_ZERO_POINT).to(torch.uint8)
+    expected = (torch.round(x / expected_scales) + int8.INPUT_ZERO_POINT).to(torch.uint8)
     assert quantised.dtype == torch.uint8 and torch.equal(scales, expected_scales)
     assert torch.equal(quantised, expected)
     assert quantised[1, 7] == 1 and quantised[2, 9] == 255 and (quantised[0] == 128).all()
@@ -141,9 +141,9 @@ def test_int8_leaves_the_model_itself_in_fp32():
     model = tiny_model()
     weights = {name: tensor.clone() for name, tensor in model.state_dict().items()}
     engine = Engine(model, tokenizer_for(model.config), progress=False, precision="int8")
-    int8_layers = [module for module in engine.packed.view.modules() if isinstance(module, varlen_esm.Int8Linear)]
+    int8_layers = [module for module in engine.packed.view.modules() if isinstance(module, int8.Int8Linear)]
     assert int8_layers and all(layer._packed is not None for layer in int8_layers)  # quantised when built
-    assert not any(isinstance(module, varlen_esm.Int8Linear) for module in model.modules())
+    assert not any(isinstance(module, int8.Int8Linear) for module in model.modules())
     engine.embed(SEQUENCES, "mean")
     assert all(torch.equal(tensor, weights[name]) for name, tensor in model.state_dict().items())
 
@@ -186,5 +186,5 @@ def test_the_feature_cache_key_holds_the_forward_version_and_the_precision(monke
     monkeypatch.undo()
     paths = {precision: cache.FeatureCache.for_engine(Engine(model, tokenizer, precision=precision, progress=False),
                                                       "mean", root=tmp_path).path
-             for precision in ["fp32", "bf16"] + (["int8"] if varlen_esm.int8_linear_runs() else [])}
+             for precision in ["fp32", "bf16"] + (["int8"] if int8.int8_linear_runs() else [])}
     assert len(set(paths.values())) == len(paths) and all(path.name.endswith(p) for p, path in paths.items())
