@@ -1,5 +1,9 @@
 """The esmloc dataset: protein localisation data validated and split for training, as a `datasets` builder.
 
+One job, one module (511 lines): the loading script imports this builder whole, so the builder, its config and the
+loader around it stay together; the sequence rules and the split rules already live in `esmloc.sequences` and
+`esmloc.splits`.
+
 Everything that turns a user's file into training data lives here, so that `train.py` and the loading script
 `dataset_script/esmloc.py` share one implementation; reading and validating sequences is `esmloc.sequences` (which
 needs no `datasets`; its public names are importable from here too, as they were before it existed):

@@ -1,5 +1,8 @@
 """The interactive demo: a Gradio app around a saved esmloc model.
 
+One job (483 lines): the app, its limits and the middleware that enforces them before a body is read belong to one
+server; prediction, explanation and reading uploads are `esmloc.engine`, `esmloc.explain` and `esmloc.sequences`.
+
     esmloc-demo MODEL_DIR [--host 127.0.0.1] [--port 7860] [--max_sequences 20] [--max_chars 100000] ...
     ESMLOC_MODEL=MODEL_DIR ESMLOC_MAX_SEQUENCES=20 ... python app.py       # a Space
 

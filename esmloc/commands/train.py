@@ -1,5 +1,9 @@
 """train.py / esmloc-train: fine-tune ESM-2 for subcellular localisation and leave a trained, evaluated, loadable model.
 
+One job (the command: its arguments and the order of a run); the pieces it calls are modules of their own
+(`esmloc.task`, `cache`, `finetuning`, `evaluation`, `report`, `card`, `runs`). Most of its length is the argument
+dataclasses and their help texts.
+
     python train.py --model_name_or_path facebook/esm2_t6_8M_UR50D --train_file proteins.csv \
         --finetune lora --output_dir out/
     accelerate launch train.py ...          # or torchrun --nproc_per_node N train.py ...: same arguments
