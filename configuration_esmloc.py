@@ -85,6 +85,8 @@ ESMC_ARCHITECTURES = {
 ARCHITECTURES = {**ESM2_ARCHITECTURES, **ESMC_ARCHITECTURES}
 # The backbone families esmloc runs, by their transformers model_type: the one decision every path branches on.
 BACKBONE_FAMILIES = {"esm": "esm2", "esmc": "esmc"}
+# How each family is named to people (model cards, messages).
+FAMILY_NAMES = {"esm2": "ESM-2", "esmc": "ESM C"}
 
 
 def backbone_family(config) -> str:

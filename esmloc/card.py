@@ -14,7 +14,7 @@ from pathlib import Path
 from huggingface_hub import ModelCard, ModelCardData
 from huggingface_hub import constants as hub_constants
 
-from configuration_esmloc import window_overlap_for
+from configuration_esmloc import FAMILY_NAMES, window_overlap_for
 from esmloc import card_metrics, task
 from esmloc.run_files import ADAPTER_DIR, ADAPTER_FILES, RunRecord, as_hub_model_id, fmt, is_number
 
@@ -31,7 +31,6 @@ CARD_KINDS = ("merged", "adapter")
 DEFAULT_LICENSE = "apache-2.0"
 TAGS = ["protein", "esm", "esm2", "biology", "subcellular-localization", "mitochondrion"]
 # Per backbone family (configuration_esmloc.backbone_family): how the card names it, its tag in place of "esm2".
-BACKBONE_NAMES = {"esm2": "ESM-2", "esmc": "ESM C"}
 UNKNOWN_LICENSE = "unknown, see the checkpoint"
 PLOT_TITLES = {
     "roc_curve.png": "ROC curve (test)",
@@ -82,7 +81,7 @@ def card_license(run: RunRecord, license: str | None = None) -> dict:
 
 def _backbone_text(run: RunRecord) -> str:
     """The card's "Backbone" cell: the family, and the licence its checkpoint declared, never guessed."""
-    name = BACKBONE_NAMES[run.backbone_family]
+    name = FAMILY_NAMES[run.backbone_family]
     if run.base_model and run.base_model.startswith("random:"):
         return f"{name} (random weights: no checkpoint licence applies)"
     declared = run.backbone_license
@@ -98,7 +97,7 @@ def _backbone_text(run: RunRecord) -> str:
 def _base_model_text(run: RunRecord, base_id: str | None) -> tuple[str, bool]:
     """(how the card names the base model, whether its weights can be loaded by that name)."""
     base = run.base_model
-    name = BACKBONE_NAMES[run.backbone_family]
+    name = FAMILY_NAMES[run.backbone_family]
     if base_id:
         return f"[`{base_id}`]({HUB_URL}/{base_id})", True
     if base and base.startswith("random:"):
@@ -114,7 +113,7 @@ def _head_text(run: RunRecord) -> str:
     esm = run.config.get("esm_config") or {}
     if esm.get("num_hidden_layers") and esm.get("hidden_size"):
         parts.append(f"over the {esm['num_hidden_layers']}-layer, {esm['hidden_size']}-dimensional "
-                     f"{BACKBONE_NAMES[run.backbone_family]} encoder")
+                     f"{FAMILY_NAMES[run.backbone_family]} encoder")
     if is_number(run.config.get("classifier_dropout")):
         parts.append(f"dropout {fmt(run.config['classifier_dropout'], 'g')}")
     return ", ".join(parts)
@@ -321,7 +320,7 @@ def render_model_card(
     multi_label = run.multi_label
     labels = run.labels
     name = repo_id.split("/")[-1] if repo_id else output_dir.resolve().name
-    backbone = BACKBONE_NAMES[run.backbone_family]
+    backbone = FAMILY_NAMES[run.backbone_family]
 
     if multi_label:
         task_name = "Protein subcellular localisation (multi-label)"

@@ -16,7 +16,7 @@ from pathlib import Path
 from huggingface_hub import constants as hub_constants
 from safetensors import SafetensorError, safe_open
 
-from configuration_esmloc import window_overlap_for
+from configuration_esmloc import BACKBONE_FAMILIES, FAMILY_NAMES, window_overlap_for
 from esmloc.errors import EnvironmentProblem, InputError
 from esmloc.saving import TOKENIZER_FILES, WEIGHTS_FILE, crop_mismatch, tokenizer_for
 from modeling_esmloc import EsmForLocalization
@@ -97,8 +97,8 @@ def check_weights(path) -> None:
         raise InputError(f"{weights}: damaged or truncated weights file ({error}); copy or download it again") from None
 
 
-# The stock backbones a model directory may hold, by config.json's model_type (configuration_esmloc.BACKBONE_FAMILIES).
-STOCK_FAMILY_NAMES = {"esm": "ESM-2", "esmc": "ESM C"}
+# The stock backbones a model directory may hold, by config.json's model_type, named as people know them.
+STOCK_FAMILY_NAMES = {model_type: FAMILY_NAMES[family] for model_type, family in BACKBONE_FAMILIES.items()}
 
 
 def model_kind(path) -> str:
