@@ -153,14 +153,23 @@ def low_precision_peaks_gflops(size: int = 4096, repeats: int = 5) -> dict[str, 
 
 FLOP_FORMULA = (
     "FLOPs per protein of L tokens (<cls> + residues + <eos>, no padding), per layer, 2 per multiply-add: "
-    "QKV + output projections 8*L*d^2, feed-forward 4*L*d*d_ff, attention scores and weighted values 4*L^2*d; "
-    "times the number of layers. Embeddings, layer norms, softmax, GELU and the head are not counted."
+    "QKV + output projections 8*L*d^2, feed-forward 4*L*d*d_ff for ESM-2 (two d x d_ff matrices, GELU) and "
+    "6*L*d*d_ff for ESM C (three: SwiGLU's gate, up and down), attention scores and weighted values 4*L^2*d; times "
+    "the number of layers. Embeddings, layer norms, softmax, activations and the head are not counted."
 )
+# How many d x d_ff matrices each family's feed-forward block multiplies by (configuration_esmloc.BACKBONE_FAMILIES).
+FEED_FORWARD_MATRICES = {"esm2": 2, "esmc": 3}
 
 
-def esm_flops(token_lengths, esm_config) -> float:
-    d, d_ff, layers = esm_config.hidden_size, esm_config.intermediate_size, esm_config.num_hidden_layers
-    return float(sum(layers * (8 * L * d * d + 4 * L * d * d_ff + 4 * L * L * d) for L in token_lengths))
+def backbone_flops(token_lengths, backbone_config) -> float:
+    """The forward pass's FLOPs over proteins of `token_lengths` tokens, for an ESM-2 or ESM C backbone config
+    (FLOP_FORMULA)."""
+    from configuration_esmloc import backbone_family
+
+    config = backbone_config
+    d, d_ff, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    feed_forward = 2 * FEED_FORWARD_MATRICES[backbone_family(config)]
+    return float(sum(layers * (8 * L * d * d + feed_forward * L * d * d_ff + 4 * L * L * d) for L in token_lengths))
 
 
 def reset_peak_rss() -> bool:

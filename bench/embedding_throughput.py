@@ -114,7 +114,7 @@ def main(argv=None):
     tokenizer = tokenizer_for(model.config)
     encoded = tokenizer(sequences)["input_ids"]
     lengths = [len(ids) for ids in encoded]
-    flops = common.esm_flops(lengths, model.config.esm_config)
+    flops = common.backbone_flops(lengths, model.config.esm_config)
     load_before = common.load_average()
     budget = args.max_tokens_per_batch
 

@@ -101,7 +101,7 @@ def main(argv=None):
             explainer = Explainer(model, tokenizer, precision=precision)
             ids = explainer.engine.encode([sequence])[0]
             residues = len(ids) - 2
-            pass_gflop = common.esm_flops([len(ids)], model.config.esm_config) / 1e9
+            pass_gflop = common.backbone_flops([len(ids)], model.config.esm_config) / 1e9
             all_passes = residues + 1
             passes = all_passes if args.full_baseline else min(args.baseline_passes, all_passes)
             run_per_residue(explainer, ids, 2 * explainer.engine.workers)  # warm-up

@@ -144,7 +144,7 @@ def run_row(model, mode, checkpointing, budget, encoded, labels, args, device) -
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     optimizer = None  # its states free before the next row (not `del`: step() closes over it)
     return {"seconds": seconds, "real_tokens": real, "padded_tokens": padded, "steps": len(timed),
-            "peak_gib": peak, "flops": common.esm_flops([tokens[i] for batch in timed for i in batch],
+            "peak_gib": peak, "flops": common.backbone_flops([tokens[i] for batch in timed for i in batch],
                                                        model.config.esm_config) * (2 if mode == "lora" else 3)}
 
 

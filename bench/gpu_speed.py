@@ -214,7 +214,7 @@ def main(argv=None):
         model = build_model(size, device)
         tokenizer = tokenizer_for(model.config)
         tokens = [len(sequence) + 2 for sequence in sequences]
-        flops = common.esm_flops(tokens, model.config.esm_config)
+        flops = common.backbone_flops(tokens, model.config.esm_config)
         head_size = model.config.esm_config.hidden_size // model.config.esm_config.num_attention_heads
 
         def stock(batches_of):

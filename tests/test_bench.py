@@ -54,7 +54,7 @@ def test_a_smoke_run_says_so_and_never_replaces_a_measured_table(tmp_path, monke
 
 @pytest.mark.parametrize("script", ["embedding_throughput.py", "frozen_training.py", "precision_accuracy.py",
                                     "engine_profile.py", "int8_candidates.py", "fork_question.py", "ddp_teardown.py",
-                                    "explain_cost.py"])
+                                    "explain_cost.py", "backbones.py"])
 def test_bench_script_runs_in_smoke_mode(script, tmp_path):
     if script == "ddp_teardown.py":
         loopback_only_namespace()  # its 2-process runs need one
@@ -110,6 +110,31 @@ def test_bench_script_runs_in_smoke_mode(script, tmp_path):
         assert [row[0] for row in cycles] == ["| old", "| new"] and cycles[1][:5] == ["| new", "1", "2", "2", "0 |"]
     elif script == "frozen_training.py":
         assert "speed-up" in table[0] and "max abs difference" in result.stdout
+    elif script == "backbones.py":  # both families, each at both default precisions, held to their compute bound
+        assert all(column in table[0] for column in ("proteins / s", "GFLOP / protein", "% of compute bound"))
+        assert [line.split(" | ")[0:4:3] for line in table[2:]] == [
+            ["| ESM-2 tiny (`tiny`)", "fp32"], ["| ESM-2 tiny (`tiny`)", "bf16"],
+            ["| ESM C tiny (`esmc_tiny`)", "fp32"], ["| ESM C tiny (`esmc_tiny`)", "bf16"]]
+        assert all(line.split(" | ")[6].endswith("%") for line in table[2:])
+
+
+@pytest.mark.parametrize("architecture", ["esm2_t33_650M", "esmc_300m"])
+def test_the_flop_count_is_twice_the_layers_linear_weights_per_token_plus_attention(architecture):
+    """bench/common.backbone_flops against the backbone itself: 2 FLOPs per weight of every linear layer of every
+    transformer layer, per token (ESM C's SwiGLU has three feed-forward matrices, ESM-2 two), + attention 4*L^2*d."""
+    import torch
+
+    from configuration_esmloc import EsmLocConfig, backbone_config
+    from modeling_esmloc import EsmForLocalization
+
+    config = backbone_config(architecture)
+    with torch.device("meta"):  # shapes only
+        backbone = EsmForLocalization(EsmLocConfig(esm_config=config)).esm
+    linear = sum(module.weight.numel() for name, module in backbone.named_modules()
+                 if isinstance(module, torch.nn.Linear) and ("layer." in name or "layers." in name))
+    tokens = 402
+    expected = 2 * tokens * linear + config.num_hidden_layers * 4 * tokens**2 * config.hidden_size
+    assert bench_common().backbone_flops([tokens], config) == expected
 
 
 def test_gpu_check_runs_in_smoke_mode(tmp_path):

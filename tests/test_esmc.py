@@ -6,6 +6,7 @@ per fine-tuning mode serve the tests; what each test proves is in its name and f
 import csv
 import json
 import random
+import re
 import subprocess
 import sys
 import warnings
@@ -26,7 +27,7 @@ from esmloc.saving import save_model, tokenizer_for
 from modeling_esmloc import EsmForLocalization
 from tokenization_esmloc import RESIDUES, EsmLocTokenizer
 
-from conftest import PROTEINS, REPO, run_offline, run_train, train_env
+from conftest import PROTEINS, REPO, distributed_failure, run_offline, run_train, train_env
 
 
 LICENSE = {"license": "other", "license_name": "test-esmc-licence", "license_link": "https://example.org/licence"}
@@ -262,6 +263,23 @@ def test_predict_explain_embed_and_the_demo_on_esmc(trained, checkpoint, tmp_pat
         hidden = stock(**ids).last_hidden_state
     for row, (states, mask) in enumerate(zip(hidden, ids["attention_mask"], strict=True)):
         np.testing.assert_allclose(embeddings[row], states[1:int(mask.sum()) - 1].mean(0).numpy(), atol=1e-5)
+
+
+@pytest.mark.slow
+def test_two_processes_predict_with_an_esmc_model_what_one_process_predicts(trained, tmp_path):
+    """The large-job path (torchrun, parts dealt out by tokens, merged in input order) on an ESM C LoRA model."""
+    from test_large_jobs import assert_same_predictions, two_processes, write_proteins
+
+    proteins = write_proteins(tmp_path / "proteins.fasta", n=60, seed=3)
+    one, two = tmp_path / "one.csv", tmp_path / "two.csv"
+    run_cli("esmloc.commands.predict", str(trained["lora"]), str(proteins), "-o", str(one), "--no_progress",
+            cwd=tmp_path)
+    result = two_processes("torchrun", "esmloc.commands.predict", [trained["lora"], proteins, "-o", two,
+                                                                  "--no_progress", "--chunk_size", "8"], cwd=tmp_path)
+    assert result.returncode == 0, distributed_failure(result)
+    shares = [int(parts) for parts in re.findall(r"process \d: (\d+) parts", result.stdout + result.stderr)]
+    assert len(shares) == 2 and min(shares) >= 1  # both processes worked
+    assert_same_predictions(two, one)
 
 
 def test_pretrain_esmc_from_scratch_and_continued_then_train_on_it(tmp_path):

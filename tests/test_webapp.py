@@ -3,6 +3,7 @@ a real headless Chromium (Debian's chromium + chromium-driver through Selenium):
 output, the explanation plot is drawn when asked, bad input gets a message naming the record, and what a user sent
 is shown as text. tests/test_demo_hostile.py drives the server as a hostile client would."""
 
+import contextlib
 import csv
 import json
 import os
@@ -80,11 +81,9 @@ def test_an_upload_is_read_once_and_deleted_and_other_files_are_left_alone(tmp_p
 # --- a trained model, esmloc-predict's answer, and the running app ------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def trained_model(tmp_path_factory) -> Path:
-    """A real train.py run (tiny backbone, frozen, cropped to 128 residues in the middle): test_results.json holds
-    the tuned threshold the app must use."""
-    workdir = tmp_path_factory.mktemp("webapp")
+def train_demo_model(workdir: Path, architecture: str) -> Path:
+    """A real train.py run (a tiny random backbone of `architecture`, frozen, cropped to 128 residues in the
+    middle): test_results.json holds the tuned threshold the app must use."""
     data = workdir / "proteins.csv"
     with data.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=["ACC", "Mitochondrion", "Sequence"])
@@ -93,7 +92,7 @@ def trained_model(tmp_path_factory) -> Path:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(workdir / "hf_home"),
            "PYTHONPATH": ""}
     output_dir = workdir / "model"
-    result = subprocess.run([sys.executable, str(REPO / "train.py"), "--from_scratch", "tiny", "--train_file",
+    result = subprocess.run([sys.executable, str(REPO / "train.py"), "--from_scratch", architecture, "--train_file",
                              str(data), "--output_dir", str(output_dir), "--max_residues", "128", "--num_train_epochs",
                              "2", "--num_examples_to_show", "0"], cwd=workdir, env=env, capture_output=True,
                             text=True, timeout=600)
@@ -102,14 +101,12 @@ def trained_model(tmp_path_factory) -> Path:
     return output_dir
 
 
-@pytest.fixture(scope="module")
-def predicted(trained_model, tmp_path_factory) -> list[dict]:
+def predict_rows(model_dir: Path, workdir: Path) -> list[dict]:
     """esmloc-predict's rows for PROTEINS."""
-    workdir = tmp_path_factory.mktemp("predict")
     fasta = workdir / "proteins.fasta"
     fasta.write_text(FASTA + "\n")
     output = workdir / "predictions.csv"
-    result = subprocess.run([sys.executable, "-m", "esmloc.commands.predict", str(trained_model), str(fasta), "-o",
+    result = subprocess.run([sys.executable, "-m", "esmloc.commands.predict", str(model_dir), str(fasta), "-o",
                              str(output), "--no_progress"], capture_output=True, text=True, timeout=300,
                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert result.returncode == 0, result.stderr
@@ -123,14 +120,15 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def app_url(trained_model, tmp_path_factory):
-    """`esmloc-demo MODEL_DIR --host 127.0.0.1 --port P` as its own process; stopped at the end."""
+@contextlib.contextmanager
+def running_demo(model_dir: Path, log_dir: Path):
+    """`esmloc-demo MODEL_DIR --host 127.0.0.1 --port P` as its own process, its URL once it answers; stopped at the
+    end."""
     pytest.importorskip("gradio", reason="the demo needs the demo extra: pip install -e '.[demo]'")
     port = free_port()
-    log = (tmp_path_factory.mktemp("server") / "server.log").open("w")
+    log = (log_dir / "server.log").open("w")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False", "no_proxy": "127.0.0.1"}
-    server = subprocess.Popen([sys.executable, "-m", "esmloc.commands.demo", str(trained_model), "--host", "127.0.0.1",
+    server = subprocess.Popen([sys.executable, "-m", "esmloc.commands.demo", str(model_dir), "--host", "127.0.0.1",
                                "--port", str(port)], stdout=log, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}/"
     try:
@@ -156,6 +154,32 @@ def app_url(trained_model, tmp_path_factory):
             server.wait()
         log.close()
     assert server.returncode is not None
+
+
+@pytest.fixture(scope="module")
+def trained_model(tmp_path_factory) -> Path:
+    return train_demo_model(tmp_path_factory.mktemp("webapp"), "tiny")
+
+
+@pytest.fixture(scope="module")
+def predicted(trained_model, tmp_path_factory) -> list[dict]:
+    return predict_rows(trained_model, tmp_path_factory.mktemp("predict"))
+
+
+@pytest.fixture(scope="module")
+def app_url(trained_model, tmp_path_factory):
+    with running_demo(trained_model, tmp_path_factory.mktemp("server")) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def esmc_demo(tmp_path_factory) -> dict:
+    """The same on an ESM C backbone: the trained model, esmloc-predict's rows, the running demo's URL."""
+    workdir = tmp_path_factory.mktemp("webapp_esmc")
+    model_dir = train_demo_model(workdir, "esmc_tiny")
+    assert json.loads((model_dir / "config.json").read_text())["esm_config"]["model_type"] == "esmc"
+    with running_demo(model_dir, workdir) as url:
+        yield {"trained_model": model_dir, "predicted": predict_rows(model_dir, workdir), "app_url": url}
 
 
 @pytest.mark.slow
@@ -243,10 +267,17 @@ def save_screenshot(browser, tmp_path, name) -> Path:
 
 
 @pytest.mark.slow
-def test_browser_shows_esmloc_predicts_table_and_the_explanation_plot(app_url, browser, predicted, trained_model,
-                                                                     tmp_path):
+@pytest.mark.parametrize("backbone", ["esm2", "esmc"])
+def test_browser_shows_esmloc_predicts_table_and_the_explanation_plot(backbone, browser, request, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
+
+    if backbone == "esm2":
+        app_url, predicted, trained_model = (request.getfixturevalue(name)
+                                             for name in ("app_url", "predicted", "trained_model"))
+    else:
+        demo = request.getfixturevalue("esmc_demo")
+        app_url, predicted, trained_model = demo["app_url"], demo["predicted"], demo["trained_model"]
 
     message = submit(browser, app_url, FASTA)
     assert message.startswith("Predicted 3 protein(s).")
@@ -269,7 +300,7 @@ def test_browser_shows_esmloc_predicts_table_and_the_explanation_plot(app_url, b
     plot = WebDriverWait(browser, 60).until(
         lambda page: page.find_elements(By.CSS_SELECTOR, "#scores canvas, #scores svg.marks") or None)[0]
     assert plot.size["width"] > 200 and plot.size["height"] > 100
-    path = save_screenshot(browser, tmp_path, "demo_app.png")
+    path = save_screenshot(browser, tmp_path, "demo_app.png" if backbone == "esm2" else "demo_app_esmc.png")
     assert path.stat().st_size > 20_000
 
 
