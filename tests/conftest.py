@@ -26,6 +26,7 @@ from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -213,6 +214,67 @@ def loopback_only_namespace() -> list[str]:
     if prefix is None:
         pytest.skip(NO_LOOPBACK_NAMESPACE)
     return prefix
+
+
+# --- several processes ---------------------------------------------------------------------------------------------
+
+LARGE_JOB_RESIDUES = "LAGVSERTIDPKQNFYMHWC"
+
+
+def write_proteins(path, n=240, seed=0, bad_at=None):
+    """A FASTA file of n proteins (20-320 residues: some longer than the models' 200, so cropping matters), with
+    repeated records (same ACC and sequence) spread over the file; `bad_at`: that record gets a '1'."""
+    rng = random.Random(seed)
+    records = []
+    for index in range(n):
+        if index % 37 == 36:
+            records.append(records[index // 3])  # a repeat of an earlier record, in another part
+            continue
+        sequence = "".join(rng.choices(LARGE_JOB_RESIDUES, k=rng.randint(20, 320)))
+        records.append((f"sp|A{index:05d}|P_{index}", sequence))
+    if bad_at is not None:
+        name, sequence = records[bad_at]
+        records[bad_at] = (name, sequence[:5] + "1" + sequence[6:])
+    with open(path, "w") as handle:
+        for name, sequence in records:
+            handle.write(f">{name}\n{sequence}\n")
+    return path
+
+
+def distributed_env(**extra) -> dict:
+    """The environment of a two-process CPU launch on 127.0.0.1: offline, one thread a process."""
+    values = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+              "GLOO_SOCKET_IFNAME": "lo", "MASTER_ADDR": "127.0.0.1", **extra}
+    values.pop("WORLD_SIZE", None)
+    return values
+
+
+def two_processes(launcher, module, args, cwd) -> subprocess.CompletedProcess:
+    """`module` run by two CPU processes, started by `torchrun` or `accelerate launch`, in a loopback-only network
+    namespace."""
+    if launcher == "torchrun":
+        launch = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+                  "--master_addr", "127.0.0.1", "--master_port", "29500", "-m", module]
+    else:
+        launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                  "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                  "--main_process_ip", "127.0.0.1", "--main_process_port", "29500", "-m", module]
+    return run_processes(loopback_only_namespace() + launch + [str(arg) for arg in args], cwd=cwd,
+                         env=distributed_env())
+
+
+def read_csv_rows(path) -> list[list[str]]:
+    with open(path, newline="") as handle:
+        return list(csv.reader(handle))
+
+
+def assert_same_predictions(actual, expected):
+    """Two predictions CSVs hold the same rows in the same order, probabilities within 1e-5."""
+    actual, expected = read_csv_rows(actual), read_csv_rows(expected)
+    assert [row[0] for row in actual] == [row[0] for row in expected]  # header, rows, order, repeats
+    assert [row[-1] for row in actual] == [row[-1] for row in expected]
+    np.testing.assert_allclose(np.array([row[1:-1] for row in actual[1:]], dtype=float),
+                               np.array([row[1:-1] for row in expected[1:]], dtype=float), atol=1e-5)
 
 
 @pytest.fixture

@@ -27,7 +27,8 @@ from esmloc.saving import save_model, tokenizer_for
 from modeling_esmloc import EsmForLocalization
 from tokenization_esmloc import RESIDUES, EsmLocTokenizer
 
-from conftest import PROTEINS, REPO, distributed_failure, run_offline, run_train, train_env
+from conftest import (PROTEINS, REPO, assert_same_predictions, distributed_failure, run_offline, run_train, train_env,
+                      two_processes, write_proteins)
 
 
 LICENSE = {"license": "other", "license_name": "test-esmc-licence", "license_link": "https://example.org/licence"}
@@ -268,8 +269,6 @@ def test_predict_explain_embed_and_the_demo_on_esmc(trained, checkpoint, tmp_pat
 @pytest.mark.slow
 def test_two_processes_predict_with_an_esmc_model_what_one_process_predicts(trained, tmp_path):
     """The large-job path (torchrun, parts dealt out by tokens, merged in input order) on an ESM C LoRA model."""
-    from test_large_jobs import assert_same_predictions, two_processes, write_proteins
-
     proteins = write_proteins(tmp_path / "proteins.fasta", n=60, seed=3)
     one, two = tmp_path / "one.csv", tmp_path / "two.csv"
     run_cli("esmloc.commands.predict", str(trained["lora"]), str(proteins), "-o", str(one), "--no_progress",

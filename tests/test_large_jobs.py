@@ -1,9 +1,6 @@
 """Large jobs (esmloc.jobs): several processes equal one, kill and resume, fingerprints, esmloc-embed."""
 
-import csv
 import json
-import os
-import random
 import re
 import shutil
 import signal
@@ -24,29 +21,8 @@ from esmloc.commands.predict import main as predict_main
 from esmloc.saving import save_model
 from esmloc.sequences import read_sequences
 
-from conftest import REPO, distributed_failure, loopback_only_namespace, run_processes, tiny_model
-
-
-RESIDUES = "LAGVSERTIDPKQNFYMHWC"
-
-
-def write_proteins(path, n=240, seed=0, bad_at=None):
-    """A FASTA file of n proteins (20-320 residues: some longer than the models' 200, so cropping matters), with
-    repeated records (same ACC and sequence) spread over the file; `bad_at`: that record gets a '1'."""
-    rng = random.Random(seed)
-    records = []
-    for index in range(n):
-        if index % 37 == 36:
-            records.append(records[index // 3])  # a repeat of an earlier record, in another part
-            continue
-        records.append((f"sp|A{index:05d}|P_{index}", "".join(rng.choices(RESIDUES, k=rng.randint(20, 320)))))
-    if bad_at is not None:
-        name, sequence = records[bad_at]
-        records[bad_at] = (name, sequence[:5] + "1" + sequence[6:])
-    with open(path, "w") as handle:
-        for name, sequence in records:
-            handle.write(f">{name}\n{sequence}\n")
-    return path
+from conftest import (REPO, assert_same_predictions, distributed_env, distributed_failure, loopback_only_namespace,
+                      tiny_model, two_processes, write_proteins)
 
 
 @pytest.fixture(scope="module")
@@ -56,37 +32,6 @@ def work(tmp_path_factory):
     save_model(tiny_model(seed=1, max_residues=200, pooling="attention"), root / "attention_model")
     write_proteins(root / "proteins.fasta")
     return root
-
-
-def env(**extra):
-    values = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
-              "GLOO_SOCKET_IFNAME": "lo", "MASTER_ADDR": "127.0.0.1", **extra}
-    values.pop("WORLD_SIZE", None)
-    return values
-
-
-def two_processes(launcher, module, args, cwd):
-    if launcher == "torchrun":
-        launch = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-                  "--master_addr", "127.0.0.1", "--master_port", "29500", "-m", module]
-    else:
-        launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                  "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                  "--main_process_ip", "127.0.0.1", "--main_process_port", "29500", "-m", module]
-    return run_processes(loopback_only_namespace() + launch + [str(arg) for arg in args], cwd=cwd, env=env())
-
-
-def read_csv(path):
-    with open(path, newline="") as handle:
-        return list(csv.reader(handle))
-
-
-def assert_same_predictions(actual, expected):
-    actual, expected = read_csv(actual), read_csv(expected)
-    assert [row[0] for row in actual] == [row[0] for row in expected]  # header, rows, order, repeats
-    assert [row[-1] for row in actual] == [row[-1] for row in expected]
-    np.testing.assert_allclose(np.array([row[1:-1] for row in actual[1:]], dtype=float),
-                               np.array([row[1:-1] for row in expected[1:]], dtype=float), atol=1e-5)
 
 
 def test_parts_are_dealt_out_by_tokens_in_contiguous_runs():
@@ -195,7 +140,7 @@ def test_a_bad_record_in_the_second_share_stops_both_processes_with_one_message(
 
 def run_until_parts_exist(command, parts_dir, minimum, log_path):
     with open(log_path, "w") as log:
-        process = subprocess.Popen(command, env=env(), stdout=log, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(command, env=distributed_env(), stdout=log, stderr=subprocess.STDOUT)
         try:
             deadline = time.time() + 300
             while len(list(parts_dir.glob("part-*.csv"))) < minimum:
@@ -245,7 +190,8 @@ def test_a_killed_job_resumes_and_a_changed_model_discards_old_parts(work, tmp_p
 def test_the_benchmark_runs_in_smoke_mode(tmp_path):
     loopback_only_namespace()  # its 2-process runs need one
     result = subprocess.run([sys.executable, str(REPO / "bench" / "large_jobs.py"), "--smoke"], cwd=tmp_path,
-                            env=env(HF_HOME=str(tmp_path / "hf_home")), capture_output=True, text=True, timeout=600)
+                            env=distributed_env(HF_HOME=str(tmp_path / "hf_home")), capture_output=True, text=True,
+                            timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "command: python bench/large_jobs.py --smoke" in result.stdout
     assert "same rows in the same order: True" in result.stdout and "PROJECTION (arithmetic" in result.stdout

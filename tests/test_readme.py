@@ -24,12 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
-
-try:
-    from conftest import loopback_only_namespace
-except ImportError:  # before the tests' shared helpers moved into conftest.py
-    from test_train import loopback_only_namespace
+from conftest import REPO, loopback_only_namespace
 
 
 README = REPO / "README.md"

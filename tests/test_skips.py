@@ -1,6 +1,7 @@
-"""The suite's skip rule (tests/conftest.py): in CI (ESMLOC_STRICT_SKIPS=1) only the allow-listed reasons may skip a
-test, any other skip fails it; every run ends with a summary of its skips."""
+"""The suite's rules (tests/conftest.py): in CI (ESMLOC_STRICT_SKIPS=1) only the allow-listed reasons may skip a
+test, any other skip fails it; every run ends with a summary of its skips; shared helpers live in conftest.py."""
 
+import ast
 import os
 import subprocess
 import sys
@@ -54,3 +55,15 @@ def test_elsewhere_every_skip_is_allowed_and_summed_up(tmp_path):
     assert "1 passed, 3 skipped" in result.stdout
     summary = result.stdout[result.stdout.index("skip summary: 3 skipped, any reason (ESMLOC_STRICT_SKIPS unset)"):]
     assert "1  not allowed in CI  no Chromium here" in summary
+
+
+def test_no_test_file_imports_another():
+    """Helpers two test files share live in conftest.py: importing a test module from another runs its module-level
+    code twice and ties the files together."""
+    offenders = []
+    for path in sorted((REPO / "tests").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [alias.name for alias in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            offenders += [f"{path.name}: {name}" for name in names if name.split(".")[0].startswith("test_")]
+    assert offenders == []

@@ -8,7 +8,6 @@ import csv
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -20,7 +19,7 @@ import pytest
 from esmloc.demo import demo_rows
 from esmloc.webapp import InputError, Limits, parse_proteins
 
-from conftest import REPO
+from conftest import REPO, free_port
 
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -112,12 +111,6 @@ def predict_rows(model_dir: Path, workdir: Path) -> list[dict]:
     assert result.returncode == 0, result.stderr
     with output.open(newline="") as handle:
         return list(csv.DictReader(handle))
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @contextlib.contextmanager
