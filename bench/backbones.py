@@ -47,12 +47,7 @@ def parse_arguments(argv=None):
                         help="the engine's precisions to time (default fp32,bf16; int8 also possible)")
     parser.add_argument("--n", type=int, default=16, help="number of proteins (default 16)")
     parser.add_argument("--repeats", type=int, default=3, help="repeats of every backbone (default 3)")
-    parser.add_argument("--max_other_load", type=float, default=0.05,
-                        help="a repeat during which other processes kept more than this share of the CPUs busy is "
-                             "discarded and run again (default 0.05); each repeat first waits for such a quiet moment")
-    parser.add_argument("--retries", type=int, default=6, help="discarded repeats allowed in all (default 6)")
-    parser.add_argument("--max_wait", type=float, default=900,
-                        help="seconds each repeat waits at most for a quiet moment (default 900)")
+    common.add_quiet_machine_arguments(parser)
     parser.add_argument("--data", type=Path, default=common.DEEPLOC_CSV)
     parser.add_argument("--smoke", action="store_true", help="tiny ESM-2 and ESM C, 4 proteins, 1 repeat")
     args = parser.parse_args(argv)
@@ -125,16 +120,13 @@ def main(argv=None):
         worst = max((fraction for fraction in others if fraction is not None), default=0.0)
         summary = ", ".join(f"{a} {p} {args.n / timings[a, p]:.2f}" for a, p in timings) + " proteins/s" \
             + f"; other processes used up to {100 * worst:.0f}% of the CPUs"
-        if worst > args.max_other_load and attempts < args.repeats + args.retries and not args.smoke:
-            print(f"repeat {repeat + 1} discarded (contaminated): {summary}", file=sys.stderr)
+        if not common.repeat_is_kept(args, worst, repeat, attempts, summary):
             continue
-        print(f"repeat {repeat + 1}/{args.repeats}: {summary}", file=sys.stderr, flush=True)
         for key, value in timings.items():
             seconds[key].append(value)
         peaks.append(measured)
         contamination.append(worst)
         repeat += 1
-    load_after = common.load_average()
 
     header = ["backbone", "parameters", "GFLOP / protein", "precision", "proteins / s", "real tokens / s",
               "% of compute bound", "time / protein vs ESM-2 650M"]
@@ -164,18 +156,8 @@ def main(argv=None):
         f"{precision} {common.median([peak[a][precision] for peak in peaks for a in peak if precision in peak[a]]):.0f}"
         for precision in args.precisions if any(precision in peak[a] for peak in peaks for a in peak))
     notes = [f"matmul peaks (GFLOP/s, median over the backbones' measurements): {peak_note}", common.FLOP_FORMULA]
-    result = common.table(header, table_rows)
-    print()
-    print(title)
-    print(f"command: {common.command_line()}")
-    print(f"machine: {common.machine_description()}; load average before {load_before}, after {load_after}; "
-          f"{other_load}")
-    print("\n".join(notes))
-    print()
-    print(result)
-    common.write_table("backbones", title, result + "\n\n" + "\n\n".join(notes), smoke=args.smoke,
-                       other_load=f"load average before {load_before}; {other_load}")
-
+    common.report("backbones", title, common.table(header, table_rows), notes, smoke=args.smoke,
+                  load_before=load_before, other_load=other_load)
 
 if __name__ == "__main__":
     main()

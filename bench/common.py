@@ -257,6 +257,28 @@ def wait_until_quiet(threshold: float = 0.05, window: float = 5.0, timeout: floa
         print(f"waiting: other processes keep {100 * load.fraction:.0f}% of the CPUs busy", file=sys.stderr)
 
 
+def add_quiet_machine_arguments(parser, max_wait: bool = True) -> None:
+    """The options of a benchmark that repeats its measurement on a quiet machine (`repeat_is_kept`)."""
+    parser.add_argument("--max_other_load", type=float, default=0.05,
+                        help="a repeat during which other processes kept more than this share of the CPUs busy is "
+                             "discarded and run again (default 0.05); each repeat first waits for such a quiet moment")
+    parser.add_argument("--retries", type=int, default=6, help="discarded repeats allowed in all (default 6)")
+    if max_wait:
+        parser.add_argument("--max_wait", type=float, default=900,
+                            help="seconds each repeat waits at most for a quiet moment (default 900)")
+
+
+def repeat_is_kept(args, worst: float, repeat: int, attempts: int, summary: str) -> bool:
+    """Whether the repeat just measured counts: not when other processes kept more than --max_other_load of the
+    CPUs busy during it, while --retries allows another attempt (smoke runs keep every repeat). Says which on
+    stderr, with the repeat's `summary`."""
+    if worst > args.max_other_load and attempts < args.repeats + args.retries and not args.smoke:
+        print(f"repeat {repeat + 1} discarded (contaminated): {summary}", file=sys.stderr, flush=True)
+        return False
+    print(f"repeat {repeat + 1}/{args.repeats}: {summary}", file=sys.stderr, flush=True)
+    return True
+
+
 def load_average() -> str:
     try:
         return " ".join(f"{value:.2f}" for value in os.getloadavg())
@@ -313,3 +335,21 @@ def write_table(name: str, title: str, body: str, *, smoke: bool = False,
     temporary.replace(path)  # whole or not at all
     print(f"table written to {path}")
     return path
+
+
+def report(name: str, title: str, result: str, notes: list[str], *, smoke: bool, load_before: str,
+           other_load: str) -> Path | None:
+    """Prints a benchmark's result (title, command, machine and load, `notes`, the Markdown table `result`) and
+    writes it to docs/bench/<name>.md (`write_table`). `load_before`: the load average when it started;
+    `other_load`: its own measure of other processes' share of the CPUs."""
+    print()
+    print(title)
+    print(f"command: {command_line()}")
+    print(f"machine: {machine_description()}; load average before {load_before}, after {load_average()}; "
+          f"{other_load}")
+    print("\n".join(notes))
+    print()
+    print(result)
+    return write_table(name, title, "\n\n".join([result, *notes]), smoke=smoke,
+                       other_load=f"load average before {load_before}; {other_load}")
+

@@ -38,7 +38,6 @@ The peer runs in its own process: n/a. The table is also written to docs/bench/e
 """
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
@@ -67,12 +66,7 @@ def parse_arguments(argv=None):
     parser.add_argument("--variants", choices=["main", "all"], default="main",
                         help="main: baseline, engine at each precision, sorted+budget padded; all: also one batch at a time")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
-    parser.add_argument("--max_other_load", type=float, default=0.05,
-                        help="a repeat during which other processes kept more than this share of the CPUs busy is "
-                             "discarded and run again (default 0.05); each repeat first waits for such a quiet moment")
-    parser.add_argument("--retries", type=int, default=6, help="discarded repeats allowed in all (default 6)")
-    parser.add_argument("--max_wait", type=float, default=900,
-                        help="seconds each repeat waits at most for a quiet moment (default 900)")
+    common.add_quiet_machine_arguments(parser)
     parser.add_argument("--data", type=Path, default=common.DEEPLOC_CSV)
     parser.add_argument("--smoke", action="store_true", help="tiny model, 12 proteins, 1 repeat")
     args = parser.parse_args(argv)
@@ -211,17 +205,14 @@ def main(argv=None):
                    + ", ".join(f"{key} {value:.0f}" for key, value in low.items()) + " GFLOP/s; "
                    + ", ".join(f"{name}: {args.n / timings[name]:.2f}" for name in names) + " seq/s"
                    + f"; other processes used up to {100 * worst:.0f}% of the CPUs")
-        if worst > args.max_other_load and attempts < args.repeats + args.retries and not args.smoke:
-            print(f"repeat {repeat + 1} discarded (contaminated): {summary}", file=sys.stderr)
+        if not common.repeat_is_kept(args, worst, repeat, attempts, summary):
             continue
-        print(f"repeat {repeat + 1}/{args.repeats}: {summary}", file=sys.stderr)
         for name in names:
             seconds[name].append(timings[name])
         peaks.append({"fp32": measured["peak"], **low})
         library_peaks.append(measured)
         contamination.append(worst)
         repeat += 1
-    load_after = common.load_average()
 
     baseline_name = names[0]
     reference = outputs["engine"] if "engine" in outputs else outputs[baseline_name]
@@ -262,19 +253,8 @@ def main(argv=None):
         "quantisation): " + ", ".join(f"{name} {seconds:.2f} s" for name, seconds in setup_seconds.items()),
         common.FLOP_FORMULA,
     ]
-    result = common.table(header, table_rows)
-    print()
-    print(title)
-    print(f"command: {common.command_line()}")
-    print(f"machine: {common.machine_description()}; load average before {load_before}, after {load_after}; "
-          f"{other_load}")
-    print("\n".join(notes))
-    print()
-    print(result)
-    common.write_table(f"embedding_throughput-{args.architecture}", title,
-                       result + "\n\n" + "\n\n".join(notes), smoke=args.smoke,
-                       other_load=f"load average before {load_before}; {other_load}")
-
+    common.report(f"embedding_throughput-{args.architecture}", title, common.table(header, table_rows), notes,
+                  smoke=args.smoke, load_before=load_before, other_load=other_load)
 
 if __name__ == "__main__":
     main()

@@ -73,10 +73,7 @@ def parse_arguments(argv=None):
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--architecture", default="esm2_t6_8M")
     parser.add_argument("--warm", action="store_true", help="also time the cached path on a filled cache")
-    parser.add_argument("--max_other_load", type=float, default=0.05,
-                        help="a repeat during which other processes kept more than this share of the CPUs busy is "
-                             "discarded and run again (default 0.05); each repeat first waits for such a quiet moment")
-    parser.add_argument("--retries", type=int, default=6, help="discarded repeats allowed in all (default 6)")
+    common.add_quiet_machine_arguments(parser, max_wait=False)
     parser.add_argument("--data", type=Path, default=common.DEEPLOC_CSV)
     parser.add_argument("--work_dir", type=Path, default=None, help="where runs write (default: a temporary dir)")
     parser.add_argument("--smoke", action="store_true", help="tiny model, 120 proteins (enough for a validation positive), 2 epochs, 1 repeat")
@@ -150,16 +147,13 @@ def main(argv=None):
         summary = (f"training cached {measured['cached']['training_s']:.1f} s, plain "
                    f"{measured['plain']['training_s']:.1f} s; max |dp| {difference:.1e}; other processes used up to "
                    f"{100 * worst:.0f}% of the CPUs")
-        if worst > args.max_other_load and attempts < args.repeats + args.retries and not args.smoke:
-            print(f"repeat {repeat + 1} discarded (contaminated): {summary}", file=sys.stderr)
+        if not common.repeat_is_kept(args, worst, repeat, attempts, summary):
             continue
-        print(f"repeat {repeat + 1}/{args.repeats}: {summary}", file=sys.stderr)
         for name, result in measured.items():
             runs[name].append(result)
         differences.append(difference)
         contamination.append(worst)
         repeat += 1
-    load_after = common.load_average()
 
     def row(name, label):
         measured = runs[name]
@@ -183,17 +177,8 @@ def main(argv=None):
                   f"{100 * max(contamination):.0f}% ({attempts - args.repeats} repeat(s) discarded)")
     agreement = (f"test-set probabilities, cached vs plain: max abs difference {max(differences):.1e} "
                  f"(per repeat: {', '.join(f'{d:.1e}' for d in differences)})")
-    result = common.table(header, rows_out)
-    print()
-    print(title)
-    print(f"command: {common.command_line()}")
-    print(f"machine: {common.machine_description()}; load average before {load_before}, after {load_after}; "
-          f"{other_load}")
-    print(agreement)
-    print()
-    print(result)
-    common.write_table("frozen_training", title, f"{result}\n\n{agreement}", smoke=args.smoke,
-                       other_load=f"load average before {load_before}; {other_load}")
+    common.report("frozen_training", title, common.table(header, rows_out), [agreement], smoke=args.smoke,
+                  load_before=load_before, other_load=other_load)
     print(f"\n(runs kept in {work})")
 
 
