@@ -1,6 +1,6 @@
 """The esmloc dataset: protein localisation data validated and split for training, as a `datasets` builder.
 
-One job, one module (511 lines): the loading script imports this builder whole, so the builder, its config and the
+One job, one module: the loading script imports this builder whole, so the builder, its config and the
 loader around it stay together; the sequence rules and the split rules already live in `esmloc.sequences` and
 `esmloc.splits`.
 

@@ -1,6 +1,6 @@
 """The interactive demo: a Gradio app around a saved esmloc model.
 
-One job (483 lines): the app, its limits and the middleware that enforces them before a body is read belong to one
+One job: the app, its limits and the middleware that enforces them before a body is read belong to one
 server; prediction, explanation and reading uploads are `esmloc.engine`, `esmloc.explain` and `esmloc.sequences`.
 
     esmloc-demo MODEL_DIR [--host 127.0.0.1] [--port 7860] [--max_sequences 20] [--max_chars 100000] ...
